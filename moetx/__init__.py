@@ -1,0 +1,1 @@
+"""moetx: parallelism for Mixture-of-Experts transformers as composable, checked transforms."""
