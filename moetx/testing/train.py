@@ -1,0 +1,168 @@
+"""Training-parity runs: the same synthetic model trained in one process and on real ranks.
+
+The single-process reference trains on the *global* batch; each rank trains on its rows (and,
+under context parallelism, its sequence chunk). With equal tokens per rank, the global-mean
+loss is the mean of the rank losses, and a correctly parallelized model has the reference's
+gradients (gathered to full tensors) at every step and its parameters after every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moetx._mesh import MeshDegrees, ParallelMesh
+from moetx._pipeline import Pipeline
+from moetx.models import MoEConfig, MoETransformer, init_weights_
+from moetx.testing.parity import gradients, parameters
+from moetx.testing.ranks import cached
+
+
+@attrs.frozen(kw_only=True)
+class TrainSpec:
+    """Everything both sides need to build the same model and the same data."""
+
+    config: MoEConfig
+    seed: int = 0
+    steps: int = 3
+    rows_per_rank: int = 2
+    seq_len: int = 8
+    lr: float = 1e-2
+    #: FQN prefixes of parameters to freeze (`requires_grad=False`), as in partial fine-tuning.
+    frozen: tuple[str, ...] = ()
+    #: Compute dtype of the reference's parameters (mirrors an FSDP `param_dtype`); the router
+    #: stays float32, as FSDP's default `fp32_modules` keeps it.
+    param_dtype: str | None = None
+
+
+def global_batches(spec: TrainSpec, data_ranks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`steps` global batches of `data_ranks * rows_per_rank` rows: (input_ids, aligned labels)."""
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    out = []
+    for _ in range(spec.steps):
+        ids = torch.randint(
+            0, spec.config.vocab_size, (data_ranks * spec.rows_per_rank, spec.seq_len + 1), generator=g
+        )
+        out.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
+    return out
+
+
+def build_model(spec: TrainSpec, *, meta: bool = False) -> nn.Module:
+    """The synthetic model with moetx's deterministic init (identical on every rank).
+
+    With `meta=True` the model is built on the meta device and left uninitialised: apply a
+    pipeline, then `materialize(model, spec)`.
+    """
+    if meta:
+        with torch.device("meta"):
+            model = MoETransformer(spec.config)
+    else:
+        model = MoETransformer(spec.config)
+        init_weights_(model, spec.seed)
+    for name, p in model.named_parameters():
+        if name.startswith(spec.frozen) and spec.frozen:
+            p.requires_grad_(False)
+    return model
+
+
+def materialize(model: nn.Module, spec: TrainSpec) -> nn.Module:
+    """Allocate a meta-built (possibly sharded) model on the CPU and run the deterministic init."""
+    model.to_empty(device="cpu")
+    init_weights_(model, spec.seed)
+    return model
+
+
+def _low_precision_forward(model: nn.Module, dtype: torch.dtype) -> Any:
+    from moetx._structure import discover
+
+    keep = {id(p) for layer in discover(model).moe_layers() for p in layer.router.parameters()}
+
+    def forward(ids: torch.Tensor, labels: torch.Tensor) -> Any:
+        cast = {n: (p if id(p) in keep else p.to(dtype)) for n, p in model.named_parameters()}
+        return torch.func.functional_call(model, cast, (ids,), {"labels": labels})
+
+    return forward
+
+
+def train(
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    lr: float,
+    *,
+    param_dtype: str | None = None,
+) -> dict[str, Any]:
+    """AdamW steps on `batches`; returns per-step losses and full gradients, and final params.
+
+    `param_dtype` runs the forward on parameters cast to that dtype (fp32 master weights), the
+    single-process mirror of FSDP's mixed precision.
+    """
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01
+    )
+    forward = (
+        _low_precision_forward(model, getattr(torch, param_dtype))
+        if param_dtype
+        else lambda ids, labels: model(ids, labels=labels)
+    )
+    losses, grads = [], []
+    for ids, labels in batches:
+        out = forward(ids, labels)
+        out.loss.backward()
+        losses.append(out.loss.detach().clone())
+        grads.append(gradients(model))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"losses": losses, "grads": grads, "params": parameters(model)}
+
+
+def reference(spec: TrainSpec, data_ranks: int) -> dict[str, Any]:
+    """Single-process training on the global batches."""
+    return train(build_model(spec), global_batches(spec, data_ranks), spec.lr, param_dtype=spec.param_dtype)
+
+
+def mesh_for(degrees: MeshDegrees) -> ParallelMesh:
+    """The rank's ParallelMesh for `degrees`, built once per rank process."""
+    d = attrs.asdict(degrees)
+    return cached(("moetx.ParallelMesh", tuple(sorted(d.items()))), lambda: ParallelMesh.build(**d))
+
+
+def rank_train(
+    spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, *, meta: bool = False
+) -> dict[str, Any]:
+    """Rank body: build, parallelize with `pipeline`, train on this rank's rows; return results.
+
+    With `meta=True` the model is built on the meta device, parallelized, then materialized, so
+    no rank ever holds more than its shards.
+    """
+    mesh = mesh_for(degrees)
+    data_ranks = degrees.dp_replicate * degrees.dp_shard
+    data_index = dist.get_rank() // degrees.cp
+    rows = slice(data_index * spec.rows_per_rank, (data_index + 1) * spec.rows_per_rank)
+    batches = [(ids[rows], labels[rows]) for ids, labels in global_batches(spec, data_ranks)]
+    model = pipeline.apply(build_model(spec, meta=meta), mesh)
+    if meta:
+        materialize(model, spec)
+    result = train(model, batches, spec.lr)
+    result["requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
+    result["param_bytes"] = _local_bytes(p for p in model.parameters())
+    return result
+
+
+def _local_bytes(params: Any) -> int:
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for p in params:
+        t = p.to_local() if isinstance(p, DTensor) else p
+        total += t.numel() * t.element_size()
+    return total
+
+
+def mean_losses(results: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """Per-step global loss: the mean of the ranks' losses (equal tokens per rank)."""
+    steps = len(results[0]["losses"])
+    return [torch.stack([r["losses"][s] for r in results]).mean() for s in range(steps)]

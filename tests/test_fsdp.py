@@ -1,0 +1,170 @@
+"""FSDP pass: training parity on real gloo ranks, placements, memory, preconditions."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moetx._errors import PassPreconditionError
+from moetx._mesh import MeshDegrees
+from moetx._pipeline import Pipeline
+from moetx.models import MoEConfig
+from moetx.passes._fsdp import FSDP
+from moetx.testing import examples
+from moetx.testing.bodies.fsdp import placements
+from moetx.testing.parity import compare
+from moetx.testing.train import TrainSpec, mean_losses, rank_train, reference
+
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def assert_training_parity(results, spec, degrees):
+    """Every rank's losses (averaged), every step's gradients, final params match one process."""
+    ref = reference(spec, degrees.dp_replicate * degrees.dp_shard)
+    for step, (got, want) in enumerate(zip(mean_losses(results), ref["losses"], strict=True)):
+        compare({"loss": want}, {"loss": got}, atol=ATOL, rtol=RTOL, what=f"loss at step {step}")
+    for r, res in enumerate(results):
+        for step in range(spec.steps):
+            compare(ref["grads"][step], res["grads"][step], atol=ATOL, rtol=RTOL, what=f"rank {r} grads, step {step}")
+        compare(ref["params"], res["params"], atol=ATOL, rtol=RTOL, what=f"rank {r} params")
+
+
+@st.composite
+def small_configs(draw, *, experts_multiple_of=1):
+    experts = experts_multiple_of * draw(st.integers(1, 2)) * 2
+    return MoEConfig(
+        vocab_size=32,
+        hidden_size=draw(st.sampled_from([8, 16])),
+        num_layers=draw(st.integers(1, 2)),
+        num_heads=2,
+        num_kv_heads=draw(st.sampled_from([1, 2])),
+        num_experts=experts,
+        top_k=draw(st.integers(1, min(2, experts))),
+        expert_hidden_size=8,
+        num_shared_experts=draw(st.integers(0, 1)),
+        tie_embeddings=draw(st.booleans()),
+        aux_loss_coef=draw(st.sampled_from([0.0, 0.01])),
+    )
+
+
+@settings(max_examples=examples(6), deadline=None)
+@given(config=small_configs())
+def test_fsdp_alone_trains_like_one_process_on_2_ranks(pool2, config):
+    """`FSDP()` on 2 ranks: 3 AdamW steps match the global-batch reference step by step."""
+    spec = TrainSpec(config=config)
+    degrees = MeshDegrees(dp_shard=2)
+    assert_training_parity(pool2.run(rank_train, spec, Pipeline([FSDP()]), degrees), spec, degrees)
+
+
+@pytest.mark.parametrize(
+    "degrees",
+    [MeshDegrees(dp_shard=4), MeshDegrees(dp_replicate=2, dp_shard=2)],
+    ids=["fsdp4", "hsdp2x2"],
+)
+def test_fsdp_on_4_ranks_and_hsdp(pool4, degrees):
+    """Flat FSDP and HSDP (2 replicas x 2 shards) on 4 ranks match one process."""
+    spec = TrainSpec(config=MoEConfig(num_shared_experts=1, num_dense_layers=1, num_layers=2))
+    assert_training_parity(pool4.run(rank_train, spec, Pipeline([FSDP()]), degrees), spec, degrees)
+
+
+def test_every_parameter_is_sharded_on_the_dense_mesh(pool2):
+    """Structural check: every parameter is a DTensor Shard(0) over dp_shard_cp."""
+    spec = TrainSpec(config=MoEConfig(num_dense_layers=1, num_layers=2, num_shared_experts=1))
+    got = pool2.run(placements, spec, Pipeline([FSDP()]), MeshDegrees(dp_shard=2))
+    for rank_result in got:
+        for name, (dims, pls, _, _) in rank_result.items():
+            assert dims == ("dp_shard_cp",), name
+            assert pls == ("Shard(dim=0)",), name
+
+
+def test_parameter_bytes_per_rank_are_near_ideal(pool4):
+    """Per-rank parameter bytes / (total / world) <= 1.05 (bytes are deterministic)."""
+    spec = TrainSpec(config=MoEConfig(hidden_size=32, num_layers=2, num_experts=8, expert_hidden_size=16), steps=1)
+    results = pool4.run(rank_train, spec, Pipeline([FSDP()]), MeshDegrees(dp_shard=4))
+    total = sum(t.numel() * t.element_size() for t in results[0]["params"].values())
+    for r in results:
+        assert r["param_bytes"] / (total / 4) <= 1.05
+
+
+def test_fsdp_is_frozen_data():
+    """Frozen, hashable, valid-Python repr, derivable with evolve; validators teach."""
+    p = FSDP(param_dtype="bfloat16", reduce_dtype="float32", fp32_modules=("router", "lm_head"))
+    assert eval(repr(p), {"FSDP": FSDP}) == p
+    assert hash(p) == hash(attrs.evolve(p))
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        p.cpu_offload = True  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"'param_dtype' must be in \('float32', 'bfloat16', 'float16'\)"):
+        FSDP(param_dtype="bf16")
+    with pytest.raises(ValueError, match=r"^`fp32_modules` entries must be in \('router', 'lm_head'\) \(got 'norm'\)\."):
+        FSDP(fp32_modules=("norm",))
+    with pytest.raises(ValueError, match=r"^`reshard_after_forward` must be a bool or a positive int \(got 0\)\."):
+        FSDP(reshard_after_forward=0)
+
+
+def test_wrap_root_false_refuses_to_leave_parameters_unsharded(pool2):
+    """Without the root unit the MTP projection would be left out: refused before mutation."""
+    spec = TrainSpec(config=MoEConfig(num_mtp_layers=1))
+    with pytest.raises(Exception) as err:
+        pool2.run(rank_train, spec, Pipeline([FSDP(wrap_root=False)]), MeshDegrees(dp_shard=2))
+    assert "PassPreconditionError" in str(err.value)
+    assert "would leave" in str(err.value)
+
+
+def test_no_blocks_is_refused():
+    """A model without transformer blocks cannot be FSDP-wrapped per block."""
+    from moetx._errors import UnknownModelStructureError
+
+    with pytest.raises((PassPreconditionError, UnknownModelStructureError)):
+        FSDP().check(torch.nn.Linear(2, 2), None, ())  # type: ignore[arg-type]
+
+
+def test_tied_embeddings_stay_tied(pool2):
+    """With tied embeddings, the lm head and the embedding remain one parameter."""
+    spec = TrainSpec(config=MoEConfig(tie_embeddings=True))
+    from moetx.testing.bodies.fsdp import tied_after_fsdp
+
+    assert pool2.run(tied_after_fsdp, spec, MeshDegrees(dp_shard=2)) == [True, True]
+
+
+def test_frozen_parameters_stay_frozen(pool2):
+    """Frozen params get no gradient and no update; the rest train like one process."""
+    spec = TrainSpec(config=MoEConfig(), frozen=("model.embed_tokens", "model.layers.0.self_attn"))
+    degrees = MeshDegrees(dp_shard=2)
+    results = pool2.run(rank_train, spec, Pipeline([FSDP()]), degrees)
+    assert_training_parity(results, spec, degrees)
+    frozen = {n for n, rg in results[0]["requires_grad"].items() if not rg}
+    assert frozen == {n for n in results[0]["params"] if n.startswith(spec.frozen)}
+    assert frozen and not frozen & set(results[0]["grads"][0])
+
+
+def test_meta_device_model_materialises_to_the_eager_model(pool2):
+    """Build on meta, shard, then `to_empty` + init: each rank only allocates its shards."""
+    spec = TrainSpec(config=MoEConfig(num_shared_experts=1, num_mtp_layers=1))
+    degrees = MeshDegrees(dp_shard=2)
+    assert_training_parity(pool2.run(rank_train, spec, Pipeline([FSDP()]), degrees, meta=True), spec, degrees)
+
+
+@pytest.mark.parametrize(
+    "fsdp", [FSDP(cpu_offload=True), FSDP(reshard_after_forward=False)], ids=["offload", "no-reshard"]
+)
+def test_options_keep_parity(pool2, fsdp):
+    """CPU offload (pin_memory off on CPU builds) and reshard_after_forward=False match too."""
+    spec = TrainSpec(config=MoEConfig(), steps=2)
+    degrees = MeshDegrees(dp_shard=2)
+    assert_training_parity(pool2.run(rank_train, spec, Pipeline([fsdp]), degrees), spec, degrees)
+
+
+def test_bf16_mixed_precision_matches_a_reference_with_the_same_casts(pool2):
+    """bf16 params / fp32 reduce vs a single process computing on bf16 casts of fp32 weights."""
+    spec = TrainSpec(config=MoEConfig(), steps=2, param_dtype="bfloat16")
+    degrees = MeshDegrees(dp_shard=2)
+    fsdp = FSDP(param_dtype="bfloat16", reduce_dtype="float32")
+    results = pool2.run(rank_train, spec, Pipeline([fsdp]), degrees)
+    ref = reference(spec, 2)
+    for step in range(spec.steps):
+        compare({"loss": ref["losses"][step]}, {"loss": mean_losses(results)[step]}, atol=2e-2, rtol=2e-2)
+        compare(ref["grads"][step], results[0]["grads"][step], atol=3e-2, rtol=5e-2, what="bf16 grads")
+    assert all(p.dtype == torch.float32 for p in results[0]["params"].values())
