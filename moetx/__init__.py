@@ -1,1 +1,58 @@
-"""moetx: parallelism for Mixture-of-Experts transformers as composable, checked transforms."""
+"""moetx: parallelism for Mixture-of-Experts transformers as composable, checked transforms.
+
+    pipeline = ExpertParallel() | ActivationCheckpoint() | FSDP()   # `|` sequences passes
+    model = pipeline.apply(model, ParallelMesh.build(ep=2))
+"""
+
+from moetx._errors import (
+    DuplicatePassError,
+    ExpertDivisibilityError,
+    MeshAxisError,
+    MeshError,
+    MoetxError,
+    NoMoELayersError,
+    PartiallyAppliedModelError,
+    PassAlreadyAppliedError,
+    PassPreconditionError,
+    PipelineError,
+    PipelineOrderError,
+    SequenceDivisibilityError,
+    UnknownModelStructureError,
+    UnsupportedAttentionError,
+)
+from moetx._mesh import MeshDegrees, ParallelMesh
+from moetx._order import BUILTIN_ORDER, Placement
+from moetx._pass import Applied, Pass, applied_passes
+from moetx._pipeline import Pipeline
+from moetx.passes import FSDP, ActivationCheckpoint, ExpertParallel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUILTIN_ORDER",
+    "FSDP",
+    "ActivationCheckpoint",
+    "Applied",
+    "DuplicatePassError",
+    "ExpertDivisibilityError",
+    "ExpertParallel",
+    "MeshAxisError",
+    "MeshDegrees",
+    "MeshError",
+    "MoetxError",
+    "NoMoELayersError",
+    "ParallelMesh",
+    "PartiallyAppliedModelError",
+    "Pass",
+    "PassAlreadyAppliedError",
+    "PassPreconditionError",
+    "Pipeline",
+    "PipelineError",
+    "PipelineOrderError",
+    "Placement",
+    "SequenceDivisibilityError",
+    "UnknownModelStructureError",
+    "UnsupportedAttentionError",
+    "__version__",
+    "applied_passes",
+]

@@ -8,6 +8,8 @@ gradients (gathered to full tensors) at every step and its parameters after ever
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import attrs
@@ -108,15 +110,27 @@ def train(
         if param_dtype
         else lambda ids, labels: model(ids, labels=labels)
     )
-    losses, grads = [], []
+    losses, grads, times = [], [], []
+    grad_bytes = 0
     for ids, labels in batches:
+        start = time.perf_counter()
         out = forward(ids, labels)
         out.loss.backward()
+        elapsed = time.perf_counter() - start
         losses.append(out.loss.detach().clone())
+        grad_bytes = _local_bytes(p.grad for p in model.parameters() if p.grad is not None)
         grads.append(gradients(model))
+        start = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {"losses": losses, "grads": grads, "params": parameters(model)}
+        times.append(elapsed + time.perf_counter() - start)
+    return {
+        "losses": losses,
+        "grads": grads,
+        "params": parameters(model),
+        "step_times": times,  # fwd + bwd + optimizer step, without the gradient gathering
+        "grad_bytes": grad_bytes,
+    }
 
 
 def reference(spec: TrainSpec, data_ranks: int) -> dict[str, Any]:
@@ -150,6 +164,15 @@ def rank_train(
     result["requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
     result["param_bytes"] = _local_bytes(p for p in model.parameters())
     return result
+
+
+def _quiet_redistribute_warnings() -> None:
+    # Gathering FSDP-over-EP gradients (_StridedShard) makes DTensor warn that it needs two
+    # all-gathers; that is expected when gathering for a comparison and only adds noise.
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+
+
+_quiet_redistribute_warnings()
 
 
 def _local_bytes(params: Any) -> int:

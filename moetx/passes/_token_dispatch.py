@@ -1,0 +1,265 @@
+"""Token dispatchers for expert parallelism: send each routed token copy to its expert's rank and back.
+
+A dispatcher is a pair of functions over one expert-parallel (ep) group of D ranks, each holding
+`E / D` consecutive experts (rank r holds global experts `[r * E/D, (r + 1) * E/D)`, matching a
+`Shard(0)` DTensor on the ep mesh):
+
+- `dispatch(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> (tokens [N, H],
+  expert_ids [N], plan)`: the N token copies this rank's experts must process, grouped by local
+  expert id (non-decreasing), and an immutable plan;
+- `combine(expert_out [N, H], plan) -> [T, H]`: every token's weighted sum over its k experts.
+
+The plan is a frozen value returned by `dispatch` and consumed by `combine` (torchtitan's
+design): neither the dispatcher nor the module holds state between the two calls, so several
+layers, activation-checkpoint recomputation and re-entrant calls cannot mix up their metadata.
+
+Both dispatchers use only autograd-aware functional collectives for tensors that carry gradients
+(`torch.distributed._functional_collectives.*_autograd`), so the router, the hidden states and
+the experts all receive gradients, and an expert that got no token gets a zero gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributed import ProcessGroup
+from torch.distributed import _functional_collectives as funcol
+
+__all__ = [
+    "DISPATCHERS",
+    "AllGatherDispatcher",
+    "AllGatherPlan",
+    "AllToAllDispatcher",
+    "AllToAllPlan",
+    "TokenDispatcher",
+    "make_dispatcher",
+]
+
+DISPATCHERS: tuple[str, ...] = ("all_to_all", "all_gather")
+"""Names `ExpertParallel(dispatcher=...)` accepts."""
+
+
+class TokenDispatcher(Protocol):
+    """Moves token copies to the ranks owning their experts (`dispatch`) and back (`combine`)."""
+
+    def dispatch(
+        self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+    ) -> tuple[Tensor, Tensor, object]:
+        """Return `(tokens [N, H], local expert ids [N] non-decreasing, plan)`."""
+        ...
+
+    def combine(self, expert_out: Tensor, plan: object) -> Tensor:  # pragma: no cover - protocol
+        """Return `[T, H]`: for each local token, `sum_k weight[t, k] * output of copy (t, k)`."""
+        ...
+
+
+def _inverse(permutation: Tensor) -> Tensor:
+    """The inverse of a permutation vector, in O(n) (a scatter, not a sort)."""
+    out = torch.empty_like(permutation)
+    return out.scatter_(
+        0, permutation, torch.arange(permutation.numel(), device=permutation.device)
+    )
+
+
+# --------------------------------------------------------------------------------- all-to-all
+
+
+@attrs.frozen(eq=False)
+class AllToAllPlan:
+    """What `AllToAllDispatcher.combine` needs to undo a `dispatch`; immutable.
+
+    Attributes:
+        unsort: `[T*k]` inverse of the stable sort of the (token, k) copies by global expert id.
+        input_splits: Copies this rank sent to each ep rank (rows of the forward dispatch).
+        output_splits: Copies this rank received from each ep rank.
+        restore: `[N]` inverse of the received-order permutation: maps the expert-major rows
+            (`[local expert][src rank]`) back to the received order (`[src rank][local expert]`).
+        top_k_weights: `[T, k]` routing weights, applied here, on the sending rank, after the
+            outputs come back, so the router's gradient never crosses ranks.
+    """
+
+    unsort: Tensor
+    input_splits: tuple[int, ...]
+    output_splits: tuple[int, ...]
+    restore: Tensor
+    top_k_weights: Tensor
+
+
+@attrs.frozen(eq=False)
+class AllToAllDispatcher:
+    """Uneven all-to-all dispatch: each token copy travels once to its expert's rank and back.
+
+    Per call to `dispatch`, on every rank of the group:
+
+    1. count copies per global expert (`bincount`) and exchange the counts with one int64
+       functional `all_to_all_single` (equal splits of E/D);
+    2. stable-sort the (token, k) copies by global expert id, so the copies for each rank (and
+       each of its experts) are contiguous;
+    3. move them with one uneven `all_to_all_single_autograd` (split sizes from step 1; zero
+       sizes are fine on gloo);
+    4. permute the received rows from `[src rank][local expert]` to `[local expert][src rank]`
+       order, so each local expert's tokens are contiguous.
+
+    `combine` inverts 4, runs the reverse `all_to_all_single_autograd`, unsorts, and takes the
+    weighted sum over k. Collectives per MoE layer: forward 3 (`_c10d_functional.all_to_all_single`:
+    the int64 count exchange and two autograd ones), backward 2 (the autograd ones reversed).
+
+    Attributes:
+        group: The ep process group.
+        rank: This rank's index in the group (which chunk of experts it holds).
+        degree: D, the group size.
+        num_experts: E (global), divisible by D.
+    """
+
+    group: ProcessGroup
+    rank: int
+    degree: int
+    num_experts: int
+
+    def dispatch(
+        self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+    ) -> tuple[Tensor, Tensor, AllToAllPlan]:
+        """Send every (token, k) copy to the rank of its expert; see the class docstring."""
+        d, e = self.degree, self.num_experts
+        local_e = e // d
+        k = top_k_index.shape[1]
+        flat = top_k_index.reshape(-1)
+        with torch.no_grad():
+            sent_per_expert = torch.bincount(flat, minlength=e)
+            recv_per_expert = funcol.all_to_all_single(sent_per_expert, None, None, self.group)
+            # [src rank][local expert] -> copies this rank receives; one host sync for the splits.
+            recv_grid = recv_per_expert.view(d, local_e)
+            input_splits = sent_per_expert.view(d, local_e).sum(1).tolist()
+            output_splits = recv_grid.sum(1).tolist()
+            order = torch.argsort(flat, stable=True)
+            # Local expert id of every received row, in received order; a stable sort groups the
+            # rows by expert and keeps source-rank order inside each group.
+            expert_of_row = torch.arange(local_e, device=flat.device).repeat(d)
+            expert_of_row = expert_of_row.repeat_interleave(recv_grid.reshape(-1))
+            permutation = torch.argsort(expert_of_row, stable=True)
+            expert_ids = expert_of_row[permutation]
+        routed = hidden[order // k]
+        received = funcol.all_to_all_single_autograd(
+            routed, output_splits, input_splits, self.group
+        )
+        tokens = received[permutation]
+        plan = AllToAllPlan(
+            unsort=_inverse(order),
+            input_splits=tuple(input_splits),
+            output_splits=tuple(output_splits),
+            restore=_inverse(permutation),
+            top_k_weights=top_k_weights,
+        )
+        return tokens, expert_ids, plan
+
+    def combine(self, expert_out: Tensor, plan: object) -> Tensor:
+        """Send each copy's output back to its token's rank and sum the k copies, weighted."""
+        assert isinstance(plan, AllToAllPlan)
+        back = expert_out[plan.restore]
+        returned = funcol.all_to_all_single_autograd(
+            back, list(plan.input_splits), list(plan.output_splits), self.group
+        )
+        t, k = plan.top_k_weights.shape
+        per_copy = returned[plan.unsort].view(t, k, returned.shape[-1])
+        weights = plan.top_k_weights.to(per_copy.dtype).unsqueeze(-1)
+        return (per_copy * weights).sum(1)
+
+
+# --------------------------------------------------------------------------------- all-gather
+
+
+@attrs.frozen(eq=False)
+class AllGatherPlan:
+    """What `AllGatherDispatcher.combine` needs; immutable.
+
+    Attributes:
+        num_tokens: T, this rank's token count.
+        padded: Tmax, the largest token count in the group (every rank's block is padded to it).
+        token_of_row: `[N]` row of each dispatched copy in the gathered `[D * Tmax, H]` tokens.
+        weights: `[N]` routing weight of each dispatched copy (gathered with autograd).
+    """
+
+    num_tokens: int
+    padded: int
+    token_of_row: Tensor
+    weights: Tensor
+
+
+@attrs.frozen(eq=False)
+class AllGatherDispatcher:
+    """All-gather dispatch: every rank sees every token and runs its own experts on their copies.
+
+    `dispatch` gathers the token counts (int64 `all_gather_single`), then the tokens and routing
+    weights padded to the largest count (`all_gather_single_autograd`; gloo's list-form
+    all_gather rejects uneven sizes) and the expert ids (`all_gather_single`). `combine` scatters
+    the weighted outputs into a `[D * Tmax, H]` buffer of partial sums and returns each rank its
+    block with `reduce_scatter_single_autograd(sum)`. It moves D times more data than all-to-all;
+    it is the simple cross-check of `AllToAllDispatcher`.
+
+    Attributes:
+        group: The ep process group.
+        rank: This rank's index in the group.
+        degree: D, the group size.
+        num_experts: E (global), divisible by D.
+    """
+
+    group: ProcessGroup
+    rank: int
+    degree: int
+    num_experts: int
+
+    def dispatch(
+        self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+    ) -> tuple[Tensor, Tensor, AllGatherPlan]:
+        """Gather every rank's tokens and pick the copies routed to this rank's experts."""
+        local_e = self.num_experts // self.degree
+        t, k = top_k_index.shape
+        with torch.no_grad():
+            count = torch.tensor([t], dtype=torch.int64, device=hidden.device)
+            padded = int(funcol.all_gather_single(count, 0, self.group).max())
+            ids = F.pad(top_k_index, (0, 0, 0, padded - t), value=-1)
+            all_ids = funcol.all_gather_single(ids, 0, self.group).reshape(-1)
+            first = self.rank * local_e
+            mine = ((all_ids >= first) & (all_ids < first + local_e)).nonzero().squeeze(1)
+            local_ids = all_ids[mine] - first
+            order = torch.argsort(local_ids, stable=True)
+            copies = mine[order]
+            expert_ids = local_ids[order]
+        all_hidden = funcol.all_gather_single_autograd(
+            F.pad(hidden, (0, 0, 0, padded - t)), 0, self.group
+        )
+        all_weights = funcol.all_gather_single_autograd(
+            F.pad(top_k_weights, (0, 0, 0, padded - t)), 0, self.group
+        )
+        token_of_row = copies // k
+        plan = AllGatherPlan(
+            num_tokens=t,
+            padded=padded,
+            token_of_row=token_of_row,
+            weights=all_weights.reshape(-1)[copies],
+        )
+        return all_hidden[token_of_row], expert_ids, plan
+
+    def combine(self, expert_out: Tensor, plan: object) -> Tensor:
+        """Sum the weighted copies into partial outputs and reduce-scatter them to their ranks."""
+        assert isinstance(plan, AllGatherPlan)
+        weighted = expert_out * plan.weights.to(expert_out.dtype).unsqueeze(-1)
+        partial = expert_out.new_zeros(self.degree * plan.padded, expert_out.shape[-1])
+        partial = partial.index_add(0, plan.token_of_row, weighted)
+        mine = funcol.reduce_scatter_single_autograd(partial, "sum", 0, self.group)
+        return mine[: plan.num_tokens]
+
+
+def make_dispatcher(
+    name: str, *, group: ProcessGroup, rank: int, degree: int, num_experts: int
+) -> TokenDispatcher:
+    """Build the dispatcher called `name` (one of `DISPATCHERS`) for one ep group."""
+    if name == "all_to_all":
+        return AllToAllDispatcher(group=group, rank=rank, degree=degree, num_experts=num_experts)
+    if name == "all_gather":
+        return AllGatherDispatcher(group=group, rank=rank, degree=degree, num_experts=num_experts)
+    raise ValueError(f"`dispatcher` ({name!r}) must be one of {DISPATCHERS}.")

@@ -1,0 +1,43 @@
+"""Test helpers for moetx and its users: a pool of real ranks, a fake world, parity comparisons."""
+
+from moetx.testing.fake import ProcessGroupExistsError, fake_world
+from moetx.testing.parity import (
+    clean_fqn,
+    compare,
+    full_tensor,
+    gradients,
+    missing_gradients,
+    parameters,
+)
+from moetx.testing.profiles import examples, load_profile
+from moetx.testing.ranks import (
+    BodyNotPicklableError,
+    PoolStats,
+    RankError,
+    RankPool,
+    RankTimeoutError,
+    WorldSizeError,
+    cached,
+    warm_up,
+)
+
+__all__ = [
+    "BodyNotPicklableError",
+    "PoolStats",
+    "ProcessGroupExistsError",
+    "RankError",
+    "RankPool",
+    "RankTimeoutError",
+    "WorldSizeError",
+    "cached",
+    "clean_fqn",
+    "compare",
+    "examples",
+    "fake_world",
+    "full_tensor",
+    "gradients",
+    "load_profile",
+    "missing_gradients",
+    "parameters",
+    "warm_up",
+]

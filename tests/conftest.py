@@ -1,0 +1,63 @@
+"""Session-wide test setup: hypothesis profiles, deterministic torch, and shared rank pools."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from moetx.testing import RankPool, load_profile, warm_up
+
+# dev / ci (default) / full, chosen by $HYPOTHESIS_PROFILE; see moetx.testing.profiles.
+PROFILE = load_profile()
+
+# References are computed in this process; fail loudly on ops without a deterministic CPU kernel
+# (none of the MoE ops checked: index_add, scatter_add/reduce, index_put, bincount, embedding and
+# gather backward, topk, sort, SDPA) and fill `torch.empty` with NaN so uninitialised reads show.
+# Ranks run with it off (see moetx.testing._worker._reset_between_calls). Costs ~0.8 s once: the
+# call imports torch._inductor.config.
+torch.use_deterministic_algorithms(True)
+
+_POOLS: dict[str, RankPool] = {}
+
+
+def _pool(world_size: int) -> Iterator[RankPool]:
+    pool = _POOLS[f"pool{world_size}"] = RankPool(world_size)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture(scope="session")
+def pool2() -> Iterator[RankPool]:
+    """Two gloo ranks, started on first use and shared by the whole session."""
+    yield from _pool(2)
+
+
+@pytest.fixture(scope="session")
+def pool4() -> Iterator[RankPool]:
+    """Four gloo ranks, started on first use and shared by the whole session."""
+    yield from _pool(4)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Start the rank forkserver's imports now if any selected test uses a pool (they overlap)."""
+    if any({"pool2", "pool4"} & set(getattr(item, "fixturenames", ())) for item in items):
+        warm_up()
+
+
+def pytest_report_header() -> str:
+    """Show the hypothesis profile in the header."""
+    return f"moetx: hypothesis profile {PROFILE!r}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print start cost, calls and failures of each rank pool used in the session."""
+    for name, pool in _POOLS.items():
+        s = pool.stats
+        terminalreporter.write_line(
+            f"moetx {name}: first start {s.first_start_s:.2f} s, {s.starts - 1} restarts "
+            f"(last {s.last_start_s:.2f} s), {s.calls} calls, {s.failures} failed"
+        )
