@@ -168,3 +168,82 @@ def test_bf16_mixed_precision_matches_a_reference_with_the_same_casts(pool2):
         compare({"loss": ref["losses"][step]}, {"loss": mean_losses(results)[step]}, atol=2e-2, rtol=2e-2)
         compare(ref["grads"][step], results[0]["grads"][step], atol=3e-2, rtol=5e-2, what="bf16 grads")
     assert all(p.dtype == torch.float32 for p in results[0]["params"].values())
+
+
+EP_CASES = [
+    (2, MeshDegrees(dp_shard=2, ep=2)),
+    (4, MeshDegrees(dp_shard=4, ep=2)),
+    (4, MeshDegrees(dp_shard=4, ep=4)),
+    (4, MeshDegrees(dp_replicate=2, dp_shard=2, ep=2)),
+]
+
+
+@pytest.mark.parametrize(
+    ("ranks", "degrees"), EP_CASES, ids=["ws2-ep2", "ws4-ep2", "ws4-ep4", "hsdp2x2-ep2"]
+)
+def test_ep_then_fsdp_has_the_right_gradient_scale(request, ranks, degrees):
+    """`ExpertParallel() | FSDP()`: every gradient (expert ones included) matches one process.
+
+    Covers ep < world (ep_shard ranks FSDP-shard the same experts) and ep == world (size-1 expert
+    FSDP mesh, where torch 2.13 divides twice under forced SUM) and HSDP.
+    """
+    from moetx.passes._expert_parallel import ExpertParallel
+
+    pool = request.getfixturevalue(f"pool{ranks}")
+    spec = TrainSpec(config=MoEConfig(num_experts=4, num_shared_experts=1, num_dense_layers=1, num_layers=2))
+    results = pool.run(rank_train, spec, ExpertParallel() | FSDP(), degrees)
+    assert_training_parity(results, spec, degrees)
+
+
+@pytest.mark.parametrize(
+    ("num_experts", "expected"),
+    [(8, "_StridedShard(dim=0, sf=2)"), (2, "Shard(dim=1)")],
+    ids=["dim0", "dim1-no-padding"],
+)
+def test_expert_placements_compose_ep_and_fsdp(pool4, num_experts, expected):
+    """Experts: (_StridedShard on ep_shard, Shard(0) on ep) root-sharing meshes; dim 1 when
+    there are more expert-FSDP shards than local experts, so nothing pads."""
+    from moetx.passes._expert_parallel import ExpertParallel
+
+    spec = TrainSpec(config=MoEConfig(num_experts=num_experts, top_k=1))
+    got = pool4.run(placements, spec, ExpertParallel() | FSDP(), MeshDegrees(dp_shard=4, ep=2))
+    for rank_result in got:
+        experts = {n: v for n, v in rank_result.items() if ".experts." in n}
+        assert experts
+        for name, (dims, pls, local, full) in experts.items():
+            assert dims == ("ep_shard", "ep"), name
+            assert pls == (expected, "Shard(dim=0)"), (name, pls)
+            assert local * 4 == full, (name, local, full)  # no padding: exactly 1/world each
+        dense = {n: v for n, v in rank_result.items() if ".experts." not in n}
+        assert all(d[0] == ("dp_shard_cp",) for d in dense.values())
+
+
+def test_routing_load_counters_hold_global_counts(pool2):
+    """Aux-loss-free load counters are summed over all data ranks, identical on every rank."""
+    from moetx._structure import discover
+    from moetx.testing.bodies.fsdp import load_counts_and_dtypes
+    from moetx.testing.train import build_model, global_batches
+
+    spec = TrainSpec(config=MoEConfig(routing_bias=True, score_func="sigmoid"))
+    got = pool2.run(load_counts_and_dtypes, spec, Pipeline([FSDP()]), MeshDegrees(dp_shard=2))
+    ref = build_model(spec)
+    ids, labels = global_batches(spec, 2)[0]
+    ref(ids, labels=labels).loss.backward()
+    want = {layer.fqn: layer.router.expert_load for layer in discover(ref).moe_layers()}
+    assert all(int(c.sum()) > 0 for c in want.values())
+    for r in got:
+        assert set(r["counts"]) == set(want)
+        for k, v in want.items():
+            assert torch.equal(r["counts"][k], v), (k, r["counts"][k], v)
+
+
+def test_router_and_lm_head_compute_in_fp32_under_bf16(pool2):
+    """Under a bf16 policy the router (and, when asked, the lm head) all-gather fp32 weights."""
+    from moetx.testing.bodies.fsdp import load_counts_and_dtypes
+
+    spec = TrainSpec(config=MoEConfig())
+    fsdp = FSDP(param_dtype="bfloat16", fp32_modules=("router", "lm_head"))
+    got = pool2.run(load_counts_and_dtypes, spec, Pipeline([fsdp]), MeshDegrees(dp_shard=2))
+    assert got[0]["dtypes"] == {"router": torch.float32, "attention": torch.bfloat16, "lm_head": torch.float32}
+    got = pool2.run(load_counts_and_dtypes, spec, Pipeline([FSDP(param_dtype="bfloat16")]), MeshDegrees(dp_shard=2))
+    assert got[0]["dtypes"] == {"router": torch.float32, "attention": torch.bfloat16, "lm_head": torch.bfloat16}

@@ -24,6 +24,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor, Shard
 
 from moetx._errors import PassPreconditionError
+from moetx._load_sync import install_load_sync
 from moetx._mesh import ParallelMesh
 from moetx._order import Placement
 from moetx._pass import Applied, Pass, find_applied
@@ -70,7 +71,8 @@ class FSDP(Pass):
     - the input embedding and the lm head (unless tied: tied weights stay with the root);
     - the root (final norm and everything left), unless `wrap_root=False`.
 
-    Frozen parameters (`requires_grad=False`) stay frozen. `apply` consumes its input (FSDP2
+    Frozen parameters (`requires_grad=False`) stay frozen. Routing-load counters (aux-loss-free
+    balancing) are summed over every data and context-parallel rank after each forward. `apply` consumes its input (FSDP2
     swaps module classes in place).
 
     Args:
@@ -160,6 +162,8 @@ class FSDP(Pass):
             if s.lm_head is not None:
                 fp32 = "lm_head" in self.fp32_modules
                 fully_shard(s.lm_head, mesh=dense, mp_policy=self._policy(fp32=fp32), **common)
+        # Routing-load counters must hold global counts, not this rank's (see _load_sync).
+        install_load_sync(model, mesh.root.get_group())
         if self.wrap_root:
             fully_shard(model, mesh=dense, mp_policy=self._policy(), **common)
         elif s.final_norm is not None:

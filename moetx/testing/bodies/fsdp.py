@@ -34,3 +34,31 @@ def tied_after_fsdp(spec: TrainSpec, degrees: MeshDegrees) -> bool:
 
     model = FSDP().apply(build_model(spec), mesh_for(degrees))
     return model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def load_counts_and_dtypes(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> dict[str, Any]:
+    """One forward/backward on this rank's rows: routing-load counters and compute dtypes seen."""
+    import torch
+
+    from moetx._structure import discover
+    from moetx.testing.train import global_batches
+
+    model = pipeline.apply(build_model(spec), mesh_for(degrees))
+    seen: dict[str, Any] = {}
+    s = discover(model)
+    for name, mod in (("router", s.moe_layers()[0].router), ("attention", s.blocks[0].attention)):
+        mod.register_forward_pre_hook(
+            lambda m, a, name=name: seen.__setitem__(name, next(iter(m.parameters())).dtype)
+        )
+    if s.lm_head is not None:
+        s.lm_head.register_forward_pre_hook(lambda m, a: seen.__setitem__("lm_head", m.weight.dtype))
+    rank = torch.distributed.get_rank()
+    ids, labels = global_batches(spec, degrees.world_size)[0]
+    rows = slice(rank * spec.rows_per_rank, (rank + 1) * spec.rows_per_rank)
+    model(ids[rows], labels=labels[rows]).loss.backward()
+    counts = {
+        layer.fqn: layer.router.expert_load.clone()
+        for layer in s.moe_layers()
+        if getattr(layer.router, "expert_load", None) is not None
+    }
+    return {"counts": counts, "dtypes": seen}
