@@ -1,0 +1,94 @@
+"""Hypothesis strategies for moetx values: passes, pipelines, synthetic MoE configs, mesh degrees.
+
+Public so users can property-test their own passes and models the way moetx tests its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import strategies as st
+
+from moetx._mesh import MeshDegrees
+from moetx._order import BUILTIN_ORDER
+from moetx._pass import Pass
+from moetx._pipeline import Pipeline
+from moetx.models import MoEConfig
+
+
+def _builtin_pass_strategies() -> dict[str, st.SearchStrategy[Any]]:
+    from moetx.passes import FSDP, ActivationCheckpoint, ExpertParallel
+
+    out: dict[str, st.SearchStrategy[Any]] = {
+        "ep": st.builds(ExpertParallel, dispatcher=st.sampled_from(["all_to_all", "all_gather"])),
+        "ac": st.builds(
+            ActivationCheckpoint,
+            mode=st.sampled_from(["full", "router", "selective"]),
+            every=st.integers(1, 2),
+        ),
+        "fsdp": st.builds(
+            FSDP,
+            reshard_after_forward=st.booleans(),
+            param_dtype=st.sampled_from([None, "bfloat16"]),
+        ),
+    }
+    try:
+        from moetx.passes import ContextParallel  # type: ignore[attr-defined]
+
+        out["cp"] = st.builds(
+            ContextParallel, comm=st.sampled_from(["allgather", "p2p"]), load_balance=st.booleans()
+        )
+    except ImportError:  # pragma: no cover - before the CP pass existed
+        pass
+    return out
+
+
+def passes(*, stages: tuple[str, ...] | None = None) -> st.SearchStrategy[Pass]:
+    """Any built-in pass (optionally only from `stages`), with drawn options."""
+    table = _builtin_pass_strategies()
+    keys = [s for s in BUILTIN_ORDER if s in table and (stages is None or s in stages)]
+    return st.one_of(*(table[k] for k in keys))
+
+
+@st.composite
+def pipelines(draw: st.DrawFn, *, stages: tuple[str, ...] | None = None) -> Pipeline:
+    """A valid pipeline: a subset of the built-in stages, each at most once, in order."""
+    table = _builtin_pass_strategies()
+    keys = [s for s in BUILTIN_ORDER if s in table and (stages is None or s in stages)]
+    chosen = draw(st.lists(st.sampled_from(keys), unique=True, max_size=len(keys)))
+    return Pipeline([draw(table[s]) for s in BUILTIN_ORDER if s in chosen])
+
+
+@st.composite
+def moe_configs(draw: st.DrawFn, *, ep_degree: int = 1, **fixed: Any) -> MoEConfig:
+    """Tiny synthetic MoE configs; expert counts are multiples of `ep_degree` by construction."""
+    experts = ep_degree * draw(st.integers(1, 2)) * (2 if ep_degree == 1 else 1)
+    heads = draw(st.sampled_from([2, 4]))
+    values: dict[str, Any] = dict(
+        vocab_size=32,
+        hidden_size=draw(st.sampled_from([8, 16])),
+        num_layers=draw(st.integers(1, 2)),
+        num_heads=heads,
+        num_kv_heads=draw(st.sampled_from([1, heads])),
+        num_experts=experts,
+        top_k=draw(st.integers(1, min(2, experts))),
+        expert_hidden_size=8,
+        num_shared_experts=draw(st.integers(0, 1)),
+        score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
+        tie_embeddings=draw(st.booleans()),
+        aux_loss_coef=draw(st.sampled_from([0.0, 0.01])),
+    )
+    values.update(fixed)
+    return MoEConfig(**values)
+
+
+@st.composite
+def mesh_degrees(draw: st.DrawFn, *, world_size: int, max_cp: int = 2) -> MeshDegrees:
+    """Legal degrees for `world_size` ranks: dp_replicate, cp, ep drawn; dp_shard inferred."""
+    dp_replicate = draw(st.sampled_from([d for d in (1, 2) if world_size % d == 0]))
+    cp = draw(
+        st.sampled_from([c for c in range(1, max_cp + 1) if (world_size // dp_replicate) % c == 0])
+    )
+    dp_shard = world_size // (dp_replicate * cp)
+    ep = draw(st.sampled_from([e for e in (1, 2, 4, 8) if (dp_shard * cp) % e == 0]))
+    return MeshDegrees(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, ep=ep)
