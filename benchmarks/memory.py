@@ -71,13 +71,13 @@ def main() -> None:
                 res = pool.run(compare_step_time, spec, pipe, degrees, ep=ep)
                 # ideal: everything sharded over the FSDP shard group (HSDP replicas hold copies)
                 ideal = res[0]["total_param_bytes"] / (degrees.dp_shard * degrees.cp)
-                worst = lambda key: max(r[key] for r in res) / ideal  # noqa: E731
+                worst = {k: max(r[k] for r in res) / ideal for k in res[0] if k.endswith("_bytes")}
                 t_moetx = max(r["moetx_median_s"] for r in res) * 1e3
                 t_hand = max(r["hand_median_s"] for r in res) * 1e3
                 mesh = f"dp_rep={degrees.dp_replicate} dp_shard={degrees.dp_shard} ep={degrees.ep}"
                 print(
-                    f"| {world} | `{name.replace('|', chr(92) + '|')}` | {mesh} | {worst('moetx_param_bytes'):.3f} | "
-                    f"{worst('moetx_grad_bytes'):.3f} | {worst('moetx_adam_bytes') / 2:.3f} | "
+                    f"| {world} | `{name.replace('|', chr(92) + '|')}` | {mesh} | {worst['moetx_param_bytes']:.3f} | "
+                    f"{worst['moetx_grad_bytes']:.3f} | {worst['moetx_adam_bytes'] / 2:.3f} | "
                     f"{t_moetx:.1f} | {t_hand:.1f} | {t_moetx / t_hand:.2f} |"
                 )
 
