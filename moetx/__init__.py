@@ -24,7 +24,7 @@ from moetx._mesh import MeshDegrees, ParallelMesh
 from moetx._order import BUILTIN_ORDER, Placement
 from moetx._pass import Applied, Pass, applied_passes
 from moetx._pipeline import Pipeline
-from moetx.passes import FSDP, ActivationCheckpoint, ExpertParallel
+from moetx.passes import FSDP, ActivationCheckpoint, ContextParallel, ExpertParallel
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,7 @@ __all__ = [
     "FSDP",
     "ActivationCheckpoint",
     "Applied",
+    "ContextParallel",
     "DuplicatePassError",
     "ExpertDivisibilityError",
     "ExpertParallel",

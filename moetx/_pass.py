@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -31,8 +30,10 @@ _RECORD_ATTR = "_moetx_applied"
 _FAILED_ATTR = "_moetx_failed"
 
 
-def _readonly(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
-    return MappingProxyType(dict(mapping))
+def _copy(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    # A private copy (not a MappingProxyType, which cannot be deep-copied or pickled, so a
+    # transformed model could not be `copy.deepcopy`-ed). Treat it as read-only.
+    return dict(mapping)
 
 
 @attrs.frozen
@@ -41,11 +42,11 @@ class Applied:
 
     Attributes:
         pass_: The (immutable) pass that was applied, with its configuration.
-        facts: Read-only facts the pass published, e.g. the expert parameter names it sharded.
+        facts: Facts the pass published (read-only by convention), e.g. the expert parameter names it sharded.
     """
 
     pass_: Pass
-    facts: Mapping[str, Any] = attrs.field(factory=dict, converter=_readonly, eq=False)
+    facts: Mapping[str, Any] = attrs.field(factory=dict, converter=_copy, eq=False)
 
 
 def applied_passes(model: nn.Module) -> tuple[Applied, ...]:

@@ -42,6 +42,8 @@ _MOE_NAMES = ("mlp", "block_sparse_moe")
 _ROUTER_NAMES = ("gate", "router")
 _SHARED_NAMES = ("shared_experts", "shared_expert")
 _COUNTER_BUFFER_NAMES = ("expert_load", "tokens_per_expert")  # moetx / torchtitan load counters
+_ATTENTION_CORE_NAME = "core"  # moetx's attention-kernel seam (`Attention.core`)
+_STATS_REDUCER_NAME = "stats_reducer"  # moetx's aux-loss statistics hook (`MoEBlock`)
 
 
 @attrs.frozen(eq=False)
@@ -62,6 +64,9 @@ class MoELayer:
         top_k: Experts per token.
         counter_buffer_names: Names (relative to `module`) of buffers its forward accumulates
             into, e.g. `("gate.expert_load",)`; a recomputed forward must not add to them twice.
+        stats_reducer_attr: Name of the attribute of `module` through which its aux-loss
+            statistics can be reduced over sequence shards (`"stats_reducer"`, see
+            `moetx.models.StatsReducer`), or None if it has no such hook.
     """
 
     fqn: str
@@ -76,6 +81,7 @@ class MoELayer:
     num_experts: int
     top_k: int
     counter_buffer_names: tuple[str, ...] = ()
+    stats_reducer_attr: str | None = None
 
 
 @attrs.frozen(eq=False)
@@ -89,6 +95,9 @@ class Block:
         attention: The attention module (`self_attn`).
         moe: Its routed-MoE sublayer, or None for a dense block.
         is_mtp: Whether the block belongs to a multi-token-prediction head.
+        attention_core_fqn: FQN of the attention's kernel (its `core` child), or None.
+        attention_core: The kernel module `core(q, k, v)` (see `moetx.models.CausalAttentionCore`),
+            or None if the attention has no `core` child.
     """
 
     fqn: str
@@ -97,6 +106,8 @@ class Block:
     attention: nn.Module
     moe: MoELayer | None
     is_mtp: bool
+    attention_core_fqn: str | None = None
+    attention_core: nn.Module | None = None
 
 
 @attrs.frozen(eq=False)
@@ -268,6 +279,7 @@ def _block(cls: str, block: nn.Module, fqn: str, *, is_mtp: bool) -> Block:
         raise UnknownModelStructureError(
             f"`{cls}` block `{fqn}` has no attention: looked for `{_join(fqn, 'self_attn')}`."
         )
+    core = _child(*attention, _ATTENTION_CORE_NAME)
     return Block(
         fqn=fqn,
         module=block,
@@ -275,6 +287,8 @@ def _block(cls: str, block: nn.Module, fqn: str, *, is_mtp: bool) -> Block:
         attention=attention[0],
         moe=_moe_layer(cls, block, fqn),
         is_mtp=is_mtp,
+        attention_core_fqn=core[1] if core else None,
+        attention_core=core[0] if core else None,
     )
 
 
@@ -341,6 +355,7 @@ def _build_moe_layer(
         num_experts=num_experts,
         top_k=top_k,
         counter_buffer_names=counters,
+        stats_reducer_attr=_STATS_REDUCER_NAME if hasattr(moe, _STATS_REDUCER_NAME) else None,
     )
 
 

@@ -16,20 +16,9 @@ from moetx.passes._fsdp import FSDP
 from moetx.testing import examples
 from moetx.testing.bodies.fsdp import placements
 from moetx.testing.parity import compare
-from moetx.testing.train import TrainSpec, mean_losses, rank_train, reference
+from moetx.testing.train import TrainSpec, assert_training_parity, mean_losses, rank_train, reference
 
 ATOL, RTOL = 2e-5, 1e-4
-
-
-def assert_training_parity(results, spec, degrees):
-    """Every rank's losses (averaged), every step's gradients, final params match one process."""
-    ref = reference(spec, degrees.dp_replicate * degrees.dp_shard)
-    for step, (got, want) in enumerate(zip(mean_losses(results), ref["losses"], strict=True)):
-        compare({"loss": want}, {"loss": got}, atol=ATOL, rtol=RTOL, what=f"loss at step {step}")
-    for r, res in enumerate(results):
-        for step in range(spec.steps):
-            compare(ref["grads"][step], res["grads"][step], atol=ATOL, rtol=RTOL, what=f"rank {r} grads, step {step}")
-        compare(ref["params"], res["params"], atol=ATOL, rtol=RTOL, what=f"rank {r} params")
 
 
 @st.composite

@@ -85,7 +85,12 @@ class CausalAttentionCore(nn.Module):
     module of the same interface that attends over a sequence-sharded `q`/`k`/`v`. The core
     sees only per-head tensors after RoPE (which used global positions), so a replacement
     needs no other state.
+
+    Attributes:
+        is_causal: Declares the core causal; context parallelism shards only cores that say so.
     """
+
+    is_causal: bool = True
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attend causally.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +14,7 @@ from moetx.models.layers import DenseMLP
 __all__ = [
     "MoEBlock",
     "RoutedExperts",
+    "StatsReducer",
     "TopKRouter",
     "sequence_balance_loss",
     "update_routing_bias_",
@@ -178,8 +181,21 @@ class RoutedExperts(nn.Module):
         return out.index_add_(0, token_ids, weighted.to(hidden.dtype))
 
 
+StatsReducer = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, int]]
+"""Reduces a sequence-sharded batch's aux-loss statistics over the ranks sharing the sequences.
+
+Called as `reducer(counts [B, E] int64, prob_sums [B, E] float32, seq_len)` with this rank's
+per-sequence expert-choice counts, per-sequence sums of normalised scores, and local tokens per
+sequence; returns the same three for the whole sequences. The prob-sum reduction must be
+autograd-aware. `moetx.passes._context_parallel` installs one on every `MoEBlock`.
+"""
+
+
 def sequence_balance_loss(
-    scores: torch.Tensor, top_k_index: torch.Tensor, batch_size: int
+    scores: torch.Tensor,
+    top_k_index: torch.Tensor,
+    batch_size: int,
+    stats_reducer: StatsReducer | None = None,
 ) -> torch.Tensor:
     """DeepSeek-V3 sequence-wise balance loss, averaged over the sequences of the batch.
 
@@ -192,6 +208,9 @@ def sequence_balance_loss(
         scores: `[B * S, E]` float32 router scores.
         top_k_index: `[B * S, k]` selected experts.
         batch_size: B.
+        stats_reducer: For sequences sharded over ranks (context parallelism): reduces the
+            per-sequence statistics to whole-sequence ones first (see `StatsReducer`); every
+            rank then returns the loss of the whole sequences. None: the sequences are whole.
 
     Returns:
         A float32 scalar (without the coefficient).
@@ -201,8 +220,16 @@ def sequence_balance_loss(
     rows = torch.arange(batch_size, device=scores.device).repeat_interleave(seq_len * k)
     flat = rows * num_experts + top_k_index.reshape(-1)
     counts = torch.bincount(flat, minlength=batch_size * num_experts)
-    f = counts.view(batch_size, num_experts).float() * (num_experts / (k * seq_len))
     probs = scores / scores.sum(-1, keepdim=True)
+    if stats_reducer is not None:
+        counts, prob_sums, seq_len = stats_reducer(
+            counts.view(batch_size, num_experts),
+            probs.view(batch_size, seq_len, num_experts).sum(1),
+            seq_len,
+        )
+        f = counts.float() * (num_experts / (k * seq_len))
+        return (f * (prob_sums / seq_len)).sum(-1).mean()
+    f = counts.view(batch_size, num_experts).float() * (num_experts / (k * seq_len))
     p = probs.view(batch_size, seq_len, num_experts).mean(1)
     return (f * p).sum(-1).mean()
 
@@ -239,6 +266,9 @@ class MoEBlock(nn.Module):
     ):
         super().__init__()
         self.aux_loss_coef = aux_loss_coef
+        #: Hook for sequence-sharded inputs: reduces the aux-loss statistics over the ranks that
+        #: share the sequences (context parallelism sets it); None for whole sequences.
+        self.stats_reducer: StatsReducer | None = None
         self.gate = TopKRouter(
             hidden_size,
             num_experts,
@@ -264,7 +294,9 @@ class MoEBlock(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         if self.aux_loss_coef:
-            aux = self.aux_loss_coef * sequence_balance_loss(scores, top_k_index, b)
+            aux = self.aux_loss_coef * sequence_balance_loss(
+                scores, top_k_index, b, self.stats_reducer
+            )
         else:
             aux = torch.zeros((), device=hidden.device)
         return out.view(b, s, h), aux

@@ -16,7 +16,7 @@ from moetx._pipeline import Pipeline
 from moetx.models import MoEConfig
 
 
-def _builtin_pass_strategies() -> dict[str, st.SearchStrategy[Any]]:
+def _builtin_pass_strategies(*, mixed_precision: bool = True) -> dict[str, st.SearchStrategy[Any]]:
     from moetx.passes import FSDP, ActivationCheckpoint, ExpertParallel
 
     out: dict[str, st.SearchStrategy[Any]] = {
@@ -29,7 +29,7 @@ def _builtin_pass_strategies() -> dict[str, st.SearchStrategy[Any]]:
         "fsdp": st.builds(
             FSDP,
             reshard_after_forward=st.booleans(),
-            param_dtype=st.sampled_from([None, "bfloat16"]),
+            param_dtype=st.sampled_from([None, "bfloat16"] if mixed_precision else [None]),
         ),
     }
     try:
@@ -51,11 +51,20 @@ def passes(*, stages: tuple[str, ...] | None = None) -> st.SearchStrategy[Pass]:
 
 
 @st.composite
-def pipelines(draw: st.DrawFn, *, stages: tuple[str, ...] | None = None) -> Pipeline:
-    """A valid pipeline: a subset of the built-in stages, each at most once, in order."""
-    table = _builtin_pass_strategies()
+def pipelines(
+    draw: st.DrawFn,
+    *,
+    stages: tuple[str, ...] | None = None,
+    required: tuple[str, ...] = (),
+    mixed_precision: bool = True,
+) -> Pipeline:
+    """A valid pipeline: a subset of the built-in stages (always `required`), in order.
+
+    `mixed_precision=False` keeps FSDP in fp32 (for parity at fp32 tolerance).
+    """
+    table = _builtin_pass_strategies(mixed_precision=mixed_precision)
     keys = [s for s in BUILTIN_ORDER if s in table and (stages is None or s in stages)]
-    chosen = draw(st.lists(st.sampled_from(keys), unique=True, max_size=len(keys)))
+    chosen = set(draw(st.lists(st.sampled_from(keys), unique=True, max_size=len(keys)))) | set(required)
     return Pipeline([draw(table[s]) for s in BUILTIN_ORDER if s in chosen])
 
 

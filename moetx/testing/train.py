@@ -20,6 +20,7 @@ from torch import nn
 from moetx._mesh import MeshDegrees, ParallelMesh
 from moetx._pipeline import Pipeline
 from moetx.models import MoEConfig, MoETransformer, init_weights_
+from moetx.passes._context_parallel import ContextParallel
 from moetx.testing.parity import gradients, parameters
 from moetx.testing.ranks import cached
 
@@ -83,21 +84,24 @@ def _low_precision_forward(model: nn.Module, dtype: torch.dtype) -> Any:
 
     keep = {id(p) for layer in discover(model).moe_layers() for p in layer.router.parameters()}
 
-    def forward(ids: torch.Tensor, labels: torch.Tensor) -> Any:
+    def forward(ids: torch.Tensor, labels: torch.Tensor, position_ids: Any = None) -> Any:
         cast = {n: (p if id(p) in keep else p.to(dtype)) for n, p in model.named_parameters()}
-        return torch.func.functional_call(model, cast, (ids,), {"labels": labels})
+        kwargs = {"labels": labels, "position_ids": position_ids}
+        return torch.func.functional_call(model, cast, (ids,), kwargs)
 
     return forward
 
 
 def train(
     model: nn.Module,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[tuple[Any, ...]],
     lr: float,
     *,
     param_dtype: str | None = None,
 ) -> dict[str, Any]:
     """AdamW steps on `batches`; returns per-step losses and full gradients, and final params.
+
+    A batch is `(input_ids, labels)`, or `(input_ids, labels, position_ids)` (context parallel).
 
     `param_dtype` runs the forward on parameters cast to that dtype (fp32 master weights), the
     single-process mirror of FSDP's mixed precision.
@@ -108,13 +112,15 @@ def train(
     forward = (
         _low_precision_forward(model, getattr(torch, param_dtype))
         if param_dtype
-        else lambda ids, labels: model(ids, labels=labels)
+        else lambda ids, labels, position_ids=None: model(
+            ids, labels=labels, position_ids=position_ids
+        )
     )
     losses, grads, times = [], [], []
     grad_bytes = 0
-    for ids, labels in batches:
+    for ids, labels, *positions in batches:
         start = time.perf_counter()
-        out = forward(ids, labels)
+        out = forward(ids, labels, *positions)
         out.loss.backward()
         elapsed = time.perf_counter() - start
         losses.append(out.loss.detach().clone())
@@ -156,7 +162,12 @@ def rank_train(
     data_ranks = degrees.dp_replicate * degrees.dp_shard
     data_index = dist.get_rank() // degrees.cp
     rows = slice(data_index * spec.rows_per_rank, (data_index + 1) * spec.rows_per_rank)
-    batches = [(ids[rows], labels[rows]) for ids, labels in global_batches(spec, data_ranks)]
+    batches: list[tuple[Any, ...]] = [
+        (ids[rows], labels[rows]) for ids, labels in global_batches(spec, data_ranks)
+    ]
+    cp = next((p for p in pipeline if isinstance(p, ContextParallel)), None)
+    if cp is not None and degrees.cp > 1:  # cp ranks share rows; each takes its sequence part
+        batches = [cp.shard_sequence(mesh, *batch) for batch in batches]
     model = pipeline.apply(build_model(spec, meta=meta), mesh)
     if meta:
         materialize(model, spec)
@@ -189,3 +200,28 @@ def mean_losses(results: list[dict[str, Any]]) -> list[torch.Tensor]:
     """Per-step global loss: the mean of the ranks' losses (equal tokens per rank)."""
     steps = len(results[0]["losses"])
     return [torch.stack([r["losses"][s] for r in results]).mean() for s in range(steps)]
+
+
+def assert_training_parity(
+    results: list[dict[str, Any]],
+    spec: TrainSpec,
+    degrees: MeshDegrees,
+    *,
+    atol: float = 2e-5,
+    rtol: float = 1e-4,
+) -> None:
+    """Assert rank results equal the single-process reference: the mean loss at every step,
+    every rank's gathered gradients at every step, and its final parameters.
+
+    Gradients are compared every step (not only losses and final parameters): AdamW is nearly
+    invariant to a constant gradient scale, so a 2x expert-gradient bug hides from the others.
+    """
+    from moetx.testing.parity import compare
+
+    ref = reference(spec, degrees.dp_replicate * degrees.dp_shard)
+    for step, (got, want) in enumerate(zip(mean_losses(results), ref["losses"], strict=True)):
+        compare({"loss": want}, {"loss": got}, atol=atol, rtol=rtol, what=f"loss at step {step}")
+    for r, res in enumerate(results):
+        for step in range(spec.steps):
+            compare(ref["grads"][step], res["grads"][step], atol=atol, rtol=rtol, what=f"rank {r} grads, step {step}")
+        compare(ref["params"], res["params"], atol=atol, rtol=rtol, what=f"rank {r} params")

@@ -1,0 +1,117 @@
+"""`LiveActivationMeter`: what it counts, what it leaves out, and that it is deterministic."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, distribute_tensor
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+from moetx._memory import LiveActivationMeter
+from moetx.testing import fake_world
+
+F32 = 4
+
+
+def test_counts_what_backward_keeps():
+    """`sin` saves its input: that intermediate is counted, the excluded leaf is not."""
+    x = torch.randn(16, 4, requires_grad=True)
+    with LiveActivationMeter(exclude=[x]) as live:
+        y = (x * 2).sin()
+    assert live.live_bytes(exclude=[y]) == 16 * 4 * F32
+    assert live.live_bytes() == 2 * 16 * 4 * F32
+    del y
+    assert live.live_bytes() == 0  # the graph died with y
+
+
+def test_freed_temporaries_do_not_count():
+    """Outputs that died before `live_bytes` (no-grad temporaries) count zero."""
+    x = torch.randn(32, 8)
+    with torch.no_grad(), LiveActivationMeter(exclude=[x]) as live:
+        total = (x * 2).exp().sum()
+    assert live.live_bytes(exclude=[total]) == 0
+
+
+def test_views_share_one_storage():
+    """Several views of one tensor count its storage once."""
+    x = torch.randn(10, 10)
+    with LiveActivationMeter(exclude=[x]) as live:
+        a = x + 1
+        views = [a[1:], a.view(100), a.t()]
+    assert live.live_bytes() == 100 * F32
+    assert len(live.live_storages()) == 1
+    del a
+    assert live.live_bytes() == 100 * F32  # the views keep the storage alive
+    del views
+
+
+def test_module_parameters_buffers_and_their_views_are_excluded():
+    """Excluding a module excludes its parameters, buffers, and views of them."""
+    bn = nn.BatchNorm1d(4)
+    x = torch.randn(8, 4)
+    with torch.no_grad(), LiveActivationMeter(exclude=[bn, x]) as live:
+        w = bn.weight.t()
+        assert bn.running_mean is not None
+        running = bn.running_mean.view(2, 2)
+        bn(x)  # updates the running stats in place (outputs alias the buffers)
+    assert live.live_bytes() == 0
+    assert w.shape == (4,) and running.shape == (2, 2)
+
+
+def test_sees_checkpoint_inputs_and_selective_caches():
+    """Non-reentrant checkpointing keeps its inputs; selective checkpointing keeps what its
+    cache saves (invisible to saved-tensor hooks); both are counted."""
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(32, 64, requires_grad=True)
+
+    def block(h: torch.Tensor) -> torch.Tensor:
+        return (h @ w).relu() @ w
+
+    def measure(**kwargs: object) -> int:
+        with LiveActivationMeter(exclude=[w, x]) as live:
+            h = x * 1.0
+            out = checkpoint(block, h, use_reentrant=False, **kwargs)  # type: ignore[arg-type]
+        return live.live_bytes(exclude=[out])
+
+    row_bytes = 32 * 64 * F32
+    assert measure() == row_bytes  # only the checkpoint's input h
+    save_mm = functools.partial(create_selective_checkpoint_contexts, [torch.ops.aten.mm.default])
+    assert measure(context_fn=save_mm) == 2 * row_bytes  # h and the first mm (the 2nd is out)
+
+
+def test_repeatable():
+    """The same forward measures the same bytes every time."""
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+    x = torch.randn(8, 16)
+
+    def measure() -> int:
+        with LiveActivationMeter(exclude=[model, x]) as live:
+            out = model(x)
+        return live.live_bytes(exclude=[out])
+
+    first = measure()
+    assert first == 2 * 8 * 64 * F32  # the GELU input and the second Linear's input
+    assert [measure() for _ in range(3)] == [first] * 3
+
+
+def test_looks_through_dtensors():
+    """Outputs that are DTensors count the storage of their local tensors."""
+    with fake_world(1):
+        mesh = init_device_mesh("cpu", (1,))
+        x = distribute_tensor(torch.randn(8, 8), mesh, [Replicate()])
+        with LiveActivationMeter(exclude=[x]) as live:
+            y = x * 2
+        assert live.live_bytes() == 8 * 8 * F32
+        assert live.live_bytes(exclude=[y]) == 0
+
+
+def test_exclude_rejects_other_values():
+    """`exclude` takes tensors and modules only."""
+    with pytest.raises(
+        TypeError, match=r"^`exclude` holds tensors and modules only \(got `int`\)\.$"
+    ):
+        LiveActivationMeter(exclude=[3])  # type: ignore[list-item]
