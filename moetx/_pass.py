@@ -176,6 +176,21 @@ class Pass(abc.ABC):
         """Facts about what this pass did, stored in the model's record for later passes."""
         return {}
 
+    def __repr__(self) -> str:
+        """Valid Python showing only the fields that differ from their defaults: `FSDP()`.
+
+        Concrete passes opt in with `@attrs.frozen(kw_only=True, repr=False)`.
+        """
+        if not attrs.has(type(self)):
+            return super().__repr__()
+        parts = []
+        for f in attrs.fields(type(self)):
+            value = getattr(self, f.name)
+            default = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default  # type: ignore[attr-defined]
+            if f.repr and (default is attrs.NOTHING or value != default):
+                parts.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
     def __or__(self, other: object) -> Pipeline:
         from moetx._pipeline import Pipeline
 

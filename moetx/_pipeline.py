@@ -85,7 +85,7 @@ class Pipeline:
     Example:
         >>> from moetx import ActivationCheckpoint, ExpertParallel
         >>> ExpertParallel() | ActivationCheckpoint()
-        ExpertParallel(axis='ep', dispatcher='all_to_all') | ActivationCheckpoint(mode='router', every=1)
+        ExpertParallel() | ActivationCheckpoint()
     """
 
     passes: tuple[Pass, ...] = attrs.field(default=(), converter=tuple, validator=_check_passes)

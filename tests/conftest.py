@@ -19,6 +19,10 @@ PROFILE = load_profile()
 # call imports torch._inductor.config.
 torch.use_deterministic_algorithms(True)
 
+# One intra-op thread, as in the ranks: the references are tiny, and with 2 OpenMP threads on
+# this 2-core box small ops such as index_add_ ran 1000x slower under contention.
+torch.set_num_threads(1)
+
 _POOLS: dict[str, RankPool] = {}
 
 

@@ -102,7 +102,8 @@ def test_value_semantics():
     """Repr is valid Python, equal values hash equally, `evolve` re-validates."""
     p = ActivationCheckpoint(mode="selective", every=2)
     assert eval(repr(p)) == p
-    assert repr(ActivationCheckpoint()) == "ActivationCheckpoint(mode='router', every=1)"
+    assert repr(ActivationCheckpoint()) == "ActivationCheckpoint()"
+    assert repr(p) == "ActivationCheckpoint(mode='selective', every=2)"
     assert hash(p) == hash(ActivationCheckpoint(mode="selective", every=2))
     assert len({p, ActivationCheckpoint(mode="selective", every=2), ActivationCheckpoint()}) == 2
     assert attrs.evolve(p, mode="full") == ActivationCheckpoint(mode="full", every=2)

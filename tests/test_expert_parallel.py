@@ -49,7 +49,8 @@ def test_value_semantics():
     assert eval(repr(p)) == p
     assert hash(p) == hash(ExpertParallel(dispatcher="all_gather"))
     assert attrs.evolve(p, dispatcher="all_to_all") == ExpertParallel()
-    assert repr(ExpertParallel()) == "ExpertParallel(axis='ep', dispatcher='all_to_all')"
+    assert repr(ExpertParallel()) == "ExpertParallel()"
+    assert repr(p) == "ExpertParallel(dispatcher='all_gather')"
     assert ExpertParallel.placement.stage == "ep"
     with pytest.raises(ValueError, match="'dispatcher' must be in"):
         attrs.evolve(p, dispatcher="ring")

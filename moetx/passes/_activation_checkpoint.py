@@ -83,7 +83,7 @@ def _valid_every(_: Any, attr: attrs.Attribute, value: object) -> None:
 
 
 @typing.final
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, repr=False)
 class ActivationCheckpoint(Pass):
     """Recompute transformer blocks in backward instead of keeping their activations.
 

@@ -35,7 +35,7 @@ class ContextParallelInputError(MoetxError, ValueError):
 
 
 @typing.final
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, repr=False)
 class ContextParallel(Pass):
     """Split every sequence over a mesh axis: attention, RoPE positions and the MoE aux loss.
 
@@ -100,7 +100,7 @@ class ContextParallel(Pass):
 
     Example:
         >>> ContextParallel(comm="p2p")
-        ContextParallel(axis='cp', comm='p2p', load_balance=True)
+        ContextParallel(comm='p2p')
     """
 
     placement: ClassVar[Placement] = Placement.builtin("cp")

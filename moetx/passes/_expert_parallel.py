@@ -28,7 +28,7 @@ _STATE_ATTR = "_moetx_expert_parallel"
 
 
 @typing.final
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, repr=False)
 class ExpertParallel(Pass):
     """Shard every MoE layer's routed experts over a mesh axis and route tokens to them.
 
@@ -81,8 +81,8 @@ class ExpertParallel(Pass):
         dispatcher: `"all_to_all"` or `"all_gather"`.
 
     Example:
-        >>> ExpertParallel()
-        ExpertParallel(axis='ep', dispatcher='all_to_all')
+        >>> ExpertParallel(dispatcher="all_gather")
+        ExpertParallel(dispatcher='all_gather')
     """
 
     placement: ClassVar[Placement] = Placement.builtin("ep")

@@ -53,7 +53,7 @@ def _check_reshard(_: Any, attr: attrs.Attribute, value: object) -> None:
 
 
 @typing.final
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, repr=False)
 class FSDP(Pass):
     """Shard parameters, gradients and optimizer state with FSDP2 (`fully_shard`).
 
@@ -88,7 +88,7 @@ class FSDP(Pass):
 
     Example:
         >>> FSDP(param_dtype="bfloat16", reduce_dtype="float32")
-        FSDP(param_dtype='bfloat16', reduce_dtype='float32', output_dtype=None, fp32_modules=('router',), reshard_after_forward=True, cpu_offload=False, wrap_root=True)
+        FSDP(param_dtype='bfloat16', reduce_dtype='float32')
     """
 
     placement = Placement.builtin("fsdp")
