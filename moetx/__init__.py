@@ -4,11 +4,17 @@
     model = pipeline.apply(model, ParallelMesh.build(ep=2))
 """
 
+from moetx._accumulate import no_sync
+from moetx._checkpoint import full_state_dict, load_checkpoint, save_checkpoint
+from moetx._clip import clip_grad_norm_, grad_norm
 from moetx._errors import (
+    CheckpointError,
+    ContextParallelInputError,
     DuplicatePassError,
     ExpertDivisibilityError,
     MeshAxisError,
     MeshError,
+    ModelConfigError,
     MoetxError,
     NoMoELayersError,
     PartiallyAppliedModelError,
@@ -33,13 +39,16 @@ __all__ = [
     "FSDP",
     "ActivationCheckpoint",
     "Applied",
+    "CheckpointError",
     "ContextParallel",
+    "ContextParallelInputError",
     "DuplicatePassError",
     "ExpertDivisibilityError",
     "ExpertParallel",
     "MeshAxisError",
     "MeshDegrees",
     "MeshError",
+    "ModelConfigError",
     "MoetxError",
     "NoMoELayersError",
     "ParallelMesh",
@@ -56,4 +65,10 @@ __all__ = [
     "UnsupportedAttentionError",
     "__version__",
     "applied_passes",
+    "clip_grad_norm_",
+    "full_state_dict",
+    "grad_norm",
+    "load_checkpoint",
+    "no_sync",
+    "save_checkpoint",
 ]

@@ -48,7 +48,7 @@ def parse_pipeline(text: str, *, dispatcher: str = "all_to_all", ac_mode: str = 
             f"{tuple(factories)} joined by '|', e.g. 'ep|ac|fsdp'."
         )
     passes: list[Pass] = [factories[n]() for n in names]
-    return Pipeline(passes)
+    return Pipeline(tuple(passes))
 
 
 def _table(rows: list[list[str]]) -> str:

@@ -65,6 +65,18 @@ class SequenceDivisibilityError(PassPreconditionError):
     """A sequence length cannot be split evenly for context parallelism."""
 
 
+class CheckpointError(MoetxError, ValueError):
+    """A checkpoint directory is missing or lacks what the caller asked to load."""
+
+
+class ContextParallelInputError(MoetxError, ValueError):
+    """A context-parallel model or `shard_sequence` was called with inputs it cannot use."""
+
+
+class ModelConfigError(MoetxError, ValueError):
+    """A synthetic model config (`moetx.models.MoEConfig`) is inconsistent; lists every problem."""
+
+
 class UnsupportedAttentionError(PassPreconditionError):
     """An attention module cannot be made context-parallel by moetx."""
 

@@ -15,7 +15,10 @@ and the EP mesh share a root and FSDP2 can shard parameters that are already EP 
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -172,9 +175,12 @@ class ParallelMesh:
     def _carve(
         cls, d: MeshDegrees, device_type: str, root: DeviceMesh, explicit: frozenset[str]
     ) -> ParallelMesh:
-        dense = root._unflatten(0, (d.dp_replicate, d.dp_shard, d.cp), DEVICE_MESH_DIMS)
-        fsdp = root._unflatten(0, (d.dp_replicate, d.dp_shard_cp), ("dp_replicate", "dp_shard_cp"))
-        moe = root._unflatten(0, (d.dp_replicate, d.ep_shard, d.ep), ("dp_replicate", "ep_shard", "ep"))
+        def carve(sizes: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
+            return root._unflatten(0, sizes, names, backend_override=_same_timeout(device_type, names))
+
+        dense = carve((d.dp_replicate, d.dp_shard, d.cp), DEVICE_MESH_DIMS)
+        fsdp = carve((d.dp_replicate, d.dp_shard_cp), ("dp_replicate", "dp_shard_cp"))
+        moe = carve((d.dp_replicate, d.ep_shard, d.ep), ("dp_replicate", "ep_shard", "ep"))
         if d.dp_replicate == 1:
             expert_fsdp = moe["ep_shard"]
         else:
@@ -232,6 +238,29 @@ class ParallelMesh:
             f"ParallelMesh(dp_replicate={d.dp_replicate}, dp_shard={d.dp_shard}, cp={d.cp}, "
             f"ep={d.ep}, device_type={self.device_type!r})"
         )
+
+
+def _same_timeout(device_type: str, names: tuple[str, ...]) -> dict[str, Any] | None:
+    """Backend options giving every sub-mesh group the default group's timeout.
+
+    Without them `_unflatten` creates groups with torch's built-in default (30 min on gloo),
+    whatever timeout `init_process_group` was given: a rank that failed would leave its peers
+    blocked in an expert all-to-all for half an hour instead of the configured timeout.
+    """
+    backend = dist.get_backend()
+    try:
+        world = dist.group.WORLD._get_backend(torch.device(device_type))  # type: ignore[union-attr]
+        timeout = world.options._timeout
+    except (RuntimeError, AttributeError):  # fake backend, or no options to copy
+        return None
+    if backend == "gloo":
+        opts: Any = dist.ProcessGroupGloo._Options()
+    elif backend == "nccl" and hasattr(dist, "ProcessGroupNCCL"):
+        opts = dist.ProcessGroupNCCL.Options()
+    else:
+        return None
+    opts._timeout = timeout
+    return {name: opts for name in names}
 
 
 def _default_device_type() -> str:

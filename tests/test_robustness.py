@@ -67,12 +67,6 @@ def test_no_mesh_group_waits_longer_than_torch_default(pool4):
         assert max(res.values()) <= 1800, res
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ParallelMesh carves sub-meshes with `_unflatten` without `backend_override`, so "
-    "every group smaller than the world gets torch's default timeout (1800 s for gloo), not "
-    "the process group's; reported to the lead",
-)
 def test_every_mesh_group_uses_the_process_group_timeout(pool4):
     """Each axis's group times out like the world group (`init_process_group(timeout=...)`)."""
     for res in pool4.run(bodies.group_timeouts, MeshDegrees(dp_shard=2, cp=2, ep=2)):

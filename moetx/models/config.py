@@ -8,6 +8,8 @@ import attrs
 import torch
 from attrs.validators import ge, gt, in_, instance_of, optional
 
+from moetx._errors import ModelConfigError
+
 __all__ = ["DTYPES", "SCORE_FUNCS", "MoEConfig"]
 
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -118,7 +120,7 @@ class MoEConfig:
             f"`head_dim` ({self.attention_head_dim}) must be even for rotary embeddings.",
         )
         if problems:
-            raise ValueError("\n".join(problems))
+            raise ModelConfigError("\n".join(problems))
 
     @property
     def attention_head_dim(self) -> int:

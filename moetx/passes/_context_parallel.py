@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from moetx._cp_attention import COMMS, ContextParallelAttentionCore, sequence_index
 from moetx._errors import (
-    MoetxError,
+    ContextParallelInputError,
     PassPreconditionError,
     SequenceDivisibilityError,
     UnsupportedAttentionError,
@@ -28,10 +28,6 @@ from moetx._structure import ModelStructure, discover
 __all__ = ["ContextParallel", "ContextParallelInputError", "is_context_parallel"]
 
 _GUARD_ATTR = "_moetx_context_parallel"
-
-
-class ContextParallelInputError(MoetxError, ValueError):
-    """A context-parallel model or `shard_sequence` was called with inputs it cannot use."""
 
 
 @typing.final

@@ -144,7 +144,6 @@ class FSDP(Pass):
     def _apply(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> nn.Module:
         s = discover(model)
         dense = mesh.dense_fsdp_mesh()
-        common = dict(reshard_after_forward=self.reshard_after_forward, offload_policy=self._offload())
         ep = find_applied(record, "ep")
         ep_owned = set(ep.facts.get("expert_params", ())) if ep is not None else set()
 
@@ -153,26 +152,27 @@ class FSDP(Pass):
             if moe is not None and ep_owned and any(
                 isinstance(p, DTensor) for p in moe.experts.parameters()
             ):
-                self._shard_experts(moe.experts, moe.num_experts, mesh, common)
+                self._shard_experts(moe.experts, moe.num_experts, mesh)
             if moe is not None and "router" in self.fp32_modules and self.param_dtype:
-                fully_shard(moe.router, mesh=dense, mp_policy=self._policy(fp32=True), **common)
-            fully_shard(block.module, mesh=dense, mp_policy=self._policy(), **common)
+                fully_shard(moe.router, mesh=dense, mp_policy=self._policy(fp32=True), **self._common())
+            fully_shard(block.module, mesh=dense, mp_policy=self._policy(), **self._common())
         if not s.tied_embeddings:
-            fully_shard(s.embedding, mesh=dense, mp_policy=self._policy(), **common)
+            fully_shard(s.embedding, mesh=dense, mp_policy=self._policy(), **self._common())
             if s.lm_head is not None:
                 fp32 = "lm_head" in self.fp32_modules
-                fully_shard(s.lm_head, mesh=dense, mp_policy=self._policy(fp32=fp32), **common)
+                fully_shard(s.lm_head, mesh=dense, mp_policy=self._policy(fp32=fp32), **self._common())
         # Routing-load counters must hold global counts, not this rank's (see _load_sync).
         install_load_sync(model, mesh.root.get_group())
         if self.wrap_root:
-            fully_shard(model, mesh=dense, mp_policy=self._policy(), **common)
+            fully_shard(model, mesh=dense, mp_policy=self._policy(), **self._common())
         elif s.final_norm is not None:
-            fully_shard(s.final_norm, mesh=dense, mp_policy=self._policy(), **common)
+            fully_shard(s.final_norm, mesh=dense, mp_policy=self._policy(), **self._common())
         return model
 
-    def _shard_experts(
-        self, experts: nn.Module, num_experts: int, mesh: ParallelMesh, common: dict[str, Any]
-    ) -> None:
+    def _common(self) -> dict[str, Any]:
+        return {"reshard_after_forward": self.reshard_after_forward, "offload_policy": self._offload()}
+
+    def _shard_experts(self, experts: nn.Module, num_experts: int, mesh: ParallelMesh) -> None:
         emesh = mesh.expert_fsdp_mesh()
         local_experts = num_experts // mesh.degree("ep")
         shards = emesh.size()
@@ -183,7 +183,7 @@ class FSDP(Pass):
             return Shard(0) if p.ndim == 1 or local_experts % shards == 0 else Shard(1)
 
         fully_shard(
-            experts, mesh=emesh, shard_placement_fn=placement, mp_policy=self._policy(), **common
+            experts, mesh=emesh, shard_placement_fn=placement, mp_policy=self._policy(), **self._common()
         )
         unit = typing.cast(FSDPModule, experts)
         # Expert grads arrive summed over every rank's tokens (the all-to-all backward returns

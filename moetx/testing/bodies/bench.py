@@ -18,7 +18,7 @@ from moetx.passes import ExpertParallel
 from moetx.testing.train import TrainSpec, build_model, global_batches, mesh_for
 
 
-def hand_parallelize(model: nn.Module, mesh: ParallelMesh, *, ep: bool) -> nn.Module:
+def hand_parallelize(model: Any, mesh: ParallelMesh, *, ep: bool) -> nn.Module:
     """The same parallelization written out with torch's own calls, torchtitan `apply_fsdp` style.
 
     Expert parallelism has no torch equivalent, so it uses moetx's `ExpertParallel`; FSDP is

@@ -32,7 +32,7 @@ def tied_after_fsdp(spec: TrainSpec, degrees: MeshDegrees) -> bool:
     """Whether the lm head and the input embedding still share one parameter after FSDP."""
     from moetx.passes._fsdp import FSDP
 
-    model = FSDP().apply(build_model(spec), mesh_for(degrees))
+    model: Any = FSDP().apply(build_model(spec), mesh_for(degrees))
     return model.lm_head.weight is model.model.embed_tokens.weight
 
 
@@ -43,7 +43,7 @@ def load_counts_and_dtypes(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDeg
     from moetx._structure import discover
     from moetx.testing.train import global_batches
 
-    model = pipeline.apply(build_model(spec), mesh_for(degrees))
+    model: Any = pipeline.apply(build_model(spec), mesh_for(degrees))
     seen: dict[str, Any] = {}
     s = discover(model)
     for name, mod in (("router", s.moe_layers()[0].router), ("attention", s.blocks[0].attention)):

@@ -1,0 +1,112 @@
+"""Run every benchmark in benchmarks/ and write their tables to benchmarks/README.md.
+
+Each benchmark is a script that prints a markdown table. This runner records the machine, the
+date and the torch version with them, because CPU timings on a shared 2-core box are only
+comparable within one run (ratios), never across runs. Bytes are deterministic.
+
+Run: `make bench` (or `python benchmarks/run_all.py [--only NAME ...]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+#: (script, arguments, section title, what it shows)
+BENCHMARKS: list[tuple[str, list[str], str, str]] = [
+    (
+        "memory.py",
+        [],
+        "FSDP: per-rank memory vs ideal, moetx vs hand-written step time",
+        "Bytes each rank holds divided by the ideal; median step time (7 steps after 2 warm-up, "
+        "interleaved in one run) of the moetx pipeline and of the same parallelization written "
+        "with `fully_shard` calls.",
+    ),
+    (
+        "ep_dispatch.py",
+        [],
+        "Expert parallel: bytes moved per dispatcher",
+        "Bytes each rank sends per step (fwd+bwd) for the two token dispatchers, against the "
+        "minimum that must leave the rank.",
+    ),
+    (
+        "activation_memory.py",
+        [],
+        "Activation checkpointing: resident activation bytes per mode",
+        "Activation bytes left resident by forward (deterministic meter) and step-time ratio vs no "
+        "checkpointing.",
+    ),
+    (
+        "context_parallel.py",
+        ["--seq", "1024", "2048", "4096", "--steps", "7"],
+        "Context parallel: attention activation bytes and step time",
+        "Per-rank saved attention bytes and step time, cp=1 vs cp=2, both comm modes.",
+    ),
+    (
+        "plan_time.py",
+        [],
+        "Plan / apply time on the DeepSeek-V3-shaped meta model",
+        "Time to build the DeepSeek-V3-shaped model on `meta` and plan it at world size 256 on the "
+        "fake backend.",
+    ),
+]
+
+
+def main() -> int:
+    """Run the benchmarks and rewrite benchmarks/README.md; returns an exit code."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", help="script names to run (default: all)")
+    args = ap.parse_args()
+    sections = []
+    failed = 0
+    for script, extra, title, what in BENCHMARKS:
+        if args.only and script not in args.only:
+            continue
+        if not (HERE / script).exists():
+            sections.append(f"## {title}\n\n_`{script}` is not present in this checkout._\n")
+            continue
+        print(f"running {script} ...", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, str(HERE / script), *extra],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        took = time.perf_counter() - start
+        table = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("|"))
+        if proc.returncode or not table:
+            failed += 1
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            body = f"**failed** (exit {proc.returncode}):\n\n```text\n{tail}\n```"
+        else:
+            body = table
+        cmd = " ".join(["python", f"benchmarks/{script}", *extra])
+        sections.append(f"## {title}\n\n{what}\n\n`{cmd}` ({took:.0f} s)\n\n{body}\n")
+    header = (
+        "# moetx benchmarks\n\n"
+        "Written by `make bench` (`python benchmarks/run_all.py`); do not edit by hand.\n\n"
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}\n"
+        f"- torch: {torch.__version__} (gloo ranks on the CPU)\n\n"
+        "Timings on a small shared CPU box are noisy: compare ratios within one table only. "
+        "Byte counts are deterministic.\n\n"
+    )
+    (HERE / "README.md").write_text(header + "\n".join(sections))
+    print(f"wrote {HERE / 'README.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
