@@ -1,7 +1,7 @@
 """moetx: parallelism for Mixture-of-Experts transformers as composable, checked transforms.
 
-    pipeline = ExpertParallel() | ActivationCheckpoint() | FSDP()   # `|` sequences passes
-    model = pipeline.apply(model, ParallelMesh.build(ep=2))
+pipeline = ExpertParallel() | ActivationCheckpoint() | FSDP()   # `|` sequences passes
+model = pipeline.apply(model, ParallelMesh.build(ep=2))
 """
 
 from moetx._accumulate import no_sync

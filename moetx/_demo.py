@@ -25,7 +25,9 @@ from moetx.models import MoEConfig
 PASS_NAMES: tuple[str, ...] = ("cp", "ep", "ac", "fsdp")
 
 
-def parse_pipeline(text: str, *, dispatcher: str = "all_to_all", ac_mode: str = "router") -> Pipeline:
+def parse_pipeline(
+    text: str, *, dispatcher: str = "all_to_all", ac_mode: str = "router"
+) -> Pipeline:
     """Turn `"ep|ac|fsdp"` into a Pipeline, raising moetx's own errors for bad text or order."""
     from moetx.passes import FSDP, ActivationCheckpoint, ExpertParallel
 
@@ -71,13 +73,17 @@ def report(results: list[dict[str, Any]], ref: dict[str, Any], steps: int) -> tu
         diff = max(_max_abs_diff(ref["grads"][s], r["grads"][s]) for r in results)
         worst = max(worst, diff, abs(got - float(ref["losses"][s])))
         t = max(r["step_times"][s] for r in results)
-        rows.append([str(s + 1), f"{float(ref['losses'][s]):.6f}", f"{got:.6f}", f"{diff:.1e}", f"{t:.3f}"])
+        rows.append(
+            [str(s + 1), f"{float(ref['losses'][s]):.6f}", f"{got:.6f}", f"{diff:.1e}", f"{t:.3f}"]
+        )
     pdiff = max(_max_abs_diff(ref["params"], r["params"]) for r in results)
     worst = max(worst, pdiff)
     mem = [["rank", "param bytes", "grad bytes"]] + [
         [str(i), f"{r['param_bytes']:,}", f"{r['grad_bytes']:,}"] for i, r in enumerate(results)
     ]
-    text = _table(rows) + f"\nparameters after {steps} steps: max |Δ| = {pdiff:.1e}\n\n" + _table(mem)
+    text = (
+        _table(rows) + f"\nparameters after {steps} steps: max |Δ| = {pdiff:.1e}\n\n" + _table(mem)
+    )
     return text, worst
 
 
@@ -85,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `moetx demo`; returns the process exit code."""
     ap = argparse.ArgumentParser(prog="moetx demo", description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, default=2, help="local CPU ranks to spawn (default 2)")
-    ap.add_argument("--pipeline", default="ep|ac|fsdp", help="passes joined by '|' (default ep|ac|fsdp)")
+    ap.add_argument(
+        "--pipeline", default="ep|ac|fsdp", help="passes joined by '|' (default ep|ac|fsdp)"
+    )
     ap.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default: ranks)")
     ap.add_argument("--cp", type=int, default=1, help="context-parallel degree")
     ap.add_argument("--dp-replicate", type=int, default=1, help="HSDP replicas")
@@ -98,12 +106,18 @@ def main(argv: list[str] | None = None) -> int:
 
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     ranks = int(os.environ["WORLD_SIZE"]) if torchrun else args.ranks
-    ep = args.ep if args.ep is not None else (ranks // (args.dp_replicate) if "ep" in args.pipeline else 1)
+    ep = (
+        args.ep
+        if args.ep is not None
+        else (ranks // (args.dp_replicate) if "ep" in args.pipeline else 1)
+    )
     say = print if not torchrun or os.environ["RANK"] == "0" else (lambda *a, **k: None)
     try:
         pipeline = parse_pipeline(args.pipeline, dispatcher=args.dispatcher, ac_mode=args.ac_mode)
         degrees = MeshDegrees.resolve(ranks, dp_replicate=args.dp_replicate, cp=args.cp, ep=ep)
-        config = MoEConfig(num_layers=args.layers, num_experts=args.experts, hidden_size=16, num_shared_experts=1)
+        config = MoEConfig(
+            num_layers=args.layers, num_experts=args.experts, hidden_size=16, num_shared_experts=1
+        )
     except (MoetxError, ValueError) as e:
         print(f"moetx demo: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
@@ -111,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     from moetx.testing.train import TrainSpec, rank_train, reference
 
     spec = TrainSpec(config=config, steps=args.steps)
-    nparams = sum(p.numel() for p in __import__("moetx.testing.train", fromlist=["x"]).build_model(spec).parameters())
+    nparams = sum(
+        p.numel()
+        for p in __import__("moetx.testing.train", fromlist=["x"]).build_model(spec).parameters()
+    )
     say(f"model:    {config!r}\n          ({nparams:,} parameters)")
     say(f"pipeline: {pipeline!r}")
     say(f"mesh:     {degrees!r} on {ranks} {'torchrun' if torchrun else 'local CPU'} ranks\n")
@@ -142,12 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     text, worst = report(results, ref, args.steps)
     say(text)
     ok = worst <= 1e-4
-    say(f"\n{'PARITY OK' if ok else 'PARITY FAILED'}: largest difference {worst:.1e} (fp32 tolerance 1e-4); "
-        f"wall time {time.perf_counter() - start:.1f} s")
+    say(
+        f"\n{'PARITY OK' if ok else 'PARITY FAILED'}: largest difference {worst:.1e} (fp32 tolerance 1e-4); "
+        f"wall time {time.perf_counter() - start:.1f} s"
+    )
     return 0 if ok else 1
 
 
-def _run_torchrun(spec: Any, pipeline: Pipeline, degrees: MeshDegrees) -> list[dict[str, Any]] | None:
+def _run_torchrun(
+    spec: Any, pipeline: Pipeline, degrees: MeshDegrees
+) -> list[dict[str, Any]] | None:
     """Under torchrun: run this rank's part, gather results on rank 0 (None elsewhere)."""
     import torch.distributed as dist
 

@@ -176,7 +176,9 @@ class ParallelMesh:
         cls, d: MeshDegrees, device_type: str, root: DeviceMesh, explicit: frozenset[str]
     ) -> ParallelMesh:
         def carve(sizes: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
-            return root._unflatten(0, sizes, names, backend_override=_same_timeout(device_type, names))
+            return root._unflatten(
+                0, sizes, names, backend_override=_same_timeout(device_type, names)
+            )
 
         dense = carve((d.dp_replicate, d.dp_shard, d.cp), DEVICE_MESH_DIMS)
         fsdp = carve((d.dp_replicate, d.dp_shard_cp), ("dp_replicate", "dp_shard_cp"))
@@ -254,7 +256,7 @@ def _same_timeout(device_type: str, names: tuple[str, ...]) -> dict[str, Any] | 
     except (RuntimeError, AttributeError):  # fake backend, or no options to copy
         return None
     if backend == "gloo":
-        opts: Any = dist.ProcessGroupGloo._Options()
+        opts: Any = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
     elif backend == "nccl" and hasattr(dist, "ProcessGroupNCCL"):
         opts = dist.ProcessGroupNCCL.Options()
     else:

@@ -8,6 +8,7 @@ pipeline, so a `compile` stage declared "after ac, before fsdp" also sits after 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 import attrs
@@ -36,7 +37,11 @@ class Placement:
         Placement(stage='compile', after=frozenset({'ac'}), before=frozenset({'fsdp'}))
     """
 
-    stage: str = attrs.field(validator=[attrs.validators.instance_of(str), attrs.validators.min_len(1)])
+    stage: str = attrs.field(
+        validator=attrs.validators.and_(
+            attrs.validators.instance_of(str), attrs.validators.min_len(1)
+        )
+    )
     after: frozenset[str] = attrs.field(default=frozenset(), converter=_frozen_strs)
     before: frozenset[str] = attrs.field(default=frozenset(), converter=_frozen_strs)
 
@@ -57,7 +62,7 @@ def precedence(placements: Iterable[Placement]) -> dict[str, set[str]]:
             `PipelineOrderError` naming the stages.
     """
     edges: dict[str, set[str]] = {s: set() for s in BUILTIN_ORDER}  # edges[b] = {a: a before b}
-    for a, b in zip(BUILTIN_ORDER, BUILTIN_ORDER[1:], strict=False):
+    for a, b in itertools.pairwise(BUILTIN_ORDER):
         edges[b].add(a)
     for p in placements:
         edges.setdefault(p.stage, set())

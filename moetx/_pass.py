@@ -169,7 +169,9 @@ class Pass(abc.ABC):
         """
 
     @abc.abstractmethod
-    def _apply(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> nn.Module:
+    def _apply(
+        self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]
+    ) -> nn.Module:
         """Transform `model` (preconditions already hold) and return it."""
 
     def facts(self, model: nn.Module, mesh: ParallelMesh) -> Mapping[str, Any]:
@@ -184,9 +186,11 @@ class Pass(abc.ABC):
         if not attrs.has(type(self)):
             return super().__repr__()
         parts = []
-        for f in attrs.fields(type(self)):
+        for f in attrs.fields(type(self)):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            default = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default  # type: ignore[attr-defined]
+            default: Any = f.default
+            if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+                default = default.factory()
             if f.repr and (default is attrs.NOTHING or value != default):
                 parts.append(f"{f.name}={value!r}")
         return f"{type(self).__name__}({', '.join(parts)})"

@@ -7,6 +7,7 @@ when the pipeline is built, so a wrong order fails in the line that wrote it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, final
 
 import attrs
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
 
 def _name(p: Pass) -> str:
     return type(p).__name__
+
+
+def _to_passes(value: Iterable[Pass]) -> tuple[Pass, ...]:
+    return tuple(value)
 
 
 def _check_passes(_: Any, __: Any, passes: tuple[Pass, ...]) -> None:
@@ -88,7 +93,9 @@ class Pipeline:
         ExpertParallel() | ActivationCheckpoint()
     """
 
-    passes: tuple[Pass, ...] = attrs.field(default=(), converter=tuple, validator=_check_passes)
+    passes: tuple[Pass, ...] = attrs.field(
+        default=(), converter=_to_passes, validator=_check_passes
+    )
 
     def __or__(self, other: object) -> Pipeline:
         if isinstance(other, Pipeline):
@@ -100,7 +107,7 @@ class Pipeline:
     def __len__(self) -> int:
         return len(self.passes)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Pass]:
         return iter(self.passes)
 
     def __repr__(self) -> str:

@@ -42,9 +42,7 @@ def test_value_semantics():
     """Repr is valid Python, equal values hash equally, `evolve` re-validates."""
     p = ContextParallel(comm="p2p", load_balance=False)
     assert eval(repr(p)) == p
-    assert (
-        repr(ContextParallel()) == "ContextParallel()"
-    )
+    assert repr(ContextParallel()) == "ContextParallel()"
     assert hash(p) == hash(ContextParallel(comm="p2p", load_balance=False))
     assert attrs.evolve(p, comm="allgather", load_balance=True) == ContextParallel()
     assert ContextParallel.placement.stage == "cp"

@@ -14,7 +14,13 @@ from moetx.testing.train import TrainSpec, assert_training_parity, rank_train
 def scenarios(draw):
     degrees = draw(mesh_degrees(world_size=4))
     stages = ("cp", "ep", "ac", "fsdp") if degrees.cp > 1 else ("ep", "ac", "fsdp")
-    pipe = draw(pipelines(stages=stages, required=("fsdp",) + (("cp",) if degrees.cp > 1 else ()), mixed_precision=False))
+    pipe = draw(
+        pipelines(
+            stages=stages,
+            required=("fsdp",) + (("cp",) if degrees.cp > 1 else ()),
+            mixed_precision=False,
+        )
+    )
     has_ep = any(p.placement.stage == "ep" for p in pipe)
     # two layers: `ActivationCheckpoint(every=2)` needs at least two blocks (its precondition)
     config = draw(moe_configs(ep_degree=degrees.ep if has_ep else 1, num_layers=2))

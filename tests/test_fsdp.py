@@ -16,7 +16,13 @@ from moetx.passes._fsdp import FSDP
 from moetx.testing import examples
 from moetx.testing.bodies.fsdp import placements
 from moetx.testing.parity import compare
-from moetx.testing.train import TrainSpec, assert_training_parity, mean_losses, rank_train, reference
+from moetx.testing.train import (
+    TrainSpec,
+    assert_training_parity,
+    mean_losses,
+    rank_train,
+    reference,
+)
 
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -71,7 +77,10 @@ def test_every_parameter_is_sharded_on_the_dense_mesh(pool2):
 
 def test_parameter_bytes_per_rank_are_near_ideal(pool4):
     """Per-rank parameter bytes / (total / world) <= 1.05 (bytes are deterministic)."""
-    spec = TrainSpec(config=MoEConfig(hidden_size=32, num_layers=2, num_experts=8, expert_hidden_size=16), steps=1)
+    spec = TrainSpec(
+        config=MoEConfig(hidden_size=32, num_layers=2, num_experts=8, expert_hidden_size=16),
+        steps=1,
+    )
     results = pool4.run(rank_train, spec, Pipeline([FSDP()]), MeshDegrees(dp_shard=4))
     total = sum(t.numel() * t.element_size() for t in results[0]["params"].values())
     for r in results:
@@ -85,11 +94,18 @@ def test_fsdp_is_frozen_data():
     assert hash(p) == hash(attrs.evolve(p))
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         p.cpu_offload = True  # type: ignore[misc]
-    with pytest.raises(ValueError, match=r"'param_dtype' must be in \('float32', 'bfloat16', 'float16'\)"):
+    with pytest.raises(
+        ValueError, match=r"'param_dtype' must be in \('float32', 'bfloat16', 'float16'\)"
+    ):
         FSDP(param_dtype="bf16")
-    with pytest.raises(ValueError, match=r"^`fp32_modules` entries must be in \('router', 'lm_head'\) \(got 'norm'\)\."):
+    with pytest.raises(
+        ValueError,
+        match=r"^`fp32_modules` entries must be in \('router', 'lm_head'\) \(got 'norm'\)\.",
+    ):
         FSDP(fp32_modules=("norm",))
-    with pytest.raises(ValueError, match=r"^`reshard_after_forward` must be a bool or a positive int \(got 0\)\."):
+    with pytest.raises(
+        ValueError, match=r"^`reshard_after_forward` must be a bool or a positive int \(got 0\)\."
+    ):
         FSDP(reshard_after_forward=0)
 
 
@@ -133,11 +149,15 @@ def test_meta_device_model_materialises_to_the_eager_model(pool2):
     """Build on meta, shard, then `to_empty` + init: each rank only allocates its shards."""
     spec = TrainSpec(config=MoEConfig(num_shared_experts=1, num_mtp_layers=1))
     degrees = MeshDegrees(dp_shard=2)
-    assert_training_parity(pool2.run(rank_train, spec, Pipeline([FSDP()]), degrees, meta=True), spec, degrees)
+    assert_training_parity(
+        pool2.run(rank_train, spec, Pipeline([FSDP()]), degrees, meta=True), spec, degrees
+    )
 
 
 @pytest.mark.parametrize(
-    "fsdp", [FSDP(cpu_offload=True), FSDP(reshard_after_forward=False)], ids=["offload", "no-reshard"]
+    "fsdp",
+    [FSDP(cpu_offload=True), FSDP(reshard_after_forward=False)],
+    ids=["offload", "no-reshard"],
 )
 def test_options_keep_parity(pool2, fsdp):
     """CPU offload (pin_memory off on CPU builds) and reshard_after_forward=False match too."""
@@ -154,8 +174,15 @@ def test_bf16_mixed_precision_matches_a_reference_with_the_same_casts(pool2):
     results = pool2.run(rank_train, spec, Pipeline([fsdp]), degrees)
     ref = reference(spec, 2)
     for step in range(spec.steps):
-        compare({"loss": ref["losses"][step]}, {"loss": mean_losses(results)[step]}, atol=2e-2, rtol=2e-2)
-        compare(ref["grads"][step], results[0]["grads"][step], atol=3e-2, rtol=5e-2, what="bf16 grads")
+        compare(
+            {"loss": ref["losses"][step]},
+            {"loss": mean_losses(results)[step]},
+            atol=2e-2,
+            rtol=2e-2,
+        )
+        compare(
+            ref["grads"][step], results[0]["grads"][step], atol=3e-2, rtol=5e-2, what="bf16 grads"
+        )
     assert all(p.dtype == torch.float32 for p in results[0]["params"].values())
 
 
@@ -179,7 +206,9 @@ def test_ep_then_fsdp_has_the_right_gradient_scale(request, ranks, degrees):
     from moetx.passes._expert_parallel import ExpertParallel
 
     pool = request.getfixturevalue(f"pool{ranks}")
-    spec = TrainSpec(config=MoEConfig(num_experts=4, num_shared_experts=1, num_dense_layers=1, num_layers=2))
+    spec = TrainSpec(
+        config=MoEConfig(num_experts=4, num_shared_experts=1, num_dense_layers=1, num_layers=2)
+    )
     results = pool.run(rank_train, spec, ExpertParallel() | FSDP(), degrees)
     assert_training_parity(results, spec, degrees)
 
@@ -233,6 +262,19 @@ def test_router_and_lm_head_compute_in_fp32_under_bf16(pool2):
     spec = TrainSpec(config=MoEConfig())
     fsdp = FSDP(param_dtype="bfloat16", fp32_modules=("router", "lm_head"))
     got = pool2.run(load_counts_and_dtypes, spec, Pipeline([fsdp]), MeshDegrees(dp_shard=2))
-    assert got[0]["dtypes"] == {"router": torch.float32, "attention": torch.bfloat16, "lm_head": torch.float32}
-    got = pool2.run(load_counts_and_dtypes, spec, Pipeline([FSDP(param_dtype="bfloat16")]), MeshDegrees(dp_shard=2))
-    assert got[0]["dtypes"] == {"router": torch.float32, "attention": torch.bfloat16, "lm_head": torch.bfloat16}
+    assert got[0]["dtypes"] == {
+        "router": torch.float32,
+        "attention": torch.bfloat16,
+        "lm_head": torch.float32,
+    }
+    got = pool2.run(
+        load_counts_and_dtypes,
+        spec,
+        Pipeline([FSDP(param_dtype="bfloat16")]),
+        MeshDegrees(dp_shard=2),
+    )
+    assert got[0]["dtypes"] == {
+        "router": torch.float32,
+        "attention": torch.bfloat16,
+        "lm_head": torch.bfloat16,
+    }

@@ -43,10 +43,14 @@ def test_ep_must_divide_dp_shard_times_cp():
 def test_degrees_must_multiply_to_the_world():
     """An explicit dp_shard that does not fill the world is refused."""
     with pytest.raises(
-        MeshError, match=r"^`dp_replicate × dp_shard × cp` \(1 × 3 × 1 = 3\) must equal the world size \(4\)\."
+        MeshError,
+        match=r"^`dp_replicate × dp_shard × cp` \(1 × 3 × 1 = 3\) must equal the world size \(4\)\.",
     ):
         MeshDegrees.resolve(4, dp_shard=3)
-    with pytest.raises(MeshError, match=r"^The world size \(4\) is not divisible by `dp_replicate × cp` \(1 × 3 = 3\)"):
+    with pytest.raises(
+        MeshError,
+        match=r"^The world size \(4\) is not divisible by `dp_replicate × cp` \(1 × 3 = 3\)",
+    ):
         MeshDegrees.resolve(4, cp=3)
     with pytest.raises(MeshError, match=r"^`cp` \(0\) must be a positive integer\."):
         MeshDegrees.resolve(4, cp=0)
@@ -60,7 +64,12 @@ def test_build_needs_a_process_group():
 
 @pytest.mark.parametrize(
     ("ws", "kw"),
-    [(8, dict(dp_replicate=2, cp=2, ep=2)), (8, dict(ep=8)), (4, dict(cp=2, ep=4)), (256, dict(ep=64))],
+    [
+        (8, dict(dp_replicate=2, cp=2, ep=2)),
+        (8, dict(ep=8)),
+        (4, dict(cp=2, ep=4)),
+        (256, dict(ep=64)),
+    ],
 )
 def test_sub_meshes_have_the_right_sizes_and_share_a_root(ws, kw):
     """Every axis has its degree, and EP / expert-FSDP meshes share one root (FSDP2 needs it)."""
@@ -98,7 +107,11 @@ def test_a_user_device_mesh_with_foreign_dims_is_refused():
     """A mesh with a `tp` dim (unsupported) is refused with the fix."""
     with fake_world(4):
         dm = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-        with pytest.raises(MeshAxisError, match=r"must name its dims among \('dp_replicate', 'dp_shard', 'cp'\)"):
+        with pytest.raises(
+            MeshAxisError, match=r"must name its dims among \('dp_replicate', 'dp_shard', 'cp'\)"
+        ):
             as_parallel_mesh(dm)
-    with pytest.raises(TypeError, match=r"`mesh` must be a `moetx.ParallelMesh` or a `DeviceMesh` \(got `dict`\)"):
+    with pytest.raises(
+        TypeError, match=r"`mesh` must be a `moetx.ParallelMesh` or a `DeviceMesh` \(got `dict`\)"
+    ):
         as_parallel_mesh({})  # type: ignore[arg-type]

@@ -177,7 +177,7 @@ def test_bad_operands():
     """Only passes and pipelines compose; anything else is Python's TypeError."""
     with pytest.raises(TypeError):
         Ep() | 3  # type: ignore[operator]
-    with pytest.raises(TypeError, match="holds `moetx.Pass` values only"):
+    with pytest.raises(TypeError, match=r"holds `moetx\.Pass` values only"):
         Pipeline([Ep(), "fsdp"])  # type: ignore[list-item]
 
 

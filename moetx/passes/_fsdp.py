@@ -139,9 +139,15 @@ class FSDP(Pass):
 
     def _offload(self) -> OffloadPolicy:
         # pin_memory needs an accelerator: the default fails on CPU-only builds (notes §4.3).
-        return CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.cpu_offload else OffloadPolicy()
+        return (
+            CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+            if self.cpu_offload
+            else OffloadPolicy()
+        )
 
-    def _apply(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> nn.Module:
+    def _apply(
+        self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]
+    ) -> nn.Module:
         s = discover(model)
         dense = mesh.dense_fsdp_mesh()
         ep = find_applied(record, "ep")
@@ -149,18 +155,24 @@ class FSDP(Pass):
 
         for block in s.blocks:
             moe = block.moe
-            if moe is not None and ep_owned and any(
-                isinstance(p, DTensor) for p in moe.experts.parameters()
+            if (
+                moe is not None
+                and ep_owned
+                and any(isinstance(p, DTensor) for p in moe.experts.parameters())
             ):
                 self._shard_experts(moe.experts, moe.num_experts, mesh)
             if moe is not None and "router" in self.fp32_modules and self.param_dtype:
-                fully_shard(moe.router, mesh=dense, mp_policy=self._policy(fp32=True), **self._common())
+                fully_shard(
+                    moe.router, mesh=dense, mp_policy=self._policy(fp32=True), **self._common()
+                )
             fully_shard(block.module, mesh=dense, mp_policy=self._policy(), **self._common())
         if not s.tied_embeddings:
             fully_shard(s.embedding, mesh=dense, mp_policy=self._policy(), **self._common())
             if s.lm_head is not None:
                 fp32 = "lm_head" in self.fp32_modules
-                fully_shard(s.lm_head, mesh=dense, mp_policy=self._policy(fp32=fp32), **self._common())
+                fully_shard(
+                    s.lm_head, mesh=dense, mp_policy=self._policy(fp32=fp32), **self._common()
+                )
         # Routing-load counters must hold global counts, not this rank's (see _load_sync).
         install_load_sync(model, mesh.root.get_group())
         if self.wrap_root:
@@ -170,7 +182,10 @@ class FSDP(Pass):
         return model
 
     def _common(self) -> dict[str, Any]:
-        return {"reshard_after_forward": self.reshard_after_forward, "offload_policy": self._offload()}
+        return {
+            "reshard_after_forward": self.reshard_after_forward,
+            "offload_policy": self._offload(),
+        }
 
     def _shard_experts(self, experts: nn.Module, num_experts: int, mesh: ParallelMesh) -> None:
         emesh = mesh.expert_fsdp_mesh()
@@ -183,7 +198,11 @@ class FSDP(Pass):
             return Shard(0) if p.ndim == 1 or local_experts % shards == 0 else Shard(1)
 
         fully_shard(
-            experts, mesh=emesh, shard_placement_fn=placement, mp_policy=self._policy(), **self._common()
+            experts,
+            mesh=emesh,
+            shard_placement_fn=placement,
+            mp_policy=self._policy(),
+            **self._common(),
         )
         unit = typing.cast(FSDPModule, experts)
         # Expert grads arrive summed over every rank's tokens (the all-to-all backward returns
@@ -197,4 +216,7 @@ class FSDP(Pass):
     def facts(self, model: nn.Module, mesh: ParallelMesh) -> Mapping[str, Any]:
         """The dense and expert FSDP degrees, for plans and later tooling."""
         d = mesh.degrees
-        return {"dense_degree": d.dp_replicate * d.dp_shard_cp, "expert_degree": d.dp_replicate * d.ep_shard}
+        return {
+            "dense_degree": d.dp_replicate * d.dp_shard_cp,
+            "expert_degree": d.dp_replicate * d.ep_shard,
+        }

@@ -64,7 +64,9 @@ def pipelines(
     """
     table = _builtin_pass_strategies(mixed_precision=mixed_precision)
     keys = [s for s in BUILTIN_ORDER if s in table and (stages is None or s in stages)]
-    chosen = set(draw(st.lists(st.sampled_from(keys), unique=True, max_size=len(keys)))) | set(required)
+    chosen = set(draw(st.lists(st.sampled_from(keys), unique=True, max_size=len(keys)))) | set(
+        required
+    )
     return Pipeline([draw(table[s]) for s in BUILTIN_ORDER if s in chosen])
 
 

@@ -48,7 +48,10 @@ def global_batches(spec: TrainSpec, data_ranks: int) -> list[tuple[torch.Tensor,
     out = []
     for _ in range(spec.steps):
         ids = torch.randint(
-            0, spec.config.vocab_size, (data_ranks * spec.rows_per_rank, spec.seq_len + 1), generator=g
+            0,
+            spec.config.vocab_size,
+            (data_ranks * spec.rows_per_rank, spec.seq_len + 1),
+            generator=g,
         )
         out.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
     return out
@@ -141,7 +144,9 @@ def train(
 
 def reference(spec: TrainSpec, data_ranks: int) -> dict[str, Any]:
     """Single-process training on the global batches."""
-    return train(build_model(spec), global_batches(spec, data_ranks), spec.lr, param_dtype=spec.param_dtype)
+    return train(
+        build_model(spec), global_batches(spec, data_ranks), spec.lr, param_dtype=spec.param_dtype
+    )
 
 
 def mesh_for(degrees: MeshDegrees) -> ParallelMesh:
@@ -223,5 +228,11 @@ def assert_training_parity(
         compare({"loss": want}, {"loss": got}, atol=atol, rtol=rtol, what=f"loss at step {step}")
     for r, res in enumerate(results):
         for step in range(spec.steps):
-            compare(ref["grads"][step], res["grads"][step], atol=atol, rtol=rtol, what=f"rank {r} grads, step {step}")
+            compare(
+                ref["grads"][step],
+                res["grads"][step],
+                atol=atol,
+                rtol=rtol,
+                what=f"rank {r} grads, step {step}",
+            )
         compare(ref["params"], res["params"], atol=atol, rtol=rtol, what=f"rank {r} params")

@@ -36,7 +36,9 @@ def tied_after_fsdp(spec: TrainSpec, degrees: MeshDegrees) -> bool:
     return model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def load_counts_and_dtypes(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> dict[str, Any]:
+def load_counts_and_dtypes(
+    spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees
+) -> dict[str, Any]:
     """One forward/backward on this rank's rows: routing-load counters and compute dtypes seen."""
     import torch
 
@@ -51,13 +53,15 @@ def load_counts_and_dtypes(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDeg
             lambda m, a, name=name: seen.__setitem__(name, next(iter(m.parameters())).dtype)
         )
     if s.lm_head is not None:
-        s.lm_head.register_forward_pre_hook(lambda m, a: seen.__setitem__("lm_head", m.weight.dtype))
+        s.lm_head.register_forward_pre_hook(
+            lambda m, a: seen.__setitem__("lm_head", m.weight.dtype)
+        )
     rank = torch.distributed.get_rank()
     ids, labels = global_batches(spec, degrees.world_size)[0]
     rows = slice(rank * spec.rows_per_rank, (rank + 1) * spec.rows_per_rank)
     model(ids[rows], labels=labels[rows]).loss.backward()
     counts = {
-        layer.fqn: layer.router.expert_load.clone()
+        layer.fqn: layer.router.get_buffer("expert_load").clone()
         for layer in s.moe_layers()
         if getattr(layer.router, "expert_load", None) is not None
     }
