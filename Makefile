@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # keeps its own build): a bare `torch` requirement would pull a multi-GB CUDA build.
 setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	@$(PIP) install -q -e ".[dev]"
+	@$(PIP) install -q -e ".[dev,hf]"
 
 demo: setup
 	$(PY) -m moetx demo

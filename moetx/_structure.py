@@ -44,6 +44,7 @@ _SHARED_NAMES = ("shared_experts", "shared_expert")
 _COUNTER_BUFFER_NAMES = ("expert_load", "tokens_per_expert")  # moetx / torchtitan load counters
 _ATTENTION_CORE_NAME = "core"  # moetx's attention-kernel seam (`Attention.core`)
 _STATS_REDUCER_NAME = "stats_reducer"  # moetx's aux-loss statistics hook (`MoEBlock`)
+_NUM_EXPERTS_NAME = "num_experts"  # expert count on the experts module (moetx, HF transformers)
 
 
 @attrs.frozen(eq=False)
@@ -67,6 +68,9 @@ class MoELayer:
         stats_reducer_attr: Name of the attribute of `module` through which its aux-loss
             statistics can be reduced over sequence shards (`"stats_reducer"`, see
             `moetx.models.StatsReducer`), or None if it has no such hook.
+        num_experts_attr: Name of the int attribute of `experts` holding its expert count
+            (`"num_experts"`), which its forward may read (HF transformers' experts do:
+            `one_hot(num_classes=...)`, grouped_mm offsets); None if it has none.
     """
 
     fqn: str
@@ -82,6 +86,7 @@ class MoELayer:
     top_k: int
     counter_buffer_names: tuple[str, ...] = ()
     stats_reducer_attr: str | None = None
+    num_experts_attr: str | None = None
 
 
 @attrs.frozen(eq=False)
@@ -313,7 +318,8 @@ def _build_moe_layer(
     router: tuple[nn.Module, str],
 ) -> MoELayer:
     (experts_mod, experts_fqn), (router_mod, router_fqn) = experts, router
-    num_experts = getattr(experts_mod, "num_experts", None)
+    num_experts = getattr(experts_mod, _NUM_EXPERTS_NAME, None)
+    count_attr = _NUM_EXPERTS_NAME if isinstance(num_experts, int) else None
     if not isinstance(num_experts, int):
         weight = getattr(router_mod, "weight", None)
         if weight is None:
@@ -356,6 +362,7 @@ def _build_moe_layer(
         top_k=top_k,
         counter_buffer_names=counters,
         stats_reducer_attr=_STATS_REDUCER_NAME if hasattr(moe, _STATS_REDUCER_NAME) else None,
+        num_experts_attr=count_attr,
     )
 
 
@@ -386,3 +393,7 @@ def _embedding(model: nn.Module, prefix: str, cls: str) -> tuple[nn.Module, str]
         f"`{cls}` has no input embedding: looked for `get_input_embeddings()`, "
         f"`{_join(prefix, 'embed_tokens')}` and `embed_tokens`."
     )
+
+
+# Structure adapters shipped with moetx register themselves on import; none imports its library.
+from moetx import _structure_hf  # noqa: E402, F401

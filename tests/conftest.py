@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 
 import pytest
@@ -49,6 +50,12 @@ def pool4() -> Iterator[RankPool]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Start the rank forkserver's imports now if any selected test uses a pool (they overlap)."""
     if any({"pool2", "pool4"} & set(getattr(item, "fixturenames", ())) for item in items):
+        if importlib.util.find_spec("transformers") and any(
+            item.path.name == "test_hf_models.py" for item in items
+        ):  # HF tests: the ranks import transformers once, in the forkserver
+            from moetx.testing import hf, ranks
+
+            ranks.PRELOAD = (*ranks.PRELOAD, *hf.PRELOAD)
         warm_up()
 
 

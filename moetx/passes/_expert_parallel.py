@@ -130,7 +130,13 @@ class ExpertParallel(Pass):
                 setattr(experts, name, replaced[id(param)])
             _install(
                 experts,
-                _EPState(ep_mesh, self.dispatcher, layer.num_experts, layer.expert_param_names),
+                _EPState(
+                    ep_mesh,
+                    self.dispatcher,
+                    layer.num_experts,
+                    layer.expert_param_names,
+                    layer.num_experts_attr,
+                ),
             )
         return model
 
@@ -174,6 +180,7 @@ class _EPState:
     dispatcher: str
     num_experts: int
     param_names: tuple[str, ...]
+    count_attr: str | None = None  # the experts' own expert-count attribute (`num_experts`)
 
 
 _EP_CLASSES: dict[type, type] = {}
@@ -195,7 +202,7 @@ class _ExpertParallelExperts(nn.Module):
         tokens, expert_ids, plan = dispatcher.dispatch(hidden, top_k_index, top_k_weights)
         local = {name: _to_local(getattr(self, name)) for name in state.param_names}
         ones = torch.ones(tokens.shape[0], 1, dtype=top_k_weights.dtype, device=tokens.device)
-        with _swapped_parameters(self, local):
+        with _swapped_parameters(self, local), _local_count(self, state):
             out = super().forward(tokens, expert_ids.unsqueeze(1), ones)
         if tokens.shape[0] == 0:
             # No token reached this rank: tie the (empty) output to the local parameters so
@@ -220,6 +227,24 @@ def _swapped_parameters(module: nn.Module, tensors: dict[str, Tensor]) -> Iterat
         yield
     finally:
         module._parameters.update(saved)
+
+
+@contextlib.contextmanager
+def _local_count(module: nn.Module, state: _EPState) -> Iterator[None]:
+    # The original forward sees the local shard, so it must see the local expert count too:
+    # HF transformers' experts size their grouped_mm offsets (`histc(bins=self.num_experts)`,
+    # one per weight) and `one_hot` masks from `self.num_experts`; with the global count
+    # grouped_mm fails ("matrix batch sizes have to match"). HF's own EP sets it the same way.
+    name = state.count_attr
+    if name is None:
+        yield
+        return
+    saved = module.__dict__[name]
+    module.__dict__[name] = state.num_experts // state.mesh.size()
+    try:
+        yield
+    finally:
+        module.__dict__[name] = saved
 
 
 def _install(experts: nn.Module, state: _EPState) -> None:

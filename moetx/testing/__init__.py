@@ -1,4 +1,10 @@
-"""Test helpers for moetx and its users: a pool of real ranks, a fake world, parity comparisons."""
+"""Test helpers for moetx and its users: a pool of real ranks, a fake world, parity comparisons.
+
+Also the deterministic activation-byte meter (`LiveActivationMeter`). Hypothesis strategies live
+in `moetx.testing.strategies` (imported on demand, so hypothesis stays a test-only dependency).
+"""
+
+from moetx._memory import LiveActivationMeter
 
 from moetx.testing.fake import ProcessGroupExistsError, fake_world
 from moetx.testing.parity import (
@@ -23,6 +29,7 @@ from moetx.testing.ranks import (
 
 __all__ = [
     "BodyNotPicklableError",
+    "LiveActivationMeter",
     "PoolStats",
     "ProcessGroupExistsError",
     "RankError",
