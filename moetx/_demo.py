@@ -29,19 +29,14 @@ def parse_pipeline(
     text: str, *, dispatcher: str = "all_to_all", ac_mode: str = "router"
 ) -> Pipeline:
     """Turn `"ep|ac|fsdp"` into a Pipeline, raising moetx's own errors for bad text or order."""
-    from moetx.passes import FSDP, ActivationCheckpoint, ExpertParallel
+    from moetx.passes import FSDP, ActivationCheckpoint, ContextParallel, ExpertParallel
 
     factories: dict[str, Any] = {
+        "cp": ContextParallel,
         "ep": lambda: ExpertParallel(dispatcher=dispatcher),
         "ac": lambda: ActivationCheckpoint(mode=ac_mode),
         "fsdp": FSDP,
     }
-    try:
-        from moetx.passes import ContextParallel  # type: ignore[attr-defined]
-
-        factories["cp"] = ContextParallel
-    except ImportError:  # pragma: no cover - until the CP pass lands
-        pass
     names = [n.strip() for n in text.split("|") if n.strip()]
     unknown = [n for n in names if n not in factories]
     if unknown:
