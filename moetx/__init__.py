@@ -30,6 +30,7 @@ from moetx._mesh import MeshDegrees, ParallelMesh
 from moetx._order import BUILTIN_ORDER, Placement
 from moetx._pass import Applied, Pass, applied_passes
 from moetx._pipeline import Pipeline
+from moetx._plan import ParamGroup, Plan, RankBytes
 from moetx.passes import FSDP, ActivationCheckpoint, ContextParallel, ExpertParallel
 
 __version__ = "0.1.0"
@@ -55,11 +56,14 @@ __all__ = [
     "PartiallyAppliedModelError",
     "Pass",
     "PassAlreadyAppliedError",
+    "ParamGroup",
     "PassPreconditionError",
     "Pipeline",
     "PipelineError",
     "PipelineOrderError",
     "Placement",
+    "Plan",
+    "RankBytes",
     "SequenceDivisibilityError",
     "UnknownModelStructureError",
     "UnsupportedAttentionError",

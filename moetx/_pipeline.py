@@ -147,5 +147,18 @@ class Pipeline:
                 raise
         return model
 
+    def plan(self, model: nn.Module | Any, mesh: Any, *, rank: int = 0) -> Any:
+        """Report what this pipeline would do to `model` on `mesh`, without collectives.
+
+        For each parameter group: the passes that handle it, its mesh axes and placements; for
+        each rank: bytes of parameters, gradients and AdamW state. `model` may be a module (it
+        is copied to `meta`, never touched) or a `moetx.models.MoEConfig`; `mesh` may be
+        `MeshDegrees` (a fake world is used, so no process group is needed), a `ParallelMesh`
+        or a named `DeviceMesh`. Returns a `moetx.Plan` (printable, with `_repr_markdown_`).
+        """
+        from moetx._plan import plan
+
+        return plan(self, model, mesh, rank=rank)
+
     def _step_note(self, i: int, p: Pass, doing: str) -> str:
         return f"while {doing} step {i}/{len(self.passes)}: {p!r}\n  pipeline: {self!r}"
