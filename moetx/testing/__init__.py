@@ -5,7 +5,6 @@ in `moetx.testing.strategies` (imported on demand, so hypothesis stays a test-on
 """
 
 from moetx._memory import LiveActivationMeter
-
 from moetx.testing.fake import ProcessGroupExistsError, fake_world
 from moetx.testing.parity import (
     clean_fqn,
