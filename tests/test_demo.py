@@ -55,3 +55,19 @@ def test_parse_pipeline_builds_the_named_passes():
         "ContextParallel() | ExpertParallel(dispatcher='all_gather') | "
         "ActivationCheckpoint(mode='full') | FSDP()"
     )
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def test_demo_runs_under_torchrun():
+    """The torchrun path (the GPU path's launcher; gloo here) trains with parity on 2 ranks."""
+    proc = subprocess.run(
+        [*TORCHRUN, "-m", "moetx", "demo", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("PARITY OK") == 1, proc.stdout  # rank 0 reports, once

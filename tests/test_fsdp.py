@@ -76,7 +76,7 @@ def test_every_parameter_is_sharded_on_the_dense_mesh(pool2):
 
 
 def test_parameter_bytes_per_rank_are_near_ideal(pool4):
-    """Per-rank parameter bytes / (total / world) <= 1.05 (bytes are deterministic)."""
+    """Per-rank parameter and gradient bytes / (total / world) <= 1.05 (deterministic bytes)."""
     spec = TrainSpec(
         config=MoEConfig(hidden_size=32, num_layers=2, num_experts=8, expert_hidden_size=16),
         steps=1,
@@ -85,6 +85,7 @@ def test_parameter_bytes_per_rank_are_near_ideal(pool4):
     total = sum(t.numel() * t.element_size() for t in results[0]["params"].values())
     for r in results:
         assert r["param_bytes"] / (total / 4) <= 1.05
+        assert r["grad_bytes"] / (total / 4) <= 1.05
 
 
 def test_fsdp_is_frozen_data():
