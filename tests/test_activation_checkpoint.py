@@ -21,6 +21,7 @@ from torch.utils.checkpoint import (
 )
 
 from moetx._errors import (
+    MoetxError,
     NoMoELayersError,
     PassAlreadyAppliedError,
     PassPreconditionError,
@@ -30,12 +31,13 @@ from moetx._memory import LiveActivationMeter
 from moetx._mesh import ParallelMesh
 from moetx._pass import applied_passes, check_not_failed
 from moetx._structure import discover
-from moetx.models import MoEConfig, MoETransformer, TopKRouter
+from moetx.models import MoEConfig, MoETransformer, RoutedExperts, TopKRouter
 from moetx.models.config import SCORE_FUNCS
 from moetx.passes._activation_checkpoint import (
     MODES,
     SAVED_OPS,
     ActivationCheckpoint,
+    ActivationCheckpointError,
     is_checkpointed,
 )
 from moetx.testing import compare, examples, fake_world, gradients
@@ -449,6 +451,187 @@ def test_router_side_effects_cannot_shift_the_replay(mesh: ParallelMesh):
     out, _ = checkpoint(layer.module, x, use_reentrant=False, context_fn=single_cache)
     with pytest.raises((RuntimeError, CheckpointError)):
         out.sum().backward()
+
+
+# -------------------------------------------------------------- in-place changes of saved tensors
+
+
+class InPlaceNormRouter(EagerCountRouter):
+    """Normalises its top-k weights in place, as HF's Mixtral, Qwen3-MoE and DeepSeek-V3 routers
+    do, after `topk` and `gather`, whose outputs router and selective modes save.
+
+    Also DeepSeek-V3's group mask (`zeros_like`, saved, then `scatter_`), a cast that reads the
+    top-k weights before they change (a replay that handed out the changed values would give
+    this path other values), and its load counter counts in every forward (rolled back after a
+    recomputation).
+    """
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores = F.linear(hidden.float(), self.weight.float()).softmax(-1)
+        mask = torch.zeros_like(scores)
+        mask.scatter_(1, scores.detach().topk(self.top_k, dim=-1).indices, 1.0)
+        chosen = torch.topk(scores.detach() * mask, self.top_k, dim=-1).indices
+        top_k_weights, top_k_index = torch.topk(scores.gather(-1, chosen), self.top_k, dim=-1)
+        top_k_index = chosen.gather(-1, top_k_index)
+        sharpness = top_k_weights.double().square()  # read before the in-place change
+        top_k_weights /= top_k_weights.sum(-1, keepdim=True)
+        top_k_weights *= (1.0 + sharpness).float()
+        self._count_load(top_k_index)
+        return top_k_index, top_k_weights.to(hidden.dtype), scores
+
+
+class InPlaceBiasExperts(RoutedExperts):
+    """Adds a per-expert bias in place to its matmul outputs, which selective mode saves, as HF's
+    grouped_mm experts (gpt-oss) do with `out.add_(bias)`."""
+
+    gate_up_bias: nn.Parameter
+
+    def forward(
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        k = top_k_index.shape[1]
+        flat_index = top_k_index.reshape(-1)
+        order = torch.argsort(flat_index, stable=True)
+        counts = torch.bincount(flat_index, minlength=self.num_experts).tolist()
+        token_ids = order // k
+        outputs = []
+        for e, x in enumerate(torch.split(hidden[token_ids], counts)):
+            h = x @ self.gate_up_proj[e].T
+            h.add_(self.gate_up_bias[e])
+            gate, up = h.chunk(2, dim=-1)
+            outputs.append((F.silu(gate) * up) @ self.down_proj[e].T)
+        weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(hidden).index_add_(0, token_ids, weighted.to(hidden.dtype))
+
+
+def _in_place_model(config: MoEConfig) -> MoETransformer:
+    torch.manual_seed(0)
+    model = MoETransformer(config)
+    for layer in discover(model).moe_layers():
+        layer.router.__class__ = InPlaceNormRouter
+        experts = layer.module.get_submodule("experts")
+        assert isinstance(experts, RoutedExperts)
+        experts.__class__ = InPlaceBiasExperts
+        bias = torch.randn(experts.gate_up_proj.shape[:2], dtype=experts.gate_up_proj.dtype)
+        experts.register_parameter("gate_up_bias", nn.Parameter(bias))
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_in_place_changes_of_saved_outputs_keep_every_mode_exact(mesh: ParallelMesh, dtype: str):
+    """In-place changes, in forward, of tensors router/selective mode save (a router normalising
+    its top-k weights in place, experts adding a bias in place): bitwise the results without
+    checkpointing, counters counted once (the saved tensors are copied before the change)."""
+    config = attrs.evolve(MODEL, dtype=dtype)
+    ids, labels = _batch(config, 2, 6, seed=5)
+    expected = _steps(_in_place_model(config), ids, labels)
+    assert all(int(load.sum()) > 0 for load in expected["loads"].values())
+    for mode in MODES:
+        model = ActivationCheckpoint(mode=mode).apply(_in_place_model(config), mesh)
+        compare(expected, _steps(model, ids, labels), **EXACT, what=f"{mode} mode")
+
+
+def test_torch_sac_allowing_cache_mutation_gives_wrong_gradients():
+    """Why moetx copies on write: torch's SAC hands the recomputation the changed tensor when
+    told to allow it (`allow_cache_entry_mutation=True`), so the bias is added twice."""
+    experts = discover(_in_place_model(MODEL)).moe_layers()[0].module.get_submodule("experts")
+    hidden = torch.randn(6, MODEL.hidden_size, requires_grad=True)
+    index = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]])
+    weights = torch.rand(6, 2)
+    experts(hidden, index, weights).square().sum().backward()
+    expected = {"hidden": hidden.grad, "experts": gradients(experts)}
+    hidden.grad = None
+    experts.zero_grad()
+
+    def allowing_mutation() -> Any:
+        ops = [torch.ops.aten.mm.default]
+        return create_selective_checkpoint_contexts(ops, allow_cache_entry_mutation=True)
+
+    out = checkpoint(
+        experts, hidden, index, weights, use_reentrant=False, context_fn=allowing_mutation
+    )
+    out.square().sum().backward()
+    with pytest.raises(AssertionError, match="gradients do not match"):
+        compare(expected, {"hidden": hidden.grad, "experts": gradients(experts)}, **EXACT)
+
+
+class ScaleInPlace:
+    """A forward hook (registered after `ActivationCheckpoint`, so it runs outside the router's
+    cache) that scales the router's top-k weights in place, as an MoE layer applying a routed
+    scaling factor in place would."""
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        output[1].mul_(2.5)
+
+
+class StashingRouter(TopKRouter):
+    """Keeps its logits (saved by router mode, not returned) on itself for other code."""
+
+    last_logits: torch.Tensor
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.last_logits = F.linear(hidden.float(), self.weight.float())
+        return super().forward(hidden)
+
+
+def test_router_outputs_changed_outside_the_router(mesh: ParallelMesh):
+    """Router outputs changed in place after the router returns (where router mode watches no
+    op) keep every mode exact: their saved tensors are copied when the router returns."""
+    config = attrs.evolve(MODEL, routing_bias=False)
+    ids, labels = _batch(config, 2, 6, seed=6)
+
+    def build(mode: str | None) -> nn.Module:
+        model: nn.Module = MoETransformer(config)
+        if mode is not None:
+            model = ActivationCheckpoint(mode=mode).apply(model, mesh)
+        for layer in discover(model).moe_layers():
+            layer.router.register_forward_hook(ScaleInPlace())
+        return model
+
+    expected = _steps(build(None), ids, labels)
+    for mode in MODES:
+        compare(expected, _steps(build(mode), ids, labels), **EXACT, what=f"{mode} mode")
+
+
+def test_saved_tensor_changed_where_unwatched_raises(mesh: ParallelMesh):
+    """A saved tensor changed where router mode watches no op (a stash of the router's, zeroed
+    by its MoE layer) fails the first backward with a typed error naming the router and the
+    fix, never with silently wrong gradients; selective mode watches the block: exact."""
+    config = attrs.evolve(MODEL, num_mtp_layers=0, routing_bias=False)
+    ids, labels = _batch(config, 2, 6, seed=7)
+
+    def zero_stash(module: nn.Module, args: Any, output: Any) -> None:
+        gate = module.get_submodule("gate")
+        assert isinstance(gate, StashingRouter)
+        with torch.no_grad():
+            gate.last_logits.zero_()
+
+    def build(mode: str | None) -> nn.Module:
+        model: nn.Module = _with_router(StashingRouter, config)
+        if mode is not None:
+            model = ActivationCheckpoint(mode=mode).apply(model, mesh)
+        for layer in discover(model).moe_layers():
+            layer.module.register_forward_hook(zero_stash)
+        return model
+
+    expected = _steps(build(None), ids, labels, n=1)
+    model = build("selective")
+    compare(expected, _steps(model, ids, labels, n=1), **EXACT, what="selective mode")
+    model = build("router")
+    loss = model(ids, labels=labels).loss
+    with pytest.raises(ActivationCheckpointError) as info:
+        loss.backward()
+    assert isinstance(info.value, MoetxError) and isinstance(info.value, RuntimeError)
+    lines = str(info.value).splitlines()
+    assert lines[0] == (
+        "`model.layers.1.mlp.gate`: the output of `aten.mm.default` that `ActivationCheckpoint("
+        'mode="router")` saved was changed in place where the checkpoint does not watch, so '
+        "recomputing from it would give wrong gradients."
+    )
+    assert (
+        lines[-1]
+        == '  fix: use `ActivationCheckpoint(mode="full")`, or make that change out of place.'
+    )
 
 
 # ------------------------------------------------------------------------------------ memory

@@ -52,10 +52,16 @@ ATOL, RTOL = 1e-5, 1e-4
 # Families trained on ranks (OLMoE is laid out like Qwen3-MoE: discovery only, to save time).
 RANK_FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss")
 
-# `ActivationCheckpoint` mode per family on ranks. Mixtral and DeepSeek-V3 routers normalise
-# their top-k weights in place (`/=`), which the router/selective modes cannot checkpoint yet
-# (`test_checkpointing_modes_that_hf_experts_and_routers_break`): "full" for them.
-AC_MODE = {"qwen3_moe": "router", "mixtral": "full", "deepseek_v3": "full", "gpt_oss": "router"}
+# `ActivationCheckpoint` mode per family on ranks: router mode where routers change their saved
+# top-k weights in place (Mixtral, DeepSeek-V3), selective where the experts add their bias in
+# place to a saved `_grouped_mm` (gpt-oss); both modes for every family in one process
+# (`test_router_and_selective_checkpointing_survive_in_place_ops`).
+AC_MODE = {
+    "qwen3_moe": "router",
+    "mixtral": "router",
+    "deepseek_v3": "router",
+    "gpt_oss": "selective",
+}
 
 
 def assert_training_parity(spec: HFSpec, results: list[dict[str, Any]], data_ranks: int) -> None:
@@ -208,48 +214,51 @@ def test_context_parallel_refuses_hf_attention_at_check_time():
 
 # ------------------------------------------------------------------- checkpointing, 1 process
 
-
-_MUTATED = "Tensor cached during selective activation checkpoint has been mutated"
-
-
-@pytest.mark.parametrize(
-    ("family", "mode"),
-    [
-        pytest.param(
-            "mixtral",
-            "router",
-            marks=pytest.mark.xfail(
-                raises=RuntimeError,
-                strict=True,
-                reason="Mixtral's router (DeepSeek-V3's, Qwen3-MoE's with norm_topk_prob) divides "
-                "its top-k weights in place (`/=`) after `topk`/`gather`, whose outputs router "
-                f"mode saves: torch raises {_MUTATED!r} in backward",
-            ),
-        ),
-        pytest.param(
-            "gpt_oss",
-            "selective",
-            marks=pytest.mark.xfail(
-                raises=RuntimeError,
-                strict=True,
-                reason="HF's grouped_mm experts add their bias in place (`out.add_(bias)`) to the "
-                f"`_grouped_mm` output that selective mode saves: torch raises {_MUTATED!r}",
-            ),
-        ),
-    ],
+# Routers and experts that change a tensor in place after an op whose output the router and
+# selective modes save (torch's SAC alone raises "Tensor cached during selective activation
+# checkpoint has been mutated" in backward, or gives wrong gradients when told to allow it):
+# Mixtral's and Qwen3-MoE's `top_k_weights /= sum` after `topk` (Qwen3 with `norm_topk_prob`,
+# Qwen3-30B-A3B's setting), DeepSeek-V3's `group_mask.scatter_` and `/=` after `gather`, and the
+# grouped_mm experts' `out.add_(bias)` (gpt-oss) after the saved `_grouped_mm`.
+IN_PLACE_CASES = (
+    HFSpec(family="mixtral", steps=1),
+    HFSpec(family="qwen3_moe", steps=1, overrides=(("norm_topk_prob", True),)),
+    HFSpec(family="deepseek_v3", steps=1),
+    HFSpec(family="gpt_oss", steps=1),
 )
-def test_checkpointing_modes_that_hf_experts_and_routers_break(family: str, mode: str):
-    """`ActivationCheckpoint(mode)` in one process: same loss and gradients as without AC."""
-    spec = HFSpec(family=family, steps=1)
+
+
+def _nonzero_model(spec: HFSpec) -> torch.nn.Module:
+    """`build_model(spec)` with its all-zero parameters (gpt-oss's expert and attention biases)
+    filled with random values, so that an in-place bias add replayed twice shows."""
+    model = build_model(spec)
+    g = torch.Generator().manual_seed(spec.seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.copy_(0.2 * torch.randn(param.shape, generator=g, dtype=param.dtype))
+    return model
+
+
+@pytest.mark.parametrize("mode", ["router", "selective"])
+@pytest.mark.parametrize("spec", IN_PLACE_CASES, ids=lambda s: s.family)
+def test_router_and_selective_checkpointing_survive_in_place_ops(spec: HFSpec, mode: str):
+    """`ActivationCheckpoint(mode)` in one process: bitwise the loss and gradients without AC."""
     ids, labels = global_batches(spec, 1)[0]
-    plain = build_model(spec)
+    plain = _nonzero_model(spec)
     loss = plain(ids, labels=labels).loss
     loss.backward()
     with fake_world(1):
-        model = ActivationCheckpoint(mode=mode).apply(build_model(spec), ParallelMesh.build())
+        model = ActivationCheckpoint(mode=mode).apply(_nonzero_model(spec), ParallelMesh.build())
         got = model(ids, labels=labels).loss
         got.backward()
-    compare({"loss": loss, "grads": gradients(plain)}, {"loss": got, "grads": gradients(model)})
+    compare(
+        {"loss": loss, "grads": gradients(plain)},
+        {"loss": got, "grads": gradients(model)},
+        atol=0.0,
+        rtol=0.0,
+        what=f"{spec.family}, {mode} mode",
+    )
 
 
 # ------------------------------------------------------------------------ parity on gloo ranks

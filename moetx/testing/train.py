@@ -207,6 +207,30 @@ def mean_losses(results: list[dict[str, Any]]) -> list[torch.Tensor]:
     return [torch.stack([r["losses"][s] for r in results]).mean() for s in range(steps)]
 
 
+def assert_matches_reference(
+    results: list[dict[str, Any]],
+    ref: dict[str, Any],
+    *,
+    atol: float = 2e-5,
+    rtol: float = 1e-4,
+) -> None:
+    """Assert rank results (from `train`) equal a reference `train` run: the mean rank loss at
+    every step, every rank's gathered gradients at every step, and its final parameters.
+
+    Gradients are compared every step (not only losses and final parameters): AdamW is nearly
+    invariant to a constant gradient scale, so a 2x expert-gradient bug hides from the others.
+    """
+    from moetx.testing.parity import compare
+
+    for step, (got, want) in enumerate(zip(mean_losses(results), ref["losses"], strict=True)):
+        compare({"loss": want}, {"loss": got}, atol=atol, rtol=rtol, what=f"loss at step {step}")
+    for r, res in enumerate(results):
+        for step in range(len(ref["grads"])):
+            what = f"rank {r} grads, step {step}"
+            compare(ref["grads"][step], res["grads"][step], atol=atol, rtol=rtol, what=what)
+        compare(ref["params"], res["params"], atol=atol, rtol=rtol, what=f"rank {r} params")
+
+
 def assert_training_parity(
     results: list[dict[str, Any]],
     spec: TrainSpec,
@@ -215,24 +239,6 @@ def assert_training_parity(
     atol: float = 2e-5,
     rtol: float = 1e-4,
 ) -> None:
-    """Assert rank results equal the single-process reference: the mean loss at every step,
-    every rank's gathered gradients at every step, and its final parameters.
-
-    Gradients are compared every step (not only losses and final parameters): AdamW is nearly
-    invariant to a constant gradient scale, so a 2x expert-gradient bug hides from the others.
-    """
-    from moetx.testing.parity import compare
-
+    """`rank_train` results equal the single-process model trained on the global batches."""
     ref = reference(spec, degrees.dp_replicate * degrees.dp_shard)
-    for step, (got, want) in enumerate(zip(mean_losses(results), ref["losses"], strict=True)):
-        compare({"loss": want}, {"loss": got}, atol=atol, rtol=rtol, what=f"loss at step {step}")
-    for r, res in enumerate(results):
-        for step in range(spec.steps):
-            compare(
-                ref["grads"][step],
-                res["grads"][step],
-                atol=atol,
-                rtol=rtol,
-                what=f"rank {r} grads, step {step}",
-            )
-        compare(ref["params"], res["params"], atol=atol, rtol=rtol, what=f"rank {r} params")
+    assert_matches_reference(results, ref, atol=atol, rtol=rtol)
