@@ -8,6 +8,7 @@ from moetx._accumulate import no_sync
 from moetx._checkpoint import full_state_dict, load_checkpoint, save_checkpoint
 from moetx._clip import clip_grad_norm_, grad_norm
 from moetx._errors import (
+    ActivationCheckpointError,
     CheckpointError,
     ContextParallelInputError,
     DuplicatePassError,
@@ -39,6 +40,7 @@ __all__ = [
     "BUILTIN_ORDER",
     "FSDP",
     "ActivationCheckpoint",
+    "ActivationCheckpointError",
     "Applied",
     "CheckpointError",
     "ContextParallel",

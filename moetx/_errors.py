@@ -65,6 +65,10 @@ class SequenceDivisibilityError(PassPreconditionError):
     """A sequence length cannot be split evenly for context parallelism."""
 
 
+class ActivationCheckpointError(MoetxError, RuntimeError):
+    """A checkpointed block's recomputation cannot reproduce its forward (raised in backward)."""
+
+
 class CheckpointError(MoetxError, ValueError):
     """A checkpoint directory is missing or lacks what the caller asked to load."""
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import SAC_IGNORED_OPS, checkpoint
 
-from moetx._errors import MoetxError, NoMoELayersError, PassPreconditionError
+from moetx._errors import ActivationCheckpointError, NoMoELayersError, PassPreconditionError
 from moetx._order import Placement
 from moetx._pass import Applied, Pass
 from moetx._structure import Block, discover
@@ -258,10 +258,6 @@ def _block_saves(op: Any) -> bool:
 
 _RECOMPUTE = object()
 _CONSUMED = object()
-
-
-class ActivationCheckpointError(MoetxError, RuntimeError):
-    """A checkpointed block's recomputation cannot reproduce its forward (raised in backward)."""
 
 
 def _detach(t: torch.Tensor) -> torch.Tensor:
