@@ -18,6 +18,7 @@ from moetx._errors import ActivationCheckpointError, NoMoELayersError, PassPreco
 from moetx._order import Placement
 from moetx._pass import Applied, Pass
 from moetx._structure import Block, discover
+from moetx._swap import swap_class
 
 if typing.TYPE_CHECKING:
     from moetx._mesh import ParallelMesh
@@ -599,8 +600,6 @@ class _BlockState:
 
 # --------------------------------------------------------------------------- the class swap
 
-_CLASSES: dict[type, type] = {}
-
 
 class _CheckpointedBlock(nn.Module):
     """Mixin placed in front of a block's class: its forward runs under `checkpoint`."""
@@ -613,14 +612,7 @@ class _CheckpointedBlock(nn.Module):
 
 
 def _install(block: nn.Module, state: _BlockState) -> None:
-    cls = type(block)
-    if not issubclass(cls, _CheckpointedBlock):
-        new_cls = _CLASSES.get(cls)
-        if new_cls is None:
-            new_cls = type(f"Checkpointed{cls.__name__}", (_CheckpointedBlock, cls), {})
-            _CLASSES[cls] = new_cls
-        block.__class__ = new_cls
-    block.__dict__[_STATE_ATTR] = state
+    swap_class(block, _CheckpointedBlock, "Checkpointed", _STATE_ATTR, state)
 
 
 def is_checkpointed(module: nn.Module) -> bool:

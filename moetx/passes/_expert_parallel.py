@@ -17,6 +17,7 @@ from moetx._errors import ExpertDivisibilityError, NoMoELayersError
 from moetx._order import Placement
 from moetx._pass import Applied, Pass
 from moetx._structure import _MOE_NAMES, _ROUTER_NAMES, MoELayer, discover
+from moetx._swap import swap_class
 from moetx.passes._token_dispatch import DISPATCHERS, make_dispatcher
 
 if typing.TYPE_CHECKING:
@@ -183,9 +184,6 @@ class _EPState:
     count_attr: str | None = None  # the experts' own expert-count attribute (`num_experts`)
 
 
-_EP_CLASSES: dict[type, type] = {}
-
-
 class _ExpertParallelExperts(nn.Module):
     """Mixin placed in front of the experts class: dispatch -> original forward -> combine."""
 
@@ -248,14 +246,7 @@ def _local_count(module: nn.Module, state: _EPState) -> Iterator[None]:
 
 
 def _install(experts: nn.Module, state: _EPState) -> None:
-    cls = type(experts)
-    if not issubclass(cls, _ExpertParallelExperts):
-        new_cls = _EP_CLASSES.get(cls)
-        if new_cls is None:
-            new_cls = type(f"ExpertParallel{cls.__name__}", (_ExpertParallelExperts, cls), {})
-            _EP_CLASSES[cls] = new_cls
-        experts.__class__ = new_cls
-    experts.__dict__[_STATE_ATTR] = state
+    swap_class(experts, _ExpertParallelExperts, "ExpertParallel", _STATE_ATTR, state)
 
 
 def is_expert_parallel(module: nn.Module) -> bool:
