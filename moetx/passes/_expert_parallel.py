@@ -206,7 +206,10 @@ class _ExpertParallelExperts(nn.Module):
             # No token reached this rank: tie the (empty) output to the local parameters so
             # they get zero gradients, never None, even if the experts skip unused weights.
             out = out + sum(p.sum() for p in local.values()) * 0
-        return dispatcher.combine(out, plan)
+        combined = dispatcher.combine(out, plan)
+        # Never hand back a view: when FSDP wraps these experts, an in-place op by the caller
+        # on a view output (`out += shared`) would silently drop FSDP's pre-backward hook.
+        return combined.clone() if combined._base is not None else combined
 
 
 def _to_local(param: Tensor) -> Tensor:
