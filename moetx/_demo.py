@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moetx demo: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
-    from moetx.testing.train import TrainSpec, rank_train, reference
+    from moetx.testing.train import TrainSpec, reference
 
     spec = TrainSpec(config=config, steps=args.steps)
     nparams = sum(
@@ -143,14 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             if results is None:
                 return 0
         else:
-            from moetx.testing.ranks import RankPool
-
-            with RankPool(ranks, timeout=300) as pool:
-                results = pool.run(rank_train, spec, pipeline, degrees)
+            results = _run_local(spec, pipeline, degrees, say)
     except MoetxError as e:
         print(f"moetx demo: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     ref = reference(spec, degrees.dp_replicate * degrees.dp_shard)
+    say("")
     text, worst = report(results, ref, args.steps)
     say(text)
     ok = worst <= 1e-4
@@ -159,6 +157,38 @@ def main(argv: list[str] | None = None) -> int:
         f"wall time {time.perf_counter() - start:.1f} s"
     )
     return 0 if ok else 1
+
+
+def _run_local(
+    spec: Any, pipeline: Pipeline, degrees: MeshDegrees, say: Any
+) -> list[dict[str, Any]]:
+    """Spawn local CPU ranks and train step by step, printing progress after each step."""
+    from moetx.testing.ranks import RankPool
+    from moetx.testing.train import (
+        rank_session_end,
+        rank_session_start,
+        rank_session_step,
+    )
+
+    with RankPool(degrees.world_size, timeout=300) as pool:
+        param_bytes = pool.run(rank_session_start, spec, pipeline, degrees)
+        steps: list[list[dict[str, Any]]] = []
+        for i in range(spec.steps):
+            got = pool.run(rank_session_step, i)
+            steps.append(got)
+            say(f"  step {i + 1}/{spec.steps} done in {max(r['step_time'] for r in got):.2f} s")
+        params = pool.run(rank_session_end)
+    return [
+        {
+            "losses": [s[r]["loss"] for s in steps],
+            "grads": [s[r]["grads"] for s in steps],
+            "step_times": [s[r]["step_time"] for s in steps],
+            "grad_bytes": steps[-1][r]["grad_bytes"],
+            "param_bytes": param_bytes[r],
+            "params": params[r],
+        }
+        for r in range(degrees.world_size)
+    ]
 
 
 def _run_torchrun(

@@ -95,6 +95,49 @@ def _low_precision_forward(model: nn.Module, dtype: torch.dtype) -> Any:
     return forward
 
 
+class Trainer:
+    """AdamW on one model, one step at a time, so a caller can report progress between steps.
+
+    A batch is `(input_ids, labels)`, or `(input_ids, labels, position_ids)` (context parallel).
+    `param_dtype` runs the forward on parameters cast to that dtype (fp32 master weights), the
+    single-process mirror of FSDP's mixed precision.
+    """
+
+    def __init__(self, model: nn.Module, lr: float, *, param_dtype: str | None = None) -> None:
+        self.model = model
+        self.opt = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01
+        )
+        self.forward = (
+            _low_precision_forward(model, getattr(torch, param_dtype))
+            if param_dtype
+            else lambda ids, labels, position_ids=None: model(
+                ids, labels=labels, position_ids=position_ids
+            )
+        )
+
+    def step(self, batch: tuple[Any, ...]) -> dict[str, Any]:
+        """One step: loss, full gradients, local gradient bytes and the step time."""
+        ids, labels, *positions = batch
+        start = time.perf_counter()
+        out = self.forward(ids, labels, *positions)
+        out.loss.backward()
+        elapsed = time.perf_counter() - start
+        params = list(self.model.parameters())
+        grad_bytes = _local_bytes(p.grad for p in params if p.grad is not None)
+        grads = gradients(self.model)
+        start = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {
+            "loss": out.loss.detach().clone(),
+            "grads": grads,
+            "grad_bytes": grad_bytes,
+            # fwd + bwd + optimizer step, without the gradient gathering
+            "step_time": elapsed + time.perf_counter() - start,
+        }
+
+
 def train(
     model: nn.Module,
     batches: list[tuple[Any, ...]],
@@ -102,43 +145,15 @@ def train(
     *,
     param_dtype: str | None = None,
 ) -> dict[str, Any]:
-    """AdamW steps on `batches`; returns per-step losses and full gradients, and final params.
-
-    A batch is `(input_ids, labels)`, or `(input_ids, labels, position_ids)` (context parallel).
-
-    `param_dtype` runs the forward on parameters cast to that dtype (fp32 master weights), the
-    single-process mirror of FSDP's mixed precision.
-    """
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01
-    )
-    forward = (
-        _low_precision_forward(model, getattr(torch, param_dtype))
-        if param_dtype
-        else lambda ids, labels, position_ids=None: model(
-            ids, labels=labels, position_ids=position_ids
-        )
-    )
-    losses, grads, times = [], [], []
-    grad_bytes = 0
-    for ids, labels, *positions in batches:
-        start = time.perf_counter()
-        out = forward(ids, labels, *positions)
-        out.loss.backward()
-        elapsed = time.perf_counter() - start
-        losses.append(out.loss.detach().clone())
-        grad_bytes = _local_bytes(p.grad for p in model.parameters() if p.grad is not None)
-        grads.append(gradients(model))
-        start = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(elapsed + time.perf_counter() - start)
+    """AdamW steps on `batches`; returns per-step losses and full gradients, and final params."""
+    trainer = Trainer(model, lr, param_dtype=param_dtype)
+    steps = [trainer.step(batch) for batch in batches]
     return {
-        "losses": losses,
-        "grads": grads,
+        "losses": [s["loss"] for s in steps],
+        "grads": [s["grads"] for s in steps],
         "params": parameters(model),
-        "step_times": times,  # fwd + bwd + optimizer step, without the gradient gathering
-        "grad_bytes": grad_bytes,
+        "step_times": [s["step_time"] for s in steps],
+        "grad_bytes": steps[-1]["grad_bytes"] if steps else 0,
     }
 
 
@@ -155,14 +170,10 @@ def mesh_for(degrees: MeshDegrees) -> ParallelMesh:
     return cached(("moetx.ParallelMesh", tuple(sorted(d.items()))), lambda: ParallelMesh.build(**d))
 
 
-def rank_train(
+def _rank_setup(
     spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, *, meta: bool = False
-) -> dict[str, Any]:
-    """Rank body: build, parallelize with `pipeline`, train on this rank's rows; return results.
-
-    With `meta=True` the model is built on the meta device, parallelized, then materialized, so
-    no rank ever holds more than its shards.
-    """
+) -> tuple[nn.Module, list[tuple[Any, ...]]]:
+    """This rank's parallelized model and its part of every global batch."""
     mesh = mesh_for(degrees)
     data_ranks = degrees.dp_replicate * degrees.dp_shard
     data_index = dist.get_rank() // degrees.cp
@@ -176,10 +187,46 @@ def rank_train(
     model = pipeline.apply(build_model(spec, meta=meta), mesh)
     if meta:
         materialize(model, spec)
+    return model, batches
+
+
+def rank_train(
+    spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, *, meta: bool = False
+) -> dict[str, Any]:
+    """Rank body: build, parallelize with `pipeline`, train on this rank's rows; return results.
+
+    With `meta=True` the model is built on the meta device, parallelized, then materialized, so
+    no rank ever holds more than its shards.
+    """
+    model, batches = _rank_setup(spec, pipeline, degrees, meta=meta)
     result = train(model, batches, spec.lr)
     result["requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
     result["param_bytes"] = _local_bytes(p for p in model.parameters())
     return result
+
+
+# Step-by-step training across pool calls (for progress displays): this rank process's session.
+_SESSION: dict[str, Any] = {}
+
+
+def rank_session_start(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> int:
+    """Rank body: set up a step-by-step training session; returns this rank's parameter bytes."""
+    model, batches = _rank_setup(spec, pipeline, degrees)
+    _SESSION.clear()
+    _SESSION.update(trainer=Trainer(model, spec.lr), batches=batches)
+    return _local_bytes(p for p in model.parameters())
+
+
+def rank_session_step(step: int) -> dict[str, Any]:
+    """Rank body: run step `step` of the session started by `rank_session_start`."""
+    return _SESSION["trainer"].step(_SESSION["batches"][step])  # type: ignore[no-any-return]
+
+
+def rank_session_end() -> dict[str, Any]:
+    """Rank body: the session's final full parameters; ends the session."""
+    params = parameters(_SESSION["trainer"].model)
+    _SESSION.clear()
+    return params
 
 
 def _quiet_redistribute_warnings() -> None:
