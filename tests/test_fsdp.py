@@ -12,6 +12,7 @@ from moetx._errors import PassPreconditionError
 from moetx._mesh import MeshDegrees
 from moetx._pipeline import Pipeline
 from moetx.models import MoEConfig
+from moetx.passes import ContextParallel
 from moetx.passes._fsdp import FSDP
 from moetx.testing import examples
 from moetx.testing.bodies.fsdp import placements
@@ -237,16 +238,24 @@ def test_expert_placements_compose_ep_and_fsdp(pool4, num_experts, expected):
         assert all(d[0] == ("dp_shard_cp",) for d in dense.values())
 
 
-def test_routing_load_counters_hold_global_counts(pool2):
-    """Aux-loss-free load counters are summed over all data ranks, identical on every rank."""
+@pytest.mark.parametrize(
+    ("pipeline", "degrees"),
+    [
+        (Pipeline([FSDP()]), MeshDegrees(dp_shard=2)),
+        (Pipeline([ContextParallel()]), MeshDegrees(dp_shard=1, cp=2)),
+    ],
+    ids=["fsdp-dp2", "cp2"],
+)
+def test_routing_load_counters_hold_global_counts(pool2, pipeline, degrees):
+    """Aux-loss-free load counters are summed over all data and cp ranks, identical on each."""
     from moetx._structure import discover
     from moetx.testing.bodies.fsdp import load_counts_and_dtypes
     from moetx.testing.train import build_model, global_batches
 
     spec = TrainSpec(config=MoEConfig(routing_bias=True, score_func="sigmoid"))
-    got = pool2.run(load_counts_and_dtypes, spec, Pipeline([FSDP()]), MeshDegrees(dp_shard=2))
+    got = pool2.run(load_counts_and_dtypes, spec, pipeline, degrees)
     ref = build_model(spec)
-    ids, labels = global_batches(spec, 2)[0]
+    ids, labels = global_batches(spec, degrees.dp_replicate * degrees.dp_shard)[0]
     ref(ids, labels=labels).loss.backward()
     want = {layer.fqn: layer.router.expert_load for layer in discover(ref).moe_layers()}
     assert all(int(c.sum()) > 0 for c in want.values())

@@ -39,13 +39,13 @@ def tied_after_fsdp(spec: TrainSpec, degrees: MeshDegrees) -> bool:
 def load_counts_and_dtypes(
     spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees
 ) -> dict[str, Any]:
-    """One forward/backward on this rank's rows: routing-load counters and compute dtypes seen."""
-    import torch
-
+    """One forward/backward on this rank's part of the first batch (its rows, and its sequence
+    chunk under context parallelism): routing-load counters and compute dtypes seen."""
     from moetx._structure import discover
-    from moetx.testing.train import global_batches
+    from moetx.testing.train import _rank_setup
 
-    model: Any = pipeline.apply(build_model(spec), mesh_for(degrees))
+    model: Any
+    model, batches = _rank_setup(spec, pipeline, degrees)
     seen: dict[str, Any] = {}
     s = discover(model)
     for name, mod in (("router", s.moe_layers()[0].router), ("attention", s.blocks[0].attention)):
@@ -56,10 +56,8 @@ def load_counts_and_dtypes(
         s.lm_head.register_forward_pre_hook(
             lambda m, a: seen.__setitem__("lm_head", m.weight.dtype)
         )
-    rank = torch.distributed.get_rank()
-    ids, labels = global_batches(spec, degrees.world_size)[0]
-    rows = slice(rank * spec.rows_per_rank, (rank + 1) * spec.rows_per_rank)
-    model(ids[rows], labels=labels[rows]).loss.backward()
+    ids, labels, *positions = batches[0]
+    model(ids, labels=labels, position_ids=positions[0] if positions else None).loss.backward()
     counts = {
         layer.fqn: layer.router.get_buffer("expert_load").clone()
         for layer in s.moe_layers()
