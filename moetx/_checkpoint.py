@@ -32,10 +32,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.tensor import DTensor
 
 from moetx._errors import CheckpointError
 from moetx._structure import canonical_fqn
+from moetx._tensors import to_local
 
 __all__ = ["CheckpointError", "full_state_dict", "load_checkpoint", "save_checkpoint"]
 
@@ -189,7 +189,7 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = True) -> dict[str, t
 
 def _local_tensors(model: nn.Module) -> list[torch.Tensor]:
     tensors = [*model.parameters(), *model.buffers()]
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return [to_local(t) for t in tensors]
 
 
 def _storage(t: torch.Tensor) -> int:

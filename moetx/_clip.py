@@ -21,6 +21,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.placement_types import Placement, Shard, _StridedShard
 
+from moetx._tensors import to_local
+
 __all__ = ["clip_grad_norm_", "grad_norm"]
 
 
@@ -73,7 +75,7 @@ def clip_grad_norm_(
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
-        local = _local(g)
+        local = to_local(g)
         by_device.setdefault(local.device, []).append(local)
     for device, tensors in by_device.items():
         torch._foreach_mul_(tensors, coef.to(device))
@@ -143,10 +145,6 @@ def _grads(parameters: nn.Module | Tensor | Iterable[Tensor]) -> list[Tensor]:
         seen.add(id(p))
         grads.append(p.grad)
     return grads
-
-
-def _local(g: Tensor) -> Tensor:
-    return g.to_local() if isinstance(g, DTensor) else g
 
 
 def _local_and_groups(g: Tensor) -> tuple[Tensor, tuple[dist.ProcessGroup, ...]]:

@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Partial, Shard, _StridedShard
 
 from moetx._structure import canonical_fqn
+from moetx._tensors import to_local
 from moetx.models.layers import RMSNorm
 
 __all__ = ["INIT_STD", "hashed_uniform", "init_weights_", "local_global_indices"]
@@ -150,7 +151,7 @@ def init_weights_(model: nn.Module, seed: int = 0) -> None:
             )
         module_name, _, leaf = fqn.rpartition(".")
         owner = model.get_submodule(module_name)
-        local = param.to_local() if isinstance(param, DTensor) else param
+        local = to_local(param)
         if leaf == "bias":
             local.zero_()
         elif isinstance(owner, _NORMS):

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
+from moetx._tensors import to_local
 from moetx.models.layers import DenseMLP
 
 __all__ = [
@@ -115,12 +115,6 @@ class TopKRouter(nn.Module):
             self.expert_load.add_(counts[: self.num_experts])
 
 
-def _local(param: torch.Tensor) -> torch.Tensor:
-    # Expert parallelism stores global-shape DTensors sharded on dim 0; the experts compute on
-    # the local shard with local expert ids (torchtitan's GroupedExperts does the same).
-    return param.to_local() if isinstance(param, DTensor) else param
-
-
 class RoutedExperts(nn.Module):
     """E SiLU-gated experts with stacked weights, computed as a grouped matmul.
 
@@ -163,7 +157,9 @@ class RoutedExperts(nn.Module):
 
         Every expert runs, even on zero tokens, so each gets a zero (not `None`) gradient.
         """
-        gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
+        # Expert parallelism stores global-shape DTensors sharded on dim 0; compute on the local
+        # shard with local expert ids (torchtitan's GroupedExperts does the same).
+        gate_up, down = to_local(self.gate_up_proj), to_local(self.down_proj)
         num_experts = gate_up.shape[0]
         k = top_k_index.shape[1]
         flat_index = top_k_index.reshape(-1)

@@ -11,13 +11,14 @@ import attrs
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from moetx._errors import ExpertDivisibilityError, NoMoELayersError
 from moetx._order import Placement
 from moetx._pass import Applied, Pass
 from moetx._structure import _MOE_NAMES, _ROUTER_NAMES, MoELayer, discover
 from moetx._swap import swap_class
+from moetx._tensors import to_local
 from moetx.passes._token_dispatch import DISPATCHERS, make_dispatcher
 
 if typing.TYPE_CHECKING:
@@ -189,16 +190,9 @@ class _ExpertParallelExperts(nn.Module):
 
     def forward(self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         state: _EPState = self.__dict__[_STATE_ATTR]
-        mesh = state.mesh
-        dispatcher = make_dispatcher(
-            state.dispatcher,
-            group=mesh.get_group(),
-            rank=mesh.get_local_rank(),
-            degree=mesh.size(),
-            num_experts=state.num_experts,
-        )
+        dispatcher = make_dispatcher(state.dispatcher, state.mesh, state.num_experts)
         tokens, expert_ids, plan = dispatcher.dispatch(hidden, top_k_index, top_k_weights)
-        local = {name: _to_local(getattr(self, name)) for name in state.param_names}
+        local = {name: to_local(getattr(self, name)) for name in state.param_names}
         ones = torch.ones(tokens.shape[0], 1, dtype=top_k_weights.dtype, device=tokens.device)
         with _swapped_parameters(self, local), _local_count(self, state):
             out = super().forward(tokens, expert_ids.unsqueeze(1), ones)
@@ -210,10 +204,6 @@ class _ExpertParallelExperts(nn.Module):
         # Never hand back a view: when FSDP wraps these experts, an in-place op by the caller
         # on a view output (`out += shared`) would silently drop FSDP's pre-backward hook.
         return combined.clone() if combined._base is not None else combined
-
-
-def _to_local(param: Tensor) -> Tensor:
-    return param.to_local() if isinstance(param, DTensor) else param
 
 
 @contextlib.contextmanager

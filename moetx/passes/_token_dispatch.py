@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.distributed import _functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = [
     "DISPATCHERS",
@@ -90,7 +91,24 @@ class AllToAllPlan:
 
 
 @attrs.frozen(eq=False)
-class AllToAllDispatcher:
+class EPGroup:
+    """What a dispatcher knows about its expert-parallel group.
+
+    Attributes:
+        group: The ep process group.
+        rank: This rank's index in the group (which chunk of experts it holds).
+        degree: D, the group size.
+        num_experts: E (global), divisible by D.
+    """
+
+    group: ProcessGroup
+    rank: int
+    degree: int
+    num_experts: int
+
+
+@attrs.frozen(eq=False)
+class AllToAllDispatcher(EPGroup):
     """Uneven all-to-all dispatch: each token copy travels once to its expert's rank and back.
 
     Per call to `dispatch`, on every rank of the group:
@@ -108,17 +126,8 @@ class AllToAllDispatcher:
     weighted sum over k. Collectives per MoE layer: forward 3 (`_c10d_functional.all_to_all_single`:
     the int64 count exchange and two autograd ones), backward 2 (the autograd ones reversed).
 
-    Attributes:
-        group: The ep process group.
-        rank: This rank's index in the group (which chunk of experts it holds).
-        degree: D, the group size.
-        num_experts: E (global), divisible by D.
+    Fields: see `EPGroup`.
     """
-
-    group: ProcessGroup
-    rank: int
-    degree: int
-    num_experts: int
 
     def dispatch(
         self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor
@@ -190,7 +199,7 @@ class AllGatherPlan:
 
 
 @attrs.frozen(eq=False)
-class AllGatherDispatcher:
+class AllGatherDispatcher(EPGroup):
     """All-gather dispatch: every rank sees every token and runs its own experts on their copies.
 
     `dispatch` gathers the token counts (int64 `all_gather_single`), then the tokens and routing
@@ -200,17 +209,8 @@ class AllGatherDispatcher:
     block with `reduce_scatter_single_autograd(sum)`. It moves D times more data than all-to-all;
     it is the simple cross-check of `AllToAllDispatcher`.
 
-    Attributes:
-        group: The ep process group.
-        rank: This rank's index in the group.
-        degree: D, the group size.
-        num_experts: E (global), divisible by D.
+    Fields: see `EPGroup`.
     """
-
-    group: ProcessGroup
-    rank: int
-    degree: int
-    num_experts: int
 
     def dispatch(
         self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor
@@ -254,12 +254,17 @@ class AllGatherDispatcher:
         return mine[: plan.num_tokens]
 
 
-def make_dispatcher(
-    name: str, *, group: ProcessGroup, rank: int, degree: int, num_experts: int
-) -> TokenDispatcher:
-    """Build the dispatcher called `name` (one of `DISPATCHERS`) for one ep group."""
-    if name == "all_to_all":
-        return AllToAllDispatcher(group=group, rank=rank, degree=degree, num_experts=num_experts)
-    if name == "all_gather":
-        return AllGatherDispatcher(group=group, rank=rank, degree=degree, num_experts=num_experts)
-    raise ValueError(f"`dispatcher` ({name!r}) must be one of {DISPATCHERS}.")
+def make_dispatcher(name: str, ep_mesh: DeviceMesh, num_experts: int) -> TokenDispatcher:
+    """Build the dispatcher called `name` (one of `DISPATCHERS`) for the 1-D ep mesh `ep_mesh`."""
+    classes: dict[str, type[AllToAllDispatcher] | type[AllGatherDispatcher]] = {
+        "all_to_all": AllToAllDispatcher,
+        "all_gather": AllGatherDispatcher,
+    }
+    if name not in classes:
+        raise ValueError(f"`dispatcher` ({name!r}) must be one of {DISPATCHERS}.")
+    return classes[name](
+        group=ep_mesh.get_group(),
+        rank=ep_mesh.get_local_rank(),
+        degree=ep_mesh.size(),
+        num_experts=num_experts,
+    )

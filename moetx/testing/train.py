@@ -19,6 +19,7 @@ from torch import nn
 
 from moetx._mesh import MeshDegrees, ParallelMesh
 from moetx._pipeline import Pipeline
+from moetx._tensors import local_bytes
 from moetx.models import MoEConfig, MoETransformer, init_weights_
 from moetx.passes._context_parallel import ContextParallel
 from moetx.testing.parity import gradients, parameters
@@ -124,7 +125,7 @@ class Trainer:
         out.loss.backward()
         elapsed = time.perf_counter() - start
         params = list(self.model.parameters())
-        grad_bytes = _local_bytes(p.grad for p in params if p.grad is not None)
+        grad_bytes = local_bytes(p.grad for p in params if p.grad is not None)
         grads = gradients(self.model)
         start = time.perf_counter()
         self.opt.step()
@@ -201,7 +202,7 @@ def rank_train(
     model, batches = _rank_setup(spec, pipeline, degrees, meta=meta)
     result = train(model, batches, spec.lr)
     result["requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
-    result["param_bytes"] = _local_bytes(p for p in model.parameters())
+    result["param_bytes"] = local_bytes(p for p in model.parameters())
     return result
 
 
@@ -214,7 +215,7 @@ def rank_session_start(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees
     model, batches = _rank_setup(spec, pipeline, degrees)
     _SESSION.clear()
     _SESSION.update(trainer=Trainer(model, spec.lr), batches=batches)
-    return _local_bytes(p for p in model.parameters())
+    return local_bytes(p for p in model.parameters())
 
 
 def rank_session_step(step: int) -> dict[str, Any]:
@@ -236,16 +237,6 @@ def _quiet_redistribute_warnings() -> None:
 
 
 _quiet_redistribute_warnings()
-
-
-def _local_bytes(params: Any) -> int:
-    from torch.distributed.tensor import DTensor
-
-    total = 0
-    for p in params:
-        t = p.to_local() if isinstance(p, DTensor) else p
-        total += t.numel() * t.element_size()
-    return total
 
 
 def mean_losses(results: list[dict[str, Any]]) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from moetx._mesh import MeshDegrees, ParallelMesh
 from moetx._pipeline import Pipeline
+from moetx._tensors import local_bytes
 from moetx.passes import ExpertParallel
 from moetx.testing.train import TrainSpec, build_model, global_batches, mesh_for
 
@@ -42,16 +43,8 @@ def hand_parallelize(model: Any, mesh: ParallelMesh, *, ep: bool) -> nn.Module:
     return model
 
 
-def _local_bytes(tensors: Any) -> int:
-    total = 0
-    for t in tensors:
-        t = t.to_local() if isinstance(t, DTensor) else t
-        total += t.numel() * t.element_size()
-    return total
-
-
 def _adam_bytes(opt: torch.optim.Optimizer) -> int:
-    return _local_bytes(
+    return local_bytes(
         v
         for state in opt.state.values()
         for v in state.values()
@@ -86,7 +79,7 @@ def compare_step_time(
             start = time.perf_counter()
             m(ids[rows], labels=labels[rows]).loss.backward()
             if i == warmup + steps - 1:
-                out[f"{k}_grad_bytes"] = _local_bytes(
+                out[f"{k}_grad_bytes"] = local_bytes(
                     p.grad for p in m.parameters() if p.grad is not None
                 )
             opts[k].step()
@@ -95,7 +88,7 @@ def compare_step_time(
                 times[k].append(time.perf_counter() - start)
     for k, m in models.items():
         out[f"{k}_median_s"] = statistics.median(times[k])
-        out[f"{k}_param_bytes"] = _local_bytes(m.parameters())
+        out[f"{k}_param_bytes"] = local_bytes(m.parameters())
         out[f"{k}_adam_bytes"] = _adam_bytes(opts[k])
     out["total_param_bytes"] = sum(
         p.numel() * p.element_size() for p in build_model(spec).parameters()

@@ -134,13 +134,7 @@ def _dispatch_only(
     flat = hidden.reshape(-1, case.hidden_size)
     with torch.no_grad():
         index, weights, _ = moe.gate(flat)
-        dispatcher = make_dispatcher(
-            case.dispatcher,
-            group=ep_mesh.get_group(),
-            rank=ep_mesh.get_local_rank(),
-            degree=ep_mesh.size(),
-            num_experts=case.num_experts,
-        )
+        dispatcher = make_dispatcher(case.dispatcher, ep_mesh, case.num_experts)
         tokens, expert_ids, _ = dispatcher.dispatch(flat, index, weights)
     return tokens.clone(), expert_ids.clone()
 
