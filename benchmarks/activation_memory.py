@@ -4,7 +4,7 @@ One synthetic MoE transformer (6 blocks, the first dense; H=128, 4 heads / 2 KV 
 k=2, I=256, one shared expert, vocab 512, fp32) on a batch of 4 x 128 tokens with labels.
 
 - Activation bytes: what forward leaves resident for backward, measured on one process with
-  `moetx._memory.LiveActivationMeter` (weak references to every op output's storage; parameters,
+  `moetx.planning.meter.LiveActivationMeter` (weak references to every op output's storage; parameters,
   inputs and the logits excluded). Deterministic: the same on every run.
 - Step time: median forward + backward over `--steps` steps after `--warmup`, one process with
   one intra-op thread; and, with `--ranks N` (default 2, 0 to skip), the same model under
@@ -12,7 +12,7 @@ k=2, I=256, one shared expert, vocab 512, fp32) on a batch of 4 x 128 tokens wit
   rank's median. The modes' steps are interleaved (one of each per round) so that load on a
   shared machine hits them alike; step times still vary run to run, the byte column does not.
 
-Run: `python benchmarks/activation_memory.py [--steps 10] [--ranks 2]`. Prints a markdown table.
+Run: `python -m benchmarks.activation_memory [--steps 10] [--ranks 2]`. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import time
 
 import torch
 
-from moetx._memory import LiveActivationMeter
 from moetx.models import MoEConfig, MoETransformer
-from moetx.passes._activation_checkpoint import MODES, ActivationCheckpoint
+from moetx.passes.activation_checkpoint.api import MODES, ActivationCheckpoint
+from moetx.planning.meter import LiveActivationMeter
 from moetx.testing import fake_world
-from moetx.testing.bodies.activation_checkpoint import ep_step_times
 from moetx.testing.ranks import RankPool
 from moetx.testing.train import TrainSpec, global_batches
+from tests.bodies.activation_checkpoint import ep_step_times
 
 CONFIG = MoEConfig(
     vocab_size=512,
@@ -50,7 +50,7 @@ def _model(mode: str | None) -> torch.nn.Module:
     model = MoETransformer(CONFIG)
     if mode is None:
         return model
-    from moetx._mesh import ParallelMesh
+    from moetx.mesh.parallel_mesh import ParallelMesh
 
     with fake_world(1):  # the pass takes a mesh; checkpointing itself never communicates
         return ActivationCheckpoint(mode=mode).apply(model, ParallelMesh.build())

@@ -9,7 +9,7 @@ backward (a `saved_tensors_hooks` meter; parameters excluded), on the rank that 
 "step" is the median forward + backward time of the slowest rank, ranks started together
 after a barrier. Both are per rank.
 
-Run: `python benchmarks/context_parallel.py [--seq 1024 2048 4096] [--steps 5]`. Prints a
+Run: `python -m benchmarks.context_parallel [--seq 1024 2048 4096] [--steps 5]`. Prints a
 markdown table. Timings on a shared 2-core machine are noisy; bytes are deterministic.
 """
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 
-from moetx.testing.bodies.context_parallel import BenchCase, bench_attention
 from moetx.testing.ranks import RankPool
+from tests.bodies.context_parallel import BenchCase, bench_attention
 
 
 def main() -> None:

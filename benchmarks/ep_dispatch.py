@@ -4,12 +4,12 @@ One synthetic MoE layer (E=8 experts, k=2, H=256, I=128, 512 tokens per rank, fp
 initialised, no shared experts) runs forward + backward on 2 and 4 ranks, ep = world size. For
 each rank the bytes that leave it are read from the split sizes (and tensor shapes) actually
 passed to the functional collectives, forward and backward, by a dispatch mode that sees every
-`_c10d_functional` op (`moetx.testing.bodies.expert_parallel._CollectiveLog`). The minimum is the
+`_c10d_functional` op (`tests.bodies.expert_parallel._CollectiveLog`). The minimum is the
 routed (token, k) copies whose expert lives on another rank, times H times 4 bytes, counted out
 and back, forward and backward. The int64 metadata (the count exchange; for all-gather also the
 token counts and expert ids) is reported separately and left out of the ratio.
 
-Run: `python benchmarks/ep_dispatch.py [--tokens 512] [--steps 20]`. Prints a markdown table.
+Run: `python -m benchmarks.ep_dispatch [--tokens 512] [--steps 20]`. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from moetx.testing.bodies.expert_parallel import MoECase, bench_layer
 from moetx.testing.ranks import RankPool
+from tests.bodies.expert_parallel import MoECase, bench_layer
 
 
 def _row(world: int, dispatcher: str, results: list[dict]) -> str:

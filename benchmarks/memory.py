@@ -6,16 +6,16 @@ divided by the ideal (total / FSDP shard degree; = world size without HSDP repli
 after 2 warm-up steps, the two models' steps interleaved in the same run) of moetx's pipeline
 against the same parallelization written by hand with `fully_shard` calls.
 
-Run: `python benchmarks/memory.py`. Prints a markdown table.
+Run: `python -m benchmarks.memory`. Prints a markdown table.
 """
 
 from __future__ import annotations
 
 from moetx import FSDP, ExpertParallel, MeshDegrees, Pipeline
 from moetx.models import MoEConfig
-from moetx.testing.bodies.bench import compare_step_time
 from moetx.testing.ranks import RankPool
 from moetx.testing.train import TrainSpec
+from tests.bodies.bench import compare_step_time
 
 CONFIG = MoEConfig(
     vocab_size=256,

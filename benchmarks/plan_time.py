@@ -3,7 +3,7 @@
 `Pipeline.plan` applies the real pipeline to a `meta` copy under torch's fake process group, so
 its time is the pipeline's apply time on that model plus reading the placements back.
 
-Run: `python benchmarks/plan_time.py`. Prints a markdown table (median of 3 runs each).
+Run: `python -m benchmarks.plan_time`. Prints a markdown table (median of 3 runs each).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each benchmark is a script that prints a markdown table. This runner records the
 date and the torch version with them, because CPU timings on a shared 2-core box are only
 comparable within one run (ratios), never across runs. Bytes are deterministic.
 
-Run: `make bench` (or `python benchmarks/run_all.py [--only NAME ...]`).
+Run: `make bench` (or `python -m benchmarks.run_all [--only NAME ...]`).
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def main() -> int:
         print(f"running {script} ...", flush=True)
         start = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, str(HERE / script), *extra],
+            [sys.executable, "-m", f"benchmarks.{script.removesuffix('.py')}", *extra],
+            cwd=HERE.parent,
             capture_output=True,
             text=True,
             check=False,
@@ -91,11 +92,11 @@ def main() -> int:
             body = f"**failed** (exit {proc.returncode}):\n\n```text\n{tail}\n```"
         else:
             body = table
-        cmd = " ".join(["python", f"benchmarks/{script}", *extra])
+        cmd = " ".join(["python", "-m", f"benchmarks.{script.removesuffix('.py')}", *extra])
         sections.append(f"## {title}\n\n{what}\n\n`{cmd}` ({took:.0f} s)\n\n{body}\n")
     header = (
         "# moetx benchmarks\n\n"
-        "Written by `make bench` (`python benchmarks/run_all.py`); do not edit by hand.\n\n"
+        "Written by `make bench` (`python -m benchmarks.run_all`); do not edit by hand.\n\n"
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} "
         f"{platform.release()}, Python {platform.python_version()}\n"

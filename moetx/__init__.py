@@ -2,12 +2,15 @@
 
 pipeline = ExpertParallel() | ActivationCheckpoint() | FSDP()   # `|` sequences passes
 model = pipeline.apply(model, ParallelMesh.build(ep=2))
+
+The package is layered; each layer imports only from those before it: `core` (passes,
+pipelines, order rules, record, errors) -> `mesh` -> `structure` (and `models`) -> `passes` ->
+`training` -> `planning` -> `cli`. `testing` builds on the public API. Importing `moetx`
+imports every layer below `cli`, which fills the core's two seams (`moetx.core.seams`).
 """
 
-from moetx._accumulate import no_sync
-from moetx._checkpoint import full_state_dict, load_checkpoint, save_checkpoint
-from moetx._clip import clip_grad_norm_, grad_norm
-from moetx._errors import (
+from moetx.core import BUILTIN_ORDER, Applied, Pass, Pipeline, Placement, applied_passes
+from moetx.core.errors import (
     ActivationCheckpointError,
     CheckpointError,
     ContextParallelInputError,
@@ -27,12 +30,17 @@ from moetx._errors import (
     UnknownModelStructureError,
     UnsupportedAttentionError,
 )
-from moetx._mesh import MeshDegrees, ParallelMesh
-from moetx._order import BUILTIN_ORDER, Placement
-from moetx._pass import Applied, Pass, applied_passes
-from moetx._pipeline import Pipeline
-from moetx._plan import ParamGroup, Plan, RankBytes
+from moetx.mesh import MeshDegrees, ParallelMesh
 from moetx.passes import FSDP, ActivationCheckpoint, ContextParallel, ExpertParallel
+from moetx.planning import ParamGroup, Plan, RankBytes
+from moetx.training import (
+    clip_grad_norm_,
+    full_state_dict,
+    grad_norm,
+    load_checkpoint,
+    no_sync,
+    save_checkpoint,
+)
 
 __version__ = "0.1.0"
 

@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import sys
 
+from moetx.cli import demo, plan
+
+COMMANDS = {"demo": demo.main, "plan": plan.main}
+
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `moetx <command>`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("demo", "plan")
+    commands = tuple(COMMANDS)
     if not argv or argv[0] not in commands:
         print(
             f"usage: moetx {{{','.join(commands)}}} [options]   (moetx <command> --help)",
             file=sys.stderr,
         )
         return 2
-    if argv[0] == "demo":
-        from moetx._demo import main as demo
-
-        return demo(argv[1:])
-    if argv[0] == "plan":
-        from moetx._plan_cli import main as plan
-
-        return plan(argv[1:])
-    return 2  # pragma: no cover
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

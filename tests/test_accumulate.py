@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from moetx._accumulate import no_sync
-from moetx._mesh import MeshDegrees, ParallelMesh
-from moetx._pipeline import Pipeline
+from moetx.core.algebra import Pipeline
+from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh
 from moetx.models import MoEConfig
 from moetx.passes import FSDP, ExpertParallel
 from moetx.testing import compare, fake_world, gradients
-from moetx.testing.bodies import end_to_end as bodies
 from moetx.testing.train import TrainSpec, assert_matches_reference, build_model, train
+from moetx.training.accumulate import no_sync
+from tests.bodies import end_to_end as bodies
 
 ATOL, RTOL = 2e-5, 1e-4
 SPEC = TrainSpec(

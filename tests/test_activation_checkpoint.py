@@ -20,29 +20,29 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from moetx._errors import (
+from moetx.core.errors import (
     MoetxError,
     NoMoELayersError,
     PassAlreadyAppliedError,
     PassPreconditionError,
     UnknownModelStructureError,
 )
-from moetx._memory import LiveActivationMeter
-from moetx._mesh import ParallelMesh
-from moetx._pass import applied_passes, check_not_failed
-from moetx._structure import discover
+from moetx.core.record import applied_passes, check_not_failed
+from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.models import MoEConfig, MoETransformer, RoutedExperts, TopKRouter
 from moetx.models.config import SCORE_FUNCS
-from moetx.passes._activation_checkpoint import (
+from moetx.passes.activation_checkpoint.api import (
     MODES,
     SAVED_OPS,
     ActivationCheckpoint,
     ActivationCheckpointError,
     is_checkpointed,
 )
+from moetx.planning.meter import LiveActivationMeter
+from moetx.structure.discovery import discover
 from moetx.testing import compare, examples, fake_world, gradients
-from moetx.testing.bodies import activation_checkpoint as bodies
 from moetx.testing.train import TrainSpec
+from tests.bodies import activation_checkpoint as bodies
 
 EXACT: dict[str, Any] = {"atol": 0.0, "rtol": 0.0}
 MODEL = MoEConfig(

@@ -8,14 +8,19 @@ from typing import Any
 import pytest
 import torch
 
-from moetx._checkpoint import CheckpointError, full_state_dict, load_checkpoint, save_checkpoint
-from moetx._mesh import MeshDegrees
-from moetx._pipeline import Pipeline
+from moetx.core.algebra import Pipeline
+from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.passes import FSDP, ActivationCheckpoint, ExpertParallel
 from moetx.testing import compare
-from moetx.testing.bodies import end_to_end as bodies
 from moetx.testing.train import TrainSpec, build_model, mean_losses
+from moetx.training.checkpoint import (
+    CheckpointError,
+    full_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+)
+from tests.bodies import end_to_end as bodies
 
 SPEC = TrainSpec(
     config=MoEConfig(

@@ -10,14 +10,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moetx._clip import clip_grad_norm_, grad_norm
-from moetx._mesh import MeshDegrees
-from moetx._pipeline import Pipeline
+from moetx.core.algebra import Pipeline
+from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.passes import FSDP, ExpertParallel
 from moetx.testing import compare, examples, gradients
-from moetx.testing.bodies import end_to_end as bodies
 from moetx.testing.train import TrainSpec, build_model
+from moetx.training.clip import clip_grad_norm_, grad_norm
+from tests.bodies import end_to_end as bodies
 
 SPEC = TrainSpec(
     config=MoEConfig(

@@ -13,23 +13,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from moetx._cp_attention import COMMS, ContextParallelAttentionCore, sequence_index
-from moetx._errors import (
+from moetx.core.algebra import Pipeline
+from moetx.core.errors import (
     MeshAxisError,
     PassPreconditionError,
     SequenceDivisibilityError,
     UnsupportedAttentionError,
 )
-from moetx._mesh import MeshDegrees, ParallelMesh
-from moetx._pass import applied_passes, check_not_failed
-from moetx._pipeline import Pipeline
+from moetx.core.record import applied_passes, check_not_failed
+from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh
 from moetx.models import MoEConfig, MoETransformer
-from moetx.passes._context_parallel import ContextParallel, ContextParallelInputError
-from moetx.passes._fsdp import FSDP
+from moetx.passes.context_parallel.api import ContextParallel, ContextParallelInputError
+from moetx.passes.context_parallel.attention import (
+    COMMS,
+    ContextParallelAttentionCore,
+    sequence_index,
+)
+from moetx.passes.fsdp.api import FSDP
 from moetx.testing import compare, examples, fake_world
-from moetx.testing.bodies import context_parallel as bodies
-from moetx.testing.bodies.context_parallel import CPCase
 from moetx.testing.train import TrainSpec, mean_losses, rank_train, reference, train
+from tests.bodies import context_parallel as bodies
+from tests.bodies.context_parallel import CPCase
 
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 SMALL = MoEConfig(num_layers=2, num_dense_layers=1, aux_loss_coef=0.01)
@@ -131,7 +135,12 @@ def test_matches_one_process_cp4(pool4, comm: str):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_math_block_kernel_matches_cpu_flash(causal: bool):
     """The float32 math block kernel (used off CPU) equals the CPU flash kernel, fwd and bwd."""
-    from moetx._cp_attention import _attend, _attend_backward, _attend_backward_math, _attend_math
+    from moetx.passes.context_parallel.attention import (
+        _attend,
+        _attend_backward,
+        _attend_backward_math,
+        _attend_math,
+    )
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 6, 8, generator=g)
@@ -159,7 +168,7 @@ def test_math_block_kernel_matches_cpu_flash(causal: bool):
 def test_cp_ac_fsdp_trains_like_one_process(pool2, comm: str, mode: str):
     """`ContextParallel() | ActivationCheckpoint() | FSDP()` on cp=2: recomputation re-runs the
     collectives of the CP kernels (p2p) or reuses them (selective keeps collective outputs)."""
-    from moetx.passes._activation_checkpoint import ActivationCheckpoint
+    from moetx.passes.activation_checkpoint.api import ActivationCheckpoint
 
     degrees = MeshDegrees(cp=2)
     pipeline = ContextParallel(comm=comm) | ActivationCheckpoint(mode=mode) | FSDP()
@@ -206,7 +215,7 @@ def test_cp_fsdp_trains_like_one_process(pool4, pipeline: Pipeline, degrees: Mes
 @pytest.mark.parametrize("comm", COMMS)
 def test_cp_ep_fsdp_trains_like_one_process(pool4, comm: str):
     """`ContextParallel() | ExpertParallel() | FSDP()` with cp=2, ep=2 on 4 ranks."""
-    from moetx.passes._expert_parallel import ExpertParallel
+    from moetx.passes.expert_parallel.api import ExpertParallel
 
     degrees = MeshDegrees(dp_shard=2, cp=2, ep=2)
     pipeline = ContextParallel(comm=comm) | ExpertParallel() | FSDP()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from moetx._demo import main, parse_pipeline
+from moetx.cli.demo import main, parse_pipeline
 
 
 def test_demo_trains_with_parity_end_to_end():

@@ -12,17 +12,17 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from moetx._errors import ExpertDivisibilityError, MeshAxisError, NoMoELayersError
-from moetx._mesh import MeshDegrees, ParallelMesh
-from moetx._pass import applied_passes, check_not_failed
-from moetx._structure import discover
+from moetx.core.errors import ExpertDivisibilityError, MeshAxisError, NoMoELayersError
+from moetx.core.record import applied_passes, check_not_failed
+from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh
 from moetx.models import MoEConfig, MoETransformer
-from moetx.passes._expert_parallel import ExpertParallel, is_expert_parallel
-from moetx.passes._token_dispatch import DISPATCHERS
+from moetx.passes.expert_parallel.api import ExpertParallel, is_expert_parallel
+from moetx.passes.expert_parallel.dispatch import DISPATCHERS
+from moetx.structure.discovery import discover
 from moetx.testing import compare, examples, fake_world, gradients
-from moetx.testing.bodies import expert_parallel as bodies
-from moetx.testing.bodies.expert_parallel import ROUTINGS, MoECase
 from moetx.testing.train import TrainSpec, build_model, global_batches
+from tests.bodies import expert_parallel as bodies
+from tests.bodies.expert_parallel import ROUTINGS, MoECase
 
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 

@@ -8,14 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moetx._errors import PassPreconditionError
-from moetx._mesh import MeshDegrees
-from moetx._pipeline import Pipeline
+from moetx.core.algebra import Pipeline
+from moetx.core.errors import PassPreconditionError
+from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.passes import ContextParallel
-from moetx.passes._fsdp import FSDP
+from moetx.passes.fsdp.api import FSDP
 from moetx.testing import examples
-from moetx.testing.bodies.fsdp import placements
 from moetx.testing.parity import compare
 from moetx.testing.train import (
     TrainSpec,
@@ -24,6 +23,7 @@ from moetx.testing.train import (
     rank_train,
     reference,
 )
+from tests.bodies.fsdp import placements
 
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -122,7 +122,7 @@ def test_wrap_root_false_refuses_to_leave_parameters_unsharded(pool2):
 
 def test_no_blocks_is_refused():
     """A model without transformer blocks cannot be FSDP-wrapped per block."""
-    from moetx._errors import UnknownModelStructureError
+    from moetx.core.errors import UnknownModelStructureError
 
     with pytest.raises((PassPreconditionError, UnknownModelStructureError)):
         FSDP().check(torch.nn.Linear(2, 2), None, ())  # type: ignore[arg-type]
@@ -131,7 +131,7 @@ def test_no_blocks_is_refused():
 def test_tied_embeddings_stay_tied(pool2):
     """With tied embeddings, the lm head and the embedding remain one parameter."""
     spec = TrainSpec(config=MoEConfig(tie_embeddings=True))
-    from moetx.testing.bodies.fsdp import tied_after_fsdp
+    from tests.bodies.fsdp import tied_after_fsdp
 
     assert pool2.run(tied_after_fsdp, spec, MeshDegrees(dp_shard=2)) == [True, True]
 
@@ -205,7 +205,7 @@ def test_ep_then_fsdp_has_the_right_gradient_scale(request, ranks, degrees):
     Covers ep < world (ep_shard ranks FSDP-shard the same experts) and ep == world (size-1 expert
     FSDP mesh, where torch 2.13 divides twice under forced SUM) and HSDP.
     """
-    from moetx.passes._expert_parallel import ExpertParallel
+    from moetx.passes.expert_parallel.api import ExpertParallel
 
     pool = request.getfixturevalue(f"pool{ranks}")
     spec = TrainSpec(
@@ -223,7 +223,7 @@ def test_ep_then_fsdp_has_the_right_gradient_scale(request, ranks, degrees):
 def test_expert_placements_compose_ep_and_fsdp(pool4, num_experts, expected):
     """Experts: (_StridedShard on ep_shard, Shard(0) on ep) root-sharing meshes; dim 1 when
     there are more expert-FSDP shards than local experts, so nothing pads."""
-    from moetx.passes._expert_parallel import ExpertParallel
+    from moetx.passes.expert_parallel.api import ExpertParallel
 
     spec = TrainSpec(config=MoEConfig(num_experts=num_experts, top_k=1))
     got = pool4.run(placements, spec, ExpertParallel() | FSDP(), MeshDegrees(dp_shard=4, ep=2))
@@ -248,9 +248,9 @@ def test_expert_placements_compose_ep_and_fsdp(pool4, num_experts, expected):
 )
 def test_routing_load_counters_hold_global_counts(pool2, pipeline, degrees):
     """Aux-loss-free load counters are summed over all data and cp ranks, identical on each."""
-    from moetx._structure import discover
-    from moetx.testing.bodies.fsdp import load_counts_and_dtypes
+    from moetx.structure.discovery import discover
     from moetx.testing.train import build_model, global_batches
+    from tests.bodies.fsdp import load_counts_and_dtypes
 
     spec = TrainSpec(config=MoEConfig(routing_bias=True, score_func="sigmoid"))
     got = pool2.run(load_counts_and_dtypes, spec, pipeline, degrees)
@@ -267,7 +267,7 @@ def test_routing_load_counters_hold_global_counts(pool2, pipeline, degrees):
 
 def test_router_and_lm_head_compute_in_fp32_under_bf16(pool2):
     """Under a bf16 policy the router (and, when asked, the lm head) all-gather fp32 weights."""
-    from moetx.testing.bodies.fsdp import load_counts_and_dtypes
+    from tests.bodies.fsdp import load_counts_and_dtypes
 
     spec = TrainSpec(config=MoEConfig())
     fsdp = FSDP(param_dtype="bfloat16", fp32_modules=("router", "lm_head"))

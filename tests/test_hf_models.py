@@ -17,20 +17,19 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-import moetx._structure_hf
+import moetx.structure.hf
 from moetx import FSDP, ActivationCheckpoint, ExpertParallel, ParallelMesh
-from moetx._errors import (
+from moetx.core.errors import (
     NoMoELayersError,
     UnknownModelStructureError,
     UnsupportedAttentionError,
 )
-from moetx._mesh import MeshDegrees
-from moetx._structure import discover
-from moetx._structure_hf import hf_structure
+from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig, MoETransformer
-from moetx.passes._context_parallel import ContextParallel
+from moetx.passes.context_parallel.api import ContextParallel
+from moetx.structure.discovery import discover
+from moetx.structure.hf import hf_structure
 from moetx.testing import compare, fake_world, gradients
-from moetx.testing.bodies.hf import eval_batch, hf_rank_train, hf_round_trip
 from moetx.testing.hf import (
     FAMILIES,
     HFSpec,
@@ -41,6 +40,7 @@ from moetx.testing.hf import (
     tiny_config,
 )
 from moetx.testing.train import mean_losses
+from tests.bodies.hf import eval_batch, hf_rank_train, hf_round_trip
 
 # moetx.testing.hf and the rank bodies import transformers only when a model is built.
 pytest.importorskip(
@@ -127,7 +127,7 @@ def test_adapter_leaves_other_models_to_the_conventions():
 
 def test_registering_the_adapter_never_imports_transformers():
     """The adapter module imports nothing from transformers (it recognises models by class)."""
-    tree = ast.parse(inspect.getsource(moetx._structure_hf))
+    tree = ast.parse(inspect.getsource(moetx.structure.hf))
     imported = {
         alias.name
         for node in ast.walk(tree)

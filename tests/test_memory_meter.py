@@ -11,7 +11,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, distribute_tensor
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from moetx._memory import LiveActivationMeter
+from moetx.planning.meter import LiveActivationMeter
 from moetx.testing import fake_world
 
 F32 = 4

@@ -7,9 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.distributed.device_mesh import init_device_mesh
 
-from moetx._errors import MeshAxisError, MeshError
-from moetx._mesh import MeshDegrees, ParallelMesh, as_parallel_mesh
-from moetx.testing.fake import fake_world
+from moetx.core.errors import MeshAxisError, MeshError
+from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh, as_parallel_mesh
+from moetx.planning.fake_world import fake_world
 
 
 @st.composite

@@ -16,7 +16,7 @@ from moetx.testing import (
     missing_gradients,
     parameters,
 )
-from moetx.testing import _selftest_bodies as bodies
+from tests.bodies import selftest as bodies
 
 
 def test_equal_nested_results_pass() -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 
 import moetx
-from moetx._order import BUILTIN_ORDER
+from moetx.core.order import BUILTIN_ORDER
 from moetx.testing.strategies import passes, pipelines
 
 ALL_PASSES = [

@@ -11,16 +11,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from moetx._errors import (
+from moetx.core.algebra import Pass, Pipeline
+from moetx.core.errors import (
     DuplicatePassError,
     PartiallyAppliedModelError,
     PassAlreadyAppliedError,
     PassPreconditionError,
     PipelineOrderError,
 )
-from moetx._order import BUILTIN_ORDER, Placement
-from moetx._pass import Pass, applied_passes
-from moetx._pipeline import Pipeline
+from moetx.core.order import BUILTIN_ORDER, Placement
+from moetx.core.record import applied_passes
 
 
 class _Marking(Pass):
@@ -278,7 +278,7 @@ class _FakeMesh:
 
 @pytest.fixture(autouse=True)
 def _accept_fake_mesh(monkeypatch):
-    import moetx._mesh as mesh_mod
+    import moetx.mesh.parallel_mesh as mesh_mod
 
     real = mesh_mod.as_parallel_mesh
     monkeypatch.setattr(

@@ -20,11 +20,11 @@ from moetx import (
     Pipeline,
     PipelineOrderError,
 )
-from moetx._plan import Plan, RankBytes, plan
 from moetx.models import MoEConfig, MoETransformer
+from moetx.planning.plan import Plan, RankBytes, plan
 from moetx.testing import RankPool
-from moetx.testing.bodies.plan import gathered_after_forward, held_bytes, plan_here
 from moetx.testing.train import TrainSpec, build_model
+from tests.bodies.plan import gathered_after_forward, held_bytes, plan_here
 
 # Odd sizes on purpose: vocab 67, hidden 12 and widths 6/10 split unevenly over 2 and 4 ranks.
 UNEVEN = MoEConfig(

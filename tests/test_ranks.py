@@ -19,7 +19,7 @@ from moetx.testing import (
     examples,
     fake_world,
 )
-from moetx.testing import _selftest_bodies as bodies
+from tests.bodies import selftest as bodies
 
 
 @pytest.fixture(params=[2, 4], ids=["ws2", "ws4"])

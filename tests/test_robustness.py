@@ -6,13 +6,13 @@ import time
 
 import pytest
 
-from moetx._errors import ExpertDivisibilityError
-from moetx._mesh import MeshDegrees
+from moetx.core.errors import ExpertDivisibilityError
+from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.passes import FSDP, ExpertParallel
 from moetx.testing import RankError, RankTimeoutError
-from moetx.testing.bodies import end_to_end as bodies
 from moetx.testing.train import TrainSpec
+from tests.bodies import end_to_end as bodies
 
 SPEC = TrainSpec(config=MoEConfig(num_experts=4, num_layers=2, num_dense_layers=1), steps=1)
 EP_FSDP = ExpertParallel() | FSDP()

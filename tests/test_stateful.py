@@ -13,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from torch.distributed.tensor import DTensor
 
 import moetx
-from moetx._order import BUILTIN_ORDER
+from moetx.core.order import BUILTIN_ORDER
 from moetx.models import MoEConfig, MoETransformer
 from moetx.testing import examples, fake_world
 from moetx.testing.strategies import passes

@@ -1,4 +1,4 @@
-"""Tests for model-structure discovery (`moetx._structure`)."""
+"""Tests for model-structure discovery (`moetx.structure.discovery`)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,15 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from moetx import _structure
-from moetx._errors import UnknownModelStructureError
-from moetx._structure import ModelStructure, canonical_fqn, discover, register_structure_adapter
+from moetx.core.errors import UnknownModelStructureError
 from moetx.models import MoEConfig, MoETransformer
+from moetx.structure import discovery as _structure
+from moetx.structure.discovery import (
+    ModelStructure,
+    canonical_fqn,
+    discover,
+    register_structure_adapter,
+)
 
 FULL = MoEConfig(
     num_layers=3, num_dense_layers=1, num_shared_experts=2, num_mtp_layers=1, tie_embeddings=True

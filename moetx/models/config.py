@@ -8,7 +8,7 @@ import attrs
 import torch
 from attrs.validators import ge, gt, in_, instance_of, optional
 
-from moetx._errors import ModelConfigError
+from moetx.core.errors import ModelConfigError
 
 __all__ = ["DTYPES", "SCORE_FUNCS", "MoEConfig"]
 

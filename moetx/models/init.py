@@ -16,9 +16,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Partial, Shard, _StridedShard
 
-from moetx._structure import canonical_fqn
-from moetx._tensors import to_local
 from moetx.models.layers import RMSNorm
+from moetx.structure.discovery import canonical_fqn
+from moetx.structure.tensors import to_local
 
 __all__ = ["INIT_STD", "hashed_uniform", "init_weights_", "local_global_indices"]
 

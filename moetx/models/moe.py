@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetx._tensors import to_local
 from moetx.models.layers import DenseMLP
+from moetx.structure.tensors import to_local
 
 __all__ = [
     "MoEBlock",
@@ -183,7 +183,7 @@ StatsReducer = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, t
 Called as `reducer(counts [B, E] int64, prob_sums [B, E] float32, seq_len)` with this rank's
 per-sequence expert-choice counts, per-sequence sums of normalised scores, and local tokens per
 sequence; returns the same three for the whole sequences. The prob-sum reduction must be
-autograd-aware. `moetx.passes._context_parallel` installs one on every `MoEBlock`.
+autograd-aware. `moetx.passes.context_parallel.api` installs one on every `MoEBlock`.
 """
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetx.models.config import MoEConfig
+from moetx.models.init import init_weights_
 from moetx.models.layers import Attention, DenseMLP, RMSNorm, RotaryEmbedding
 from moetx.models.moe import MoEBlock
 
@@ -172,8 +173,6 @@ class MoETransformer(nn.Module):
             self.mtp = nn.ModuleList(MTPLayer(config) for _ in range(config.num_mtp_layers))
         self.tie_weights()
         if self.lm_head.weight.device.type != "meta":
-            from moetx.models.init import init_weights_
-
             init_weights_(self, seed=0)
 
     def get_input_embeddings(self) -> nn.Embedding:

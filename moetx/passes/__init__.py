@@ -1,8 +1,13 @@
-"""The built-in passes, one module each: context parallel, expert parallel, AC, FSDP."""
+"""Layer 4, the passes: one subpackage per parallelism, each owning its helpers.
 
-from moetx.passes._activation_checkpoint import ActivationCheckpoint
-from moetx.passes._context_parallel import ContextParallel
-from moetx.passes._expert_parallel import ExpertParallel
-from moetx.passes._fsdp import FSDP
+`context_parallel` (with its attention kernels), `expert_parallel` (with its token dispatchers),
+`activation_checkpoint` (with its recompute contexts and caches), `fsdp`; `load_sync` is the
+routing-load counter reduction CP and FSDP share. Each pass registers its `Pipeline.parse` name.
+"""
+
+from moetx.passes.activation_checkpoint import ActivationCheckpoint
+from moetx.passes.context_parallel import ContextParallel
+from moetx.passes.expert_parallel import ExpertParallel
+from moetx.passes.fsdp import FSDP
 
 __all__ = ["FSDP", "ActivationCheckpoint", "ContextParallel", "ExpertParallel"]

@@ -4,8 +4,8 @@ Also the deterministic activation-byte meter (`LiveActivationMeter`). Hypothesis
 in `moetx.testing.strategies` (imported on demand, so hypothesis stays a test-only dependency).
 """
 
-from moetx._memory import LiveActivationMeter
-from moetx.testing.fake import ProcessGroupExistsError, fake_world
+from moetx.core.errors import ProcessGroupExistsError, WorldSizeError
+from moetx.planning import LiveActivationMeter, fake_world
 from moetx.testing.parity import (
     clean_fqn,
     compare,
@@ -21,7 +21,6 @@ from moetx.testing.ranks import (
     RankError,
     RankPool,
     RankTimeoutError,
-    WorldSizeError,
     cached,
     warm_up,
 )

@@ -23,7 +23,6 @@ from typing import Any
 import attrs
 import torch
 
-import moetx._structure_hf  # noqa: F401  (registers the HF structure adapter)
 from moetx.testing.train import train
 
 __all__ = [

@@ -36,7 +36,6 @@ import contextlib
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 import time
 import weakref
@@ -46,8 +45,9 @@ from typing import Any, TypeVar
 
 import attrs
 
-from moetx._errors import MoetxError
-from moetx.testing._worker import STOP, dumps, loads, rank_main
+from moetx.core.errors import MoetxError, WorldSizeError
+from moetx.testing._rank_process import RankProcess
+from moetx.testing._worker import STOP, dumps
 
 __all__ = [
     "BodyNotPicklableError",
@@ -105,10 +105,6 @@ class RankTimeoutError(RankError):
 
 class BodyNotPicklableError(MoetxError, TypeError):
     """A rank body or its arguments cannot be pickled, so it cannot be sent to the ranks."""
-
-
-class WorldSizeError(MoetxError, ValueError):
-    """A world size or rank is out of range."""
 
 
 @attrs.define
@@ -176,86 +172,6 @@ def warm_up() -> None:
     forkserver.ensure_running()
 
 
-class _Rank:
-    """Parent-side handle of one rank process: its process, connection and log offsets."""
-
-    def __init__(self, ctx: Any, rank: int, world_size: int, store: str, pool: RankPool) -> None:
-        self.rank = rank
-        base = os.path.join(pool._tmpdir, f"rank{rank}-gen{pool.stats.starts}")
-        self.logs = (base + ".out", base + ".err")
-        self.offsets = [0, 0]
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(
-            target=rank_main,
-            args=(
-                rank,
-                world_size,
-                store,
-                pool.timeout,
-                child,
-                self.logs,
-            ),
-            name=f"moetx-rank{rank}",
-            daemon=True,
-        )
-        self.process.start()
-        child.close()
-
-    def echo(self) -> str:
-        """Copy new log output to the parent's stdout/stderr; return the new stderr text."""
-        err = ""
-        for i, stream in enumerate((sys.stdout, sys.stderr)):
-            try:
-                with open(self.logs[i], "rb") as f:
-                    f.seek(self.offsets[i])
-                    data = f.read()
-            except FileNotFoundError:
-                continue
-            self.offsets[i] += len(data)
-            text = data.decode("utf-8", "replace")
-            if text:
-                stream.write(
-                    "".join(f"[rank {self.rank}] {line}" for line in text.splitlines(True))
-                )
-                stream.write("" if text.endswith("\n") else "\n")
-                stream.flush()
-            err = text if i == 1 else err
-        return err
-
-    def receive(self) -> tuple[bool, Any, BaseException | None] | None:
-        """Read the rank's reply `(ok, result or traceback, exception)`; None if it died."""
-        try:
-            if not self.conn.poll():
-                return None
-            data = self.conn.recv_bytes()
-        except (EOFError, OSError):
-            return None
-        try:
-            ok, value, exc_bytes = loads(data)
-        except Exception as err:  # e.g. a result whose class the parent cannot import
-            return False, f"the parent could not unpickle the reply: {err!r}", err
-        raised = None
-        if exc_bytes is not None:
-            with contextlib.suppress(Exception):  # the traceback text is enough
-                raised = loads(exc_bytes)
-        return ok, value, raised
-
-    def death(self) -> str:
-        """Describe a rank that died: its exit code and the end of its stderr."""
-        self.process.join(1)
-        text = f"died (exit code {self.process.exitcode})"
-        err = self.echo().rstrip()
-        if err:
-            text += "; last stderr lines:\n" + "\n".join(err.splitlines()[-20:])
-        return text
-
-    def kill(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(5)
-        self.conn.close()
-
-
 class RankPool:
     """N real ranks (gloo over a FileStore), started once and reused for many calls.
 
@@ -281,7 +197,7 @@ class RankPool:
         self.grace = grace
         self.stats = PoolStats()
         self._tmpdir = tempfile.mkdtemp(prefix=f"moetx-ranks{world_size}-")
-        self._ranks: list[_Rank] = []
+        self._ranks: list[RankProcess] = []
         self._closed = False
         # Remove logs and stores even if `close` is never called (ranks are daemons: they die
         # with this process).
@@ -308,7 +224,14 @@ class RankPool:
         ctx = _context()
         self.stats.starts += 1
         store = os.path.join(self._tmpdir, f"store-gen{self.stats.starts}")
-        self._ranks = [_Rank(ctx, r, self.world_size, store, self) for r in range(self.world_size)]
+        gen = self.stats.starts
+        self._ranks = [
+            RankProcess(
+                ctx, r, self.world_size, store, self.timeout,
+                os.path.join(self._tmpdir, f"rank{r}-gen{gen}"),
+            )
+            for r in range(self.world_size)
+        ]  # fmt: skip
         self._collect(what="starting the ranks", timeout=max(self.timeout, 120.0))
         elapsed = time.perf_counter() - begin
         self.stats.first_start_s = self.stats.first_start_s or elapsed
@@ -360,7 +283,7 @@ class RankPool:
     def _collect(self, *, what: str, timeout: float) -> list[Any]:
         """Wait for one reply per rank; on any failure kill every rank and raise."""
         ranks = self._ranks
-        by_wait_obj: dict[Any, _Rank] = {}
+        by_wait_obj: dict[Any, RankProcess] = {}
         for r in ranks:
             by_wait_obj[r.conn] = r
             by_wait_obj[r.process.sentinel] = r

@@ -9,16 +9,20 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from moetx._mesh import MeshDegrees
-from moetx._order import BUILTIN_ORDER
-from moetx._pass import Pass
-from moetx._pipeline import Pipeline
+from moetx import (
+    BUILTIN_ORDER,
+    FSDP,
+    ActivationCheckpoint,
+    ContextParallel,
+    ExpertParallel,
+    MeshDegrees,
+    Pass,
+    Pipeline,
+)
 from moetx.models import MoEConfig
 
 
 def _builtin_pass_strategies(*, mixed_precision: bool = True) -> dict[str, st.SearchStrategy[Any]]:
-    from moetx.passes import FSDP, ActivationCheckpoint, ExpertParallel
-
     out: dict[str, st.SearchStrategy[Any]] = {
         "ep": st.builds(ExpertParallel, dispatcher=st.sampled_from(["all_to_all", "all_gather"])),
         "ac": st.builds(
@@ -32,14 +36,9 @@ def _builtin_pass_strategies(*, mixed_precision: bool = True) -> dict[str, st.Se
             param_dtype=st.sampled_from([None, "bfloat16"] if mixed_precision else [None]),
         ),
     }
-    try:
-        from moetx.passes import ContextParallel  # type: ignore[attr-defined]
-
-        out["cp"] = st.builds(
-            ContextParallel, comm=st.sampled_from(["allgather", "p2p"]), load_balance=st.booleans()
-        )
-    except ImportError:  # pragma: no cover - before the CP pass existed
-        pass
+    out["cp"] = st.builds(
+        ContextParallel, comm=st.sampled_from(["allgather", "p2p"]), load_balance=st.booleans()
+    )
     return out
 
 

@@ -17,12 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moetx._mesh import MeshDegrees, ParallelMesh
-from moetx._pipeline import Pipeline
-from moetx._tensors import local_bytes
+from moetx import ContextParallel, MeshDegrees, ParallelMesh, Pipeline
 from moetx.models import MoEConfig, MoETransformer, init_weights_
-from moetx.passes._context_parallel import ContextParallel
-from moetx.testing.parity import gradients, parameters
+from moetx.structure import discover
+from moetx.structure.tensors import local_bytes
+from moetx.testing.parity import compare, gradients, parameters
 from moetx.testing.ranks import cached
 
 
@@ -84,8 +83,6 @@ def materialize(model: nn.Module, spec: TrainSpec) -> nn.Module:
 
 
 def _low_precision_forward(model: nn.Module, dtype: torch.dtype) -> Any:
-    from moetx._structure import discover
-
     keep = {id(p) for layer in discover(model).moe_layers() for p in layer.router.parameters()}
 
     def forward(ids: torch.Tensor, labels: torch.Tensor, position_ids: Any = None) -> Any:
@@ -258,8 +255,6 @@ def assert_matches_reference(
     Gradients are compared every step (not only losses and final parameters): AdamW is nearly
     invariant to a constant gradient scale, so a 2x expert-gradient bug hides from the others.
     """
-    from moetx.testing.parity import compare
-
     for step, (got, want) in enumerate(zip(mean_losses(results), ref["losses"], strict=True)):
         compare({"loss": want}, {"loss": got}, atol=atol, rtol=rtol, what=f"loss at step {step}")
     for r, res in enumerate(results):

@@ -1,0 +1,249 @@
+"""`ExpertParallel`: shard every MoE layer's routed experts over the `ep` mesh axis."""
+
+from __future__ import annotations
+
+import contextlib
+import typing
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import attrs
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from moetx.core.algebra import Pass, register_pass
+from moetx.core.errors import ExpertDivisibilityError, NoMoELayersError
+from moetx.core.order import Placement
+from moetx.core.record import Applied
+from moetx.passes.expert_parallel.dispatch import DISPATCHERS, make_dispatcher
+from moetx.structure.discovery import MOE_NAMES, ROUTER_NAMES, MoELayer, discover
+from moetx.structure.swap import swap_class
+from moetx.structure.tensors import to_local
+
+if typing.TYPE_CHECKING:
+    from moetx.mesh.parallel_mesh import ParallelMesh
+
+__all__ = ["ExpertParallel", "is_expert_parallel"]
+
+_STATE_ATTR = "_moetx_expert_parallel"
+
+
+@register_pass("ep")
+@typing.final
+@attrs.frozen(kw_only=True, repr=False)
+class ExpertParallel(Pass):
+    """Shard every MoE layer's routed experts over a mesh axis and route tokens to them.
+
+    **What it shards.** Every stacked routed-expert parameter (`gate_up_proj [E, 2I, H]`,
+    `down_proj [E, H, I]`, as `moetx.structure.discovery.discover` reports them) of every MoE layer, in
+    the backbone and the MTP head, becomes an `nn.Parameter` holding a DTensor `Shard(0)` on
+    `mesh[axis]`: ep rank r holds global experts `[r * E/D, (r + 1) * E/D)`. Names, global
+    shapes and `requires_grad` are kept, so state-dict keys and checkpoints hold the global
+    expert tensors. Routers, shared experts and dense parameters are untouched. Works on a
+    `meta`-built model (no communication at apply time: each rank keeps its chunk of its own
+    values, as FSDP2 does, so ranks must build identical values, e.g. with `init_weights_`).
+
+    **Forward.** Each experts module's class is swapped for a generated subclass (as FSDP2's
+    `fully_shard` does; the module keeps its name and place), whose `forward(hidden,
+    top_k_index, top_k_weights)` dispatches the token copies to their experts' ranks, calls
+    the *original* forward on the local shard with local expert ids and unit weights (the
+    parameters swapped for their `to_local()` views for the call), and combines: the routing
+    weights are applied on the sending rank after the outputs return. Any experts module that
+    obeys the experts contract works. Dispatchers (`moetx.passes.expert_parallel.dispatch`):
+    `"all_to_all"` (default; per MoE layer, forward: one int64 count exchange and two uneven
+    autograd all-to-alls, backward: two) and `"all_gather"` (a simple cross-check that moves
+    D times more data).
+
+    **Degree 1.** With `mesh.degree(axis) == 1` nothing is installed: experts stay plain local
+    tensors and `facts()["expert_params"]` is empty (FSDP then treats them as dense).
+
+    **Gradient scale.** After backward, an expert-shard gradient is the *sum* over every
+    token of the ep group routed to it (the all-to-all backward returns each copy's gradient
+    to the owning rank); every other gradient covers only this rank's tokens. So a
+    data-parallel step with per-rank mean losses averages non-expert gradients over all W
+    ranks, and sums each expert-shard gradient over the ranks holding the same shard, then
+    divides by W: never by, or times, the ep degree (pytorch#160285). The `FSDP` pass does this
+    with `set_gradient_divide_factor(W)` on the expert units.
+
+    Stage `ep`: after `cp`, before `ac` and `fsdp` (it replaces parameters, which FSDP must
+    then wrap). `apply` consumes its input: it mutates the model in place and returns it.
+
+    Preconditions (checked before anything changes, each a typed `MoetxError`):
+        - the mesh has `axis` (`MeshAxisError`);
+        - the model has at least one MoE layer (`NoMoELayersError`);
+        - every MoE layer's expert count is divisible by the degree (`ExpertDivisibilityError`).
+
+    Upstream APIs: `torch.distributed.tensor.distribute_tensor` (`src_data_rank=None`),
+    `torch.distributed._functional_collectives.all_to_all_single` /
+    `all_to_all_single_autograd` / `all_gather_single(_autograd)` /
+    `reduce_scatter_single_autograd`, `DTensor.to_local`.
+
+    Args:
+        axis: Mesh axis the experts are sharded over; its degree is read from the mesh.
+        dispatcher: `"all_to_all"` or `"all_gather"`.
+
+    Example:
+        >>> ExpertParallel(dispatcher="all_gather")
+        ExpertParallel(dispatcher='all_gather')
+    """
+
+    placement: ClassVar[Placement] = Placement.builtin("ep")
+
+    axis: str = attrs.field(
+        default="ep",
+        validator=[attrs.validators.instance_of(str), attrs.validators.min_len(1)],
+    )
+    dispatcher: str = attrs.field(default="all_to_all", validator=attrs.validators.in_(DISPATCHERS))
+
+    def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
+        """Raise if the mesh lacks the axis, the model has no MoE layer, or E % degree != 0."""
+        mesh.require(self.axis, by="ExpertParallel")
+        layers = self._moe_layers(model)
+        degree = mesh.degree(self.axis)
+        bad = [layer for layer in layers if layer.num_experts % degree]
+        if bad:
+            lines = [
+                f"`{layer.experts_fqn}` has {layer.num_experts} experts, not divisible by ep "
+                f"degree {degree}."
+                for layer in bad
+            ]
+            counts = {layer.num_experts for layer in layers}
+            divisors = [d for d in range(1, min(counts) + 1) if all(n % d == 0 for n in counts)]
+            raise ExpertDivisibilityError(
+                "\n".join(lines) + "\n"
+                f"  fix: build the mesh with an ep degree that divides every expert count "
+                f"(one of {divisors}), or use a multiple of {degree} experts."
+            )
+
+    def _apply(
+        self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]
+    ) -> nn.Module:
+        degree = mesh.degree(self.axis)
+        if degree == 1:
+            return model
+        ep_mesh = mesh[self.axis]
+        replaced: dict[int, nn.Parameter] = {}
+        for layer in self._moe_layers(model):
+            experts = layer.experts
+            for name in layer.expert_param_names:
+                param = getattr(experts, name)
+                if id(param) not in replaced:
+                    replaced[id(param)] = _shard(param, ep_mesh)
+                setattr(experts, name, replaced[id(param)])
+            _install(
+                experts,
+                _EPState(
+                    ep_mesh,
+                    self.dispatcher,
+                    layer.num_experts,
+                    layer.expert_param_names,
+                    layer.num_experts_attr,
+                ),
+            )
+        return model
+
+    def facts(self, model: nn.Module, mesh: ParallelMesh) -> Mapping[str, Any]:
+        """`axis`, `degree`, and `expert_params`: FQNs of the parameters this pass sharded."""
+        degree = mesh.degree(self.axis)
+        names = tuple(discover(model).expert_parameters()) if degree > 1 else ()
+        return {"axis": self.axis, "degree": degree, "expert_params": names}
+
+    @staticmethod
+    def _moe_layers(model: nn.Module) -> tuple[MoELayer, ...]:
+        layers = discover(model).moe_layers()
+        if not layers:
+            moe = " or ".join(f"`{n}`" for n in MOE_NAMES)
+            router = " or ".join(f"`{n}`" for n in ROUTER_NAMES)
+            raise NoMoELayersError(
+                f"`{type(model).__name__}` has no MoE layers for `ExpertParallel` to shard: looked "
+                f"in every decoder block (and MTP block) for an {moe} child that has both an "
+                f"`experts` and a {router} child.\n"
+                "  fix: leave `ExpertParallel` out of the pipeline for dense models, or register "
+                "a structure adapter (`moetx.structure.register_structure_adapter`)."
+            )
+        return layers
+
+
+# ------------------------------------------------------------------------ sharding the experts
+
+
+def _shard(param: nn.Parameter, ep_mesh: DeviceMesh) -> nn.Parameter:
+    # src_data_rank=None: every rank keeps its own chunk (a compact copy), no scatter; this
+    # works on meta, like FSDP2's sharding.
+    dt = distribute_tensor(param.detach(), ep_mesh, [Shard(0)], src_data_rank=None)
+    return nn.Parameter(dt, requires_grad=param.requires_grad)
+
+
+@attrs.frozen(eq=False)
+class _EPState:
+    """Configuration stored on a sharded experts module (never changed after `apply`)."""
+
+    mesh: DeviceMesh
+    dispatcher: str
+    num_experts: int
+    param_names: tuple[str, ...]
+    count_attr: str | None = None  # the experts' own expert-count attribute (`num_experts`)
+
+
+class _ExpertParallelExperts(nn.Module):
+    """Mixin placed in front of the experts class: dispatch -> original forward -> combine."""
+
+    def forward(self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        state: _EPState = self.__dict__[_STATE_ATTR]
+        dispatcher = make_dispatcher(state.dispatcher, state.mesh, state.num_experts)
+        tokens, expert_ids, plan = dispatcher.dispatch(hidden, top_k_index, top_k_weights)
+        local = {name: to_local(getattr(self, name)) for name in state.param_names}
+        ones = torch.ones(tokens.shape[0], 1, dtype=top_k_weights.dtype, device=tokens.device)
+        with _swapped_parameters(self, local), _local_count(self, state):
+            out = super().forward(tokens, expert_ids.unsqueeze(1), ones)
+        if tokens.shape[0] == 0:
+            # No token reached this rank: tie the (empty) output to the local parameters so
+            # they get zero gradients, never None, even if the experts skip unused weights.
+            out = out + sum(p.sum() for p in local.values()) * 0
+        combined = dispatcher.combine(out, plan)
+        # Never hand back a view: when FSDP wraps these experts, an in-place op by the caller
+        # on a view output (`out += shared`) would silently drop FSDP's pre-backward hook.
+        return combined.clone() if combined._base is not None else combined
+
+
+@contextlib.contextmanager
+def _swapped_parameters(module: nn.Module, tensors: dict[str, Tensor]) -> Iterator[None]:
+    # What torch.func.functional_call does, minus the call: functional_call would run
+    # module(...), i.e. our own forward again and every module hook (FSDP2's unshard hooks);
+    # swapping and calling the original class's forward directly avoids both.
+    saved = {name: module._parameters[name] for name in tensors}
+    try:
+        for name, tensor in tensors.items():
+            module._parameters[name] = tensor  # type: ignore[assignment]
+        yield
+    finally:
+        module._parameters.update(saved)
+
+
+@contextlib.contextmanager
+def _local_count(module: nn.Module, state: _EPState) -> Iterator[None]:
+    # The original forward sees the local shard, so it must see the local expert count too:
+    # HF transformers' experts size their grouped_mm offsets (`histc(bins=self.num_experts)`,
+    # one per weight) and `one_hot` masks from `self.num_experts`; with the global count
+    # grouped_mm fails ("matrix batch sizes have to match"). HF's own EP sets it the same way.
+    name = state.count_attr
+    if name is None:
+        yield
+        return
+    saved = module.__dict__[name]
+    module.__dict__[name] = state.num_experts // state.mesh.size()
+    try:
+        yield
+    finally:
+        module.__dict__[name] = saved
+
+
+def _install(experts: nn.Module, state: _EPState) -> None:
+    swap_class(experts, _ExpertParallelExperts, "ExpertParallel", _STATE_ATTR, state)
+
+
+def is_expert_parallel(module: nn.Module) -> bool:
+    """Whether `module` is an experts module that `ExpertParallel` sharded (degree > 1)."""
+    return _STATE_ATTR in module.__dict__

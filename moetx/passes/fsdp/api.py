@@ -1,0 +1,224 @@
+"""`FSDP`: FSDP2 (`fully_shard`) over dense and expert parameters, one unit per block.
+
+Written on torch's own `torch.distributed.fsdp.fully_shard`; moetx only decides the units, the
+meshes and the gradient scale, which are where MoE models go wrong (PEER-LESSONS.md).
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor, Shard
+
+from moetx.core.algebra import Pass, register_pass
+from moetx.core.errors import PassPreconditionError
+from moetx.core.order import Placement
+from moetx.core.record import Applied, find_applied
+from moetx.mesh.parallel_mesh import ParallelMesh
+from moetx.passes.load_sync import install_load_sync
+from moetx.structure.discovery import ModelStructure, discover
+
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+#: Module roles that may be kept in fp32 under a low-precision `param_dtype`.
+FP32_ROLES: tuple[str, ...] = ("router", "lm_head")
+
+_optional_dtype = attrs.validators.optional(attrs.validators.in_(DTYPES))
+
+
+def _roles(value: Any) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _check_roles(_: Any, attr: attrs.Attribute, value: tuple[str, ...]) -> None:
+    bad = [r for r in value if r not in FP32_ROLES]
+    if bad:
+        raise ValueError(f"`{attr.name}` entries must be in {FP32_ROLES} (got {bad[0]!r}).")
+
+
+def _check_reshard(_: Any, attr: attrs.Attribute, value: object) -> None:
+    if not isinstance(value, (bool, int)) or (not isinstance(value, bool) and value < 1):
+        raise ValueError(f"`{attr.name}` must be a bool or a positive int (got {value!r}).")
+
+
+@register_pass("fsdp")
+@typing.final
+@attrs.frozen(kw_only=True, repr=False)
+class FSDP(Pass):
+    """Shard parameters, gradients and optimizer state with FSDP2 (`fully_shard`).
+
+    Stage `fsdp`: last in a pipeline (after cp, ep, ac). Units, innermost first:
+
+    - routed experts of each MoE layer, if `ExpertParallel` sharded them (read from the model's
+      record, not from flags): sharded over the ranks that hold the same experts
+      (`ParallelMesh.expert_fsdp_mesh`: ep_shard, x dp_replicate), on dim 0, or dim 1 when
+      there are more shards than local experts (no padding). Their gradient divide factor is
+      the world size, so expert gradients have the same global-mean scale as dense ones
+      (without it they come out ep x too large: pytorch#160285);
+    - the router of each MoE layer, with an fp32 policy, when `param_dtype` is low precision
+      and `"router"` is in `fp32_modules` (as Megatron's router dtype option);
+    - each transformer block (backbone and MTP), over dp_shard x cp (HSDP with dp_replicate);
+    - the input embedding and the lm head (unless tied: tied weights stay with the root);
+    - the root (final norm and everything left), unless `wrap_root=False`.
+
+    Frozen parameters (`requires_grad=False`) stay frozen. Routing-load counters (aux-loss-free
+    balancing) are summed over every data and context-parallel rank after each forward. `apply` consumes its input (FSDP2
+    swaps module classes in place).
+
+    Args:
+        param_dtype: Dtype parameters are all-gathered in for compute (None: keep).
+        reduce_dtype: Dtype gradients are reduced in (None: `param_dtype`).
+        output_dtype: Dtype of unit outputs (None: no cast).
+        fp32_modules: Roles kept in fp32 under a low `param_dtype`: "router", "lm_head".
+        reshard_after_forward: FSDP2's option: free gathered params after forward (True),
+            keep them (False; more memory, less communication), or reshard to a smaller
+            group of this size (int).
+        cpu_offload: Keep sharded parameters, gradients and optimizer state on the CPU.
+        wrap_root: Also make the root module an FSDP unit (otherwise only the final norm).
+
+    Example:
+        >>> FSDP(param_dtype="bfloat16", reduce_dtype="float32")
+        FSDP(param_dtype='bfloat16', reduce_dtype='float32')
+    """
+
+    placement = Placement.builtin("fsdp")
+
+    param_dtype: str | None = attrs.field(default=None, validator=_optional_dtype)
+    reduce_dtype: str | None = attrs.field(default=None, validator=_optional_dtype)
+    output_dtype: str | None = attrs.field(default=None, validator=_optional_dtype)
+    fp32_modules: tuple[str, ...] = attrs.field(
+        default=("router",), converter=_roles, validator=_check_roles
+    )
+    reshard_after_forward: bool | int = attrs.field(default=True, validator=_check_reshard)
+    cpu_offload: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    wrap_root: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+
+    def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
+        """Blocks must be discoverable; every parameter must land in some unit."""
+        structure = discover(model)
+        if not structure.blocks:
+            raise PassPreconditionError(
+                f"`FSDP` found no transformer blocks in `{type(model).__name__}`; it shards one "
+                "unit per block."
+            )
+        mesh.require("dp_shard_cp", by="FSDP")
+        if not self.wrap_root:
+            covered = self._unit_params(model, structure)
+            left = [n for n, p in model.named_parameters() if id(p) not in covered]
+            if left:
+                raise PassPreconditionError(
+                    f"`FSDP(wrap_root=False)` would leave {len(left)} parameter(s) outside every "
+                    f"FSDP unit (first: `{left[0]}`); their gradients would never be averaged.\n"
+                    "  fix: keep `wrap_root=True`, or shard the outer model yourself."
+                )
+
+    def _unit_params(self, model: nn.Module, s: ModelStructure) -> set[int]:
+        mods: list[nn.Module] = [b.module for b in s.blocks]
+        mods += [m for m in (s.embedding, s.lm_head, s.final_norm) if m is not None]
+        return {id(p) for m in mods for p in m.parameters()}
+
+    def _policy(self, *, fp32: bool = False) -> MixedPrecisionPolicy:
+        if fp32 and self.param_dtype not in (None, "float32"):
+            return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        dt = {d: getattr(torch, d) for d in DTYPES}
+        return MixedPrecisionPolicy(
+            param_dtype=dt.get(self.param_dtype or ""),
+            reduce_dtype=dt.get(self.reduce_dtype or ""),
+            output_dtype=dt.get(self.output_dtype or ""),
+        )
+
+    def _offload(self) -> OffloadPolicy:
+        # pin_memory needs an accelerator: the default fails on CPU-only builds (notes §4.3).
+        return (
+            CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+            if self.cpu_offload
+            else OffloadPolicy()
+        )
+
+    def _apply(
+        self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]
+    ) -> nn.Module:
+        s = discover(model)
+        dense = mesh.dense_fsdp_mesh()
+        ep = find_applied(record, "ep")
+        ep_owned = set(ep.facts.get("expert_params", ())) if ep is not None else set()
+
+        for block in s.blocks:
+            moe = block.moe
+            if (
+                moe is not None
+                and ep_owned
+                and any(isinstance(p, DTensor) for p in moe.experts.parameters())
+            ):
+                self._shard_experts(moe.experts, moe.num_experts, mesh)
+            if moe is not None and "router" in self.fp32_modules and self.param_dtype:
+                fully_shard(
+                    moe.router, mesh=dense, mp_policy=self._policy(fp32=True), **self._common()
+                )
+            fully_shard(block.module, mesh=dense, mp_policy=self._policy(), **self._common())
+        if not s.tied_embeddings:
+            fully_shard(s.embedding, mesh=dense, mp_policy=self._policy(), **self._common())
+            if s.lm_head is not None:
+                fp32 = "lm_head" in self.fp32_modules
+                fully_shard(
+                    s.lm_head, mesh=dense, mp_policy=self._policy(fp32=fp32), **self._common()
+                )
+        # Routing-load counters must hold global counts, not this rank's (see _load_sync).
+        install_load_sync(model, mesh.root.get_group())
+        if self.wrap_root:
+            fully_shard(model, mesh=dense, mp_policy=self._policy(), **self._common())
+        elif s.final_norm is not None:
+            fully_shard(s.final_norm, mesh=dense, mp_policy=self._policy(), **self._common())
+        return model
+
+    def _common(self) -> dict[str, Any]:
+        return {
+            "reshard_after_forward": self.reshard_after_forward,
+            "offload_policy": self._offload(),
+        }
+
+    def _shard_experts(self, experts: nn.Module, num_experts: int, mesh: ParallelMesh) -> None:
+        emesh = mesh.expert_fsdp_mesh()
+        local_experts = num_experts // mesh.degree("ep")
+        shards = emesh.size()
+
+        def placement(p: nn.Parameter) -> Shard:
+            # Dim 0 is the expert dim; with more shards than local experts it would pad, so
+            # shard dim 1 instead (torchtitan#1561). 1-D tensors only have dim 0.
+            return Shard(0) if p.ndim == 1 or local_experts % shards == 0 else Shard(1)
+
+        fully_shard(
+            experts,
+            mesh=emesh,
+            shard_placement_fn=placement,
+            mp_policy=self._policy(),
+            **self._common(),
+        )
+        unit = typing.cast(FSDPModule, experts)
+        # Expert grads arrive summed over every rank's tokens (the all-to-all backward returns
+        # them to the owner); the global-mean loss needs a division by the whole world.
+        unit.set_gradient_divide_factor(float(mesh.world_size))
+        if shards > 1 and dist.get_backend(emesh.get_group()) == "gloo":
+            # gloo has no PREMUL_SUM, which the divide factor uses; not on size-1 meshes,
+            # where torch 2.13 would divide twice (notes §4.2).
+            unit.set_force_sum_reduction_for_comms(True)
+
+    def facts(self, model: nn.Module, mesh: ParallelMesh) -> Mapping[str, Any]:
+        """The dense and expert FSDP degrees, for plans and later tooling."""
+        d = mesh.degrees
+        return {
+            "dense_degree": d.dp_replicate * d.dp_shard_cp,
+            "expert_degree": d.dp_replicate * d.ep_shard,
+        }

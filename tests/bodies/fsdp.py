@@ -1,0 +1,66 @@
+"""Rank bodies for the FSDP tests: placements and byte counts of a parallelized model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.distributed.tensor import DTensor
+
+from moetx.core.algebra import Pipeline
+from moetx.mesh.parallel_mesh import MeshDegrees
+from moetx.testing.train import TrainSpec, build_model, mesh_for
+
+
+def placements(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> dict[str, Any]:
+    """FQN -> (mesh dim names, placements as strings, local numel) after `pipeline`."""
+    model = pipeline.apply(build_model(spec), mesh_for(degrees))
+    out: dict[str, Any] = {}
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            out[name] = (
+                tuple(p.device_mesh.mesh_dim_names or ()),
+                tuple(repr(pl) for pl in p.placements),
+                p.to_local().numel(),
+                p.numel(),
+            )
+        else:
+            out[name] = ((), (), p.numel(), p.numel())
+    return out
+
+
+def tied_after_fsdp(spec: TrainSpec, degrees: MeshDegrees) -> bool:
+    """Whether the lm head and the input embedding still share one parameter after FSDP."""
+    from moetx.passes.fsdp.api import FSDP
+
+    model: Any = FSDP().apply(build_model(spec), mesh_for(degrees))
+    return model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def load_counts_and_dtypes(
+    spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees
+) -> dict[str, Any]:
+    """One forward/backward on this rank's part of the first batch (its rows, and its sequence
+    chunk under context parallelism): routing-load counters and compute dtypes seen."""
+    from moetx.structure.discovery import discover
+    from moetx.testing.train import _rank_setup
+
+    model: Any
+    model, batches = _rank_setup(spec, pipeline, degrees)
+    seen: dict[str, Any] = {}
+    s = discover(model)
+    for name, mod in (("router", s.moe_layers()[0].router), ("attention", s.blocks[0].attention)):
+        mod.register_forward_pre_hook(
+            lambda m, a, name=name: seen.__setitem__(name, next(iter(m.parameters())).dtype)
+        )
+    if s.lm_head is not None:
+        s.lm_head.register_forward_pre_hook(
+            lambda m, a: seen.__setitem__("lm_head", m.weight.dtype)
+        )
+    ids, labels, *positions = batches[0]
+    model(ids, labels=labels, position_ids=positions[0] if positions else None).loss.backward()
+    counts = {
+        layer.fqn: layer.router.get_buffer("expert_load").clone()
+        for layer in s.moe_layers()
+        if getattr(layer.router, "expert_load", None) is not None
+    }
+    return {"counts": counts, "dtypes": seen}
