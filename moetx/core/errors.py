@@ -95,3 +95,11 @@ class WorldSizeError(MoetxError, ValueError):
 
 class ProcessGroupExistsError(MoetxError, RuntimeError):
     """A default process group already exists in this process, so a fake one cannot be created."""
+
+
+class BatchError(MoetxError, ValueError):
+    """A batch does not fit the mesh (rows not divisible by the data ranks, mismatched labels)."""
+
+
+class GradientSyncError(MoetxError, ValueError):
+    """Gradients cannot be synchronised this way (e.g. `sync_gradients` on an FSDP model)."""

@@ -222,6 +222,21 @@ class ParallelMesh:
         """Number of ranks."""
         return self.degrees.world_size
 
+    @property
+    def data_rank(self) -> int:
+        """This rank's data-parallel position: which rows of a global batch it reads.
+
+        Counted over dp_replicate x dp_shard (cp ranks of one group share rows and split the
+        sequence; ep borrows its ranks from these, so it adds nothing), in `[0, data_size)`.
+        """
+        replica, shard, _ = self.dense.get_coordinate() or (0, 0, 0)
+        return replica * self.degrees.dp_shard + shard
+
+    @property
+    def data_size(self) -> int:
+        """Number of data-parallel positions: dp_replicate x dp_shard."""
+        return self.degrees.dp_replicate * self.degrees.dp_shard
+
     def dense_fsdp_mesh(self) -> DeviceMesh:
         """Mesh FSDP shards dense parameters over: dp_shard x cp, with dp_replicate for HSDP."""
         return self.fsdp if self.degrees.dp_replicate > 1 else self.fsdp["dp_shard_cp"]

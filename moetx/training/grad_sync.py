@@ -1,0 +1,78 @@
+"""Gradient averaging for pipelines without FSDP (`ExpertParallel()` alone, CP alone, CP | EP | AC).
+
+FSDP reduces gradients itself; without it nothing does, and ranks silently drift apart. This is
+the reduction FSDP would do, by hand because no torch API covers DTensor expert shards and plain
+dense parameters at once (DDP refuses DTensor parameters): dense gradients are averaged over
+every rank (the world: dp x cp), expert shards (`Shard(0)` DTensors on `ep`, whose gradients
+already hold every token of their ep group) are summed over the ranks that hold the same experts
+(dp_replicate x ep_shard: the expert-FSDP mesh) and divided by the world size, as FSDP's divide
+factor does. Dense gradients travel in one flat all-reduce per dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from moetx.core.errors import GradientSyncError
+from moetx.core.record import applied_passes, find_applied
+from moetx.mesh import ParallelMesh, as_parallel_mesh
+
+__all__ = ["sync_gradients"]
+
+
+def sync_gradients(model: nn.Module, mesh: ParallelMesh | DeviceMesh) -> None:
+    """Average `model`'s gradients over the data and cp ranks, in place, after `backward`.
+
+    Call it on every rank between `loss.backward()` and `optimizer.step()` when the pipeline has
+    no `FSDP`. A trainable parameter without a gradient gets zeros first (every rank then joins
+    the same collectives, and its optimizer state stays in step with the other ranks').
+
+    Raises:
+        GradientSyncError: the model has `FSDP` (which already reduces gradients), or a DTensor
+            parameter that expert parallelism did not create.
+    """
+    pmesh = as_parallel_mesh(mesh)
+    record = applied_passes(model)
+    if find_applied(record, "fsdp") is not None:
+        raise GradientSyncError(
+            "`sync_gradients` on a model with `FSDP`: FSDP already averages gradients in "
+            "backward, so they would be reduced twice.\n"
+            "  fix: drop the `sync_gradients` call (keep it only for pipelines without FSDP)."
+        )
+    ep = find_applied(record, "ep")
+    experts = set(ep.facts.get("expert_params", ())) if ep is not None else set()
+    world = pmesh.world_size
+    dense: dict[torch.dtype, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if isinstance(p.grad, DTensor):
+            if name not in experts:
+                raise GradientSyncError(
+                    f"`{name}` is a DTensor that `ExpertParallel` did not create; "
+                    "`sync_gradients` only knows expert shards and plain parameters.\n"
+                    "  fix: apply `FSDP()`, which reduces any DTensor parameter."
+                )
+            local = p.grad.to_local()
+            replicas = pmesh.expert_fsdp_mesh()
+            if replicas.size() > 1:
+                dist.all_reduce(local, group=replicas.get_group())
+            local.div_(world)
+        else:
+            dense.setdefault(p.grad.dtype, []).append(p.grad)
+    if world == 1:
+        return
+    for grads in dense.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=pmesh.root.get_group())
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
