@@ -14,7 +14,6 @@ from typing import Any
 
 import attrs
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moetx import ContextParallel, MeshDegrees, ParallelMesh, Pipeline
@@ -173,8 +172,7 @@ def _rank_setup(
 ) -> tuple[nn.Module, list[tuple[Any, ...]]]:
     """This rank's parallelized model and its part of every global batch."""
     mesh = mesh_for(degrees)
-    data_ranks = degrees.dp_replicate * degrees.dp_shard
-    data_index = dist.get_rank() // degrees.cp
+    data_ranks, data_index = mesh.data_size, mesh.data_rank
     rows = slice(data_index * spec.rows_per_rank, (data_index + 1) * spec.rows_per_rank)
     batches: list[tuple[Any, ...]] = [
         (ids[rows], labels[rows]) for ids, labels in global_batches(spec, data_ranks)

@@ -30,6 +30,7 @@ from moetx.testing.train import TrainSpec, build_model, global_batches, mesh_for
 from moetx.training.accumulate import no_sync
 from moetx.training.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
 from moetx.training.clip import clip_grad_norm_
+from moetx.training.grad_sync import sync_gradients
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -86,7 +87,8 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch) -> torch.T
 
 
 def _data_rank(degrees: MeshDegrees) -> tuple[int, int]:
-    return degrees.dp_replicate * degrees.dp_shard, dist.get_rank() // degrees.cp
+    mesh = mesh_for(degrees)
+    return mesh.data_size, mesh.data_rank
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -203,28 +205,6 @@ def exported_state(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) ->
 # ------------------------------------------------------------------------------- clipping
 
 
-def average_ep_gradients(model: nn.Module, mesh: ParallelMesh) -> None:
-    """Data-parallel mean of gradients under expert parallelism without FSDP, in place.
-
-    Plain (dense) gradients are averaged over every rank; expert shards, already summed over
-    their ep group's tokens, are summed over the ranks holding the same experts and divided
-    by the world size (the scale `FSDP` gives them with its divide factor).
-    """
-    world = dist.get_world_size()
-    ep_shard = mesh["ep_shard"]
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        if isinstance(p.grad, DTensor):
-            local = p.grad.to_local()
-            if ep_shard.size() > 1:
-                dist.all_reduce(local, group=ep_shard.get_group())
-            local.div_(world)
-        else:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
-
-
 def clipped_gradients(
     spec: TrainSpec,
     pipeline: Pipeline,
@@ -247,7 +227,7 @@ def clipped_gradients(
     ids, labels = rank_batches(spec, global_rows, data_ranks, data_rank)[0]
     model(ids, labels=labels).loss.backward()
     if not _has_fsdp(model) and mesh.degree("ep") > 1:
-        average_ep_gradients(model, mesh)
+        sync_gradients(model, mesh)
     if torch_clip:
         try:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type)
