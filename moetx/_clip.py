@@ -7,6 +7,10 @@ expert shards on (ep_shard, ep), and plain tensors replicated on every rank. tor
 expert-parallel group got its own "global" norm (NeMo Automodel#3816). Here each gradient
 contributes exactly once: the sum of |g|^p of the local shards is all-reduced over the mesh
 axes the tensor is sharded along, and never over the axes it is replicated along.
+
+NaN travels as an explicit flag beside each partial sum: gloo's MAX all-reduce drops a NaN that
+sits on a rank other than 0 (TORCH-CPU-NOTES §9), so reducing the values alone let every rank
+agree on a finite inf-norm while a gradient was NaN, and the NaN reached the optimizer.
 """
 
 from __future__ import annotations
@@ -102,8 +106,9 @@ def grad_norm(grads: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
         raise ValueError(f"`norm_type` ({norm_type}) must be positive (or inf).")
     is_inf = math.isinf(p)
     op = dist.ReduceOp.MAX if is_inf else dist.ReduceOp.SUM
-    # Local sums of |g|^p (max |g| for inf), one per set of groups to reduce over. Dicts keep
-    # the order of first appearance, the same on every rank, so the collectives line up.
+    # Local sums of |g|^p (max |g| for inf), one per set of groups to reduce over, each as
+    # `[value without NaN, NaN flag]`. Dicts keep the order of first appearance, the same on
+    # every rank, so the collectives line up.
     sums: dict[tuple[int, ...], Tensor] = {}
     groups_of: dict[tuple[int, ...], tuple[dist.ProcessGroup, ...]] = {}
     for g in grads:
@@ -115,7 +120,8 @@ def grad_norm(grads: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
             value = torch.zeros((), dtype=torch.float32, device=local.device)
         key = tuple(id(group) for group in groups)
         groups_of[key] = groups
-        sums[key] = _combine(sums[key], value, is_inf) if key in sums else value
+        flagged = _with_nan_flag(value)
+        sums[key] = _combine(sums[key], flagged, is_inf) if key in sums else flagged
     total: Tensor | None = None
     for key, value in sums.items():
         for group in groups_of[key]:
@@ -123,7 +129,14 @@ def grad_norm(grads: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
         total = value if total is None else _combine(total, value, is_inf)
     if total is None:
         return torch.zeros((), dtype=torch.float32)
-    return total if is_inf else total.pow(1.0 / p)
+    norm = total[0] if is_inf else total[0].pow(1.0 / p)
+    return torch.where(total[1] > 0, torch.full_like(norm, math.nan), norm)
+
+
+def _with_nan_flag(value: Tensor) -> Tensor:
+    """`[value, 0]`, or `[0, 1]` when `value` is NaN: flags survive MAX and SUM on any backend."""
+    nan = torch.isnan(value)
+    return torch.stack([torch.where(nan, torch.zeros_like(value), value), nan.to(value.dtype)])
 
 
 def _combine(a: Tensor, b: Tensor, is_inf: bool) -> Tensor:
