@@ -186,7 +186,9 @@ class ParallelMesh:
         if d.dp_replicate == 1:
             expert_fsdp = moe["ep_shard"]
         else:
-            expert_fsdp = moe["dp_replicate", "ep_shard"]._flatten("ep_fsdp")
+            expert_fsdp = moe["dp_replicate", "ep_shard"]._flatten(
+                "ep_fsdp", backend_override=_timeout_options(device_type)
+            )
         return cls(d, device_type, root, dense, fsdp, moe, expert_fsdp, explicit)
 
     def __getitem__(self, axis: str) -> DeviceMesh:
@@ -249,6 +251,16 @@ def _same_timeout(device_type: str, names: tuple[str, ...]) -> dict[str, Any] | 
     whatever timeout `init_process_group` was given: a rank that failed would leave its peers
     blocked in an expert all-to-all for half an hour instead of the configured timeout.
     """
+    opts = _timeout_options(device_type)
+    return None if opts is None else {name: opts for name in names}
+
+
+def _timeout_options(device_type: str) -> Any:
+    """Backend options carrying the default group's timeout (None: fake backend or unknown).
+
+    For every group moetx creates: `_unflatten` (via `_same_timeout`) and `_flatten` take
+    torch's 30-minute default otherwise (TORCH-CPU-NOTES §9).
+    """
     backend = dist.get_backend()
     try:
         world = dist.group.WORLD._get_backend(torch.device(device_type))  # type: ignore[union-attr]
@@ -262,7 +274,7 @@ def _same_timeout(device_type: str, names: tuple[str, ...]) -> dict[str, Any] | 
     else:
         return None
     opts._timeout = timeout
-    return {name: opts for name in names}
+    return opts
 
 
 def _default_device_type() -> str:

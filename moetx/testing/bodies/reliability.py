@@ -7,6 +7,7 @@ nothing (the parent compares). Failures the tests are about are caught here and 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -98,3 +99,50 @@ def torch_clip_reference(
         n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()
     }
     return out
+
+
+# -------------------------------------------------------------------------------- timeouts
+
+
+def _timeout_s(group: dist.ProcessGroup) -> float:
+    backend = group._get_backend(torch.device("cpu"))
+    return float(backend.options._timeout.total_seconds())  # type: ignore[attr-defined]
+
+
+def every_group_timeout(
+    spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees
+) -> dict[str, Any]:
+    """Build a mesh, apply `pipeline`, train one step; then the timeout of every group there is.
+
+    Reads torch's group registry, so groups FSDP2 or DeviceMesh create on their own count too.
+    Returns the world group's timeout and `{group description: seconds}` for every group.
+    """
+    model = pipeline.apply(build_model(spec), mesh_for(degrees))
+    data_ranks, data_rank = _data_rank(degrees)
+    ids, labels = rank_batches(spec, data_ranks * spec.rows_per_rank, data_ranks, data_rank)[0]
+    model(ids, labels=labels).loss.backward()
+    groups = dist.distributed_c10d._world.pg_map
+    timeouts = {
+        f"{pg.group_desc} {dist.get_process_group_ranks(pg)}": _timeout_s(pg) for pg in groups
+    }
+    return {"world": _timeout_s(dist.group.WORLD), "groups": timeouts}  # type: ignore[arg-type]
+
+
+def stall_in_expert_group(degrees: MeshDegrees, stalling: int, stall_s: float) -> dict[str, Any]:
+    """Rank `stalling` sleeps `stall_s` s while the others all-reduce on the expert-FSDP group.
+
+    Its expert-FSDP peer waits in the collective for the stalled rank; the others complete.
+    Returns how long the all-reduce took and how it ended (`"completed"` or the error's
+    type and first line).
+    """
+    group = mesh_for(degrees).expert_fsdp_mesh().get_group()
+    begin = time.monotonic()
+    if dist.get_rank() == stalling:
+        time.sleep(stall_s)
+        return {"elapsed": time.monotonic() - begin, "outcome": "stalled"}
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+        outcome: Any = "completed"
+    except Exception as exc:
+        outcome = (type(exc).__name__, str(exc).splitlines()[0])
+    return {"elapsed": time.monotonic() - begin, "outcome": outcome}
