@@ -7,16 +7,20 @@ nothing (the parent compares). Failures the tests are about are caught here and 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from moetx._clip import clip_grad_norm_
 from moetx._mesh import MeshDegrees
 from moetx._pipeline import Pipeline
+from moetx.passes import FSDP
+from moetx.passes._context_parallel import ContextParallel
 from moetx.testing.bodies.end_to_end import _data_rank, rank_batches
 from moetx.testing.parity import clean_fqn, gradients, missing_gradients
 from moetx.testing.train import TrainSpec, build_model, mesh_for
@@ -146,3 +150,43 @@ def stall_in_expert_group(degrees: MeshDegrees, stalling: int, stall_s: float) -
     except Exception as exc:
         outcome = (type(exc).__name__, str(exc).splitlines()[0])
     return {"elapsed": time.monotonic() - begin, "outcome": outcome}
+
+
+# ------------------------------------------------------------------------- process-group leak
+
+
+def _resources() -> tuple[int, int]:
+    """(groups in torch's registry, open file descriptors) of this process."""
+    return len(dist.distributed_c10d._world.pg_map), len(os.listdir("/proc/self/fd"))
+
+
+def device_mesh_calls(spec: TrainSpec, calls: int, applies: int) -> dict[str, Any]:
+    """Pass a user's `DeviceMesh` (dp_shard x cp) to moetx again and again; count groups and fds.
+
+    Each round calls `shard_sequence` and `gather_sequence` `calls` times and `Pass.apply`
+    and `Pipeline.apply` (FSDP on a fresh model) `applies` times. Returns the counts before
+    anything, after the first call of each kind, and at the end.
+    """
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp_shard", "cp"))
+    cp = ContextParallel()
+    ids = torch.arange(4 * world).repeat(2, 1)
+    out: dict[str, Any] = {"before": _resources()}
+
+    def one_round() -> None:
+        shard, _, _ = cp.shard_sequence(mesh, ids)
+        cp.gather_sequence(mesh, shard.float(), dim=1)
+
+    def one_apply() -> None:
+        FSDP().apply(build_model(spec), mesh)
+        (Pipeline() | FSDP()).apply(build_model(spec), mesh)
+
+    one_round()
+    one_apply()
+    out["first"] = _resources()
+    for _ in range(calls - 1):
+        one_round()
+    for _ in range(applies - 1):
+        one_apply()
+    out["last"] = _resources()
+    return out
