@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import attrs
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -65,7 +66,10 @@ class ContextParallel(Pass):
     aux-loss-free `expert_load` counters still count local tokens: sum them over dp x cp before
     `update_routing_bias_`, as its docstring says.) The root
     module gets a forward pre-hook that refuses calls without `position_ids` (a forgotten
-    `shard_sequence` would otherwise attend silently across unrelated chunks). With degree 1
+    `shard_sequence` would otherwise attend silently across unrelated chunks) and, with one
+    all-gather of two integers per forward, local shapes that differ across the cp ranks
+    (`ContextParallelInputError`) or an odd local length under `load_balance`
+    (`SequenceDivisibilityError`), on every rank alike. With degree 1
     nothing is installed.
 
     Stage `cp`: first, before `ep`, `ac` and `fsdp`. `apply` consumes its input: it mutates the
@@ -157,7 +161,7 @@ class ContextParallel(Pass):
             if block.moe is not None and block.moe.stats_reducer_attr is not None:
                 setattr(block.moe.module, block.moe.stats_reducer_attr, _StatsReducer(cp_mesh))
         model.__dict__[_GUARD_ATTR] = model.register_forward_pre_hook(
-            _require_positions, with_kwargs=True
+            _InputGuard(cp_mesh, self.load_balance), with_kwargs=True
         )
         return model
 
@@ -341,13 +345,51 @@ class _StatsReducer:
         return f"_StatsReducer(degree={self.mesh.size()})"
 
 
-def _require_positions(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    # `MoETransformer.forward(input_ids, labels=None, position_ids=None)`, HF's keyword name.
-    positions = kwargs.get("position_ids", args[2] if len(args) > 2 else None)
-    if positions is None:
-        raise ContextParallelInputError(
-            f"`{type(module).__name__}` is context-parallel and was called without "
-            "`position_ids`.\n"
-            "  fix: `ids, labels, positions = cp.shard_sequence(mesh, ids, labels)`, then "
-            "`model(ids, labels=labels, position_ids=positions)`."
-        )
+class _InputGuard:
+    """Root forward pre-hook: refuses calls without `position_ids` and shards that do not fit.
+
+    Each call all-gathers this rank's `[rows, local tokens]` over the cp group (two integers,
+    one small collective per forward), so that every rank sees every rank's shape and all of
+    them raise the same typed error. Without it, local lengths that differ made gloo abort a
+    rank inside the K/V all-gather, and an odd length under the head-tail layout ran silently
+    with a wrong causal mask.
+    """
+
+    def __init__(self, mesh: DeviceMesh, load_balance: bool) -> None:
+        self.mesh = mesh
+        self.load_balance = load_balance
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # `MoETransformer.forward(input_ids, labels=None, position_ids=None)`, HF's keyword name.
+        positions = kwargs.get("position_ids", args[2] if len(args) > 2 else None)
+        if positions is None:
+            raise ContextParallelInputError(
+                f"`{type(module).__name__}` is context-parallel and was called without "
+                "`position_ids`.\n"
+                "  fix: `ids, labels, positions = cp.shard_sequence(mesh, ids, labels)`, then "
+                "`model(ids, labels=labels, position_ids=positions)`."
+            )
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._check_shapes(ids if isinstance(ids, Tensor) and ids.dim() == 2 else positions)
+
+    def _check_shapes(self, local: Tensor) -> None:
+        degree = self.mesh.size()
+        rows = local.shape[0] if local.dim() == 2 else 1
+        mine = torch.tensor([rows, local.shape[-1]], dtype=torch.int64, device=local.device)
+        every = torch.empty(degree * 2, dtype=torch.int64, device=local.device)
+        dist.all_gather_into_tensor(every, mine, group=self.mesh.get_group())
+        shapes = [tuple(pair) for pair in every.view(degree, 2).tolist()]
+        fix = "  fix: cut the batch with `cp.shard_sequence(mesh, ids, labels)` on every cp rank"
+        if len(set(shapes)) > 1:
+            listed = ", ".join(f"rank {r}: [{b}, {s}]" for r, (b, s) in enumerate(shapes))
+            raise ContextParallelInputError(
+                "The local input shapes of a context-parallel model differ across the cp ranks "
+                f"({listed}); every rank must hold the same number of rows and tokens.\n"
+                f"{fix}, from the same whole sequences."
+            )
+        if self.load_balance and shapes[0][1] % 2:
+            raise SequenceDivisibilityError(
+                f"The local sequence length ({shapes[0][1]}) of a context-parallel model must "
+                "be even: `ContextParallel(load_balance=True)` holds two equal chunks per rank.\n"
+                f"{fix} (whole sequences of a multiple of 2 × cp tokens)."
+            )

@@ -190,3 +190,31 @@ def device_mesh_calls(spec: TrainSpec, calls: int, applies: int) -> dict[str, An
         one_apply()
     out["last"] = _resources()
     return out
+
+
+# ------------------------------------------------------------------------ context-parallel input
+
+
+def cp_local_lengths_rows(comm: str, lengths: list[int], rows: int) -> dict[str, Any]:
+    """A context-parallel model (cp = world size) fed `lengths[rank]` local tokens per row.
+
+    Rank 0 feeds 2 rows, the others `rows` rows.
+    Bypasses `shard_sequence`, as a user cutting batches by hand would. Returns `"ok"` and the
+    loss, or the moetx error's type name and message.
+    """
+    from moetx._errors import MoetxError
+    from moetx.models import MoETransformer
+    from moetx.testing.bodies.context_parallel import CPCase
+
+    mesh = mesh_for(MeshDegrees(cp=dist.get_world_size()))
+    model = ContextParallel(comm=comm).apply(MoETransformer(CPCase().config()), mesh)
+    n = lengths[dist.get_rank()]
+    rows = 2 if dist.get_rank() == 0 else rows
+    ids = torch.randint(0, 32, (rows, n), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(n).expand(rows, n)
+    try:
+        out = model(ids, labels=ids, position_ids=positions)
+        out.loss.backward()
+    except MoetxError as exc:
+        return {"error": (type(exc).__name__, str(exc))}
+    return {"ok": float(out.loss)}
