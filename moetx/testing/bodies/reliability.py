@@ -218,3 +218,37 @@ def cp_local_lengths_rows(comm: str, lengths: list[int], rows: int) -> dict[str,
     except MoetxError as exc:
         return {"error": (type(exc).__name__, str(exc))}
     return {"ok": float(out.loss)}
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def hyperparameters_round_trip(
+    spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, path: str
+) -> dict[str, Any]:
+    """Decay the lr with a scheduler and change the weight decay, save, load into a fresh AdamW.
+
+    Returns each param group's `lr` and `weight_decay` as saved and as loaded.
+    """
+    from moetx._checkpoint import load_checkpoint, save_checkpoint
+    from moetx.testing.bodies.end_to_end import _step, make_optimizer
+
+    mesh = mesh_for(degrees)
+    model = pipeline.apply(build_model(spec), mesh)
+    opt = make_optimizer(model, spec.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.25)
+    data_ranks, data_rank = _data_rank(degrees)
+    for batch in rank_batches(spec, 2 * data_ranks, data_ranks, data_rank)[:2]:
+        _step(model, opt, batch)
+        scheduler.step()
+    for group in opt.param_groups:
+        group["weight_decay"] = 0.125
+    saved = [(g["lr"], g["weight_decay"]) for g in opt.param_groups]
+    save_checkpoint(path, model, opt)
+    fresh = pipeline.apply(build_model(spec), mesh)
+    fresh_opt = make_optimizer(fresh, spec.lr)
+    load_checkpoint(path, fresh, fresh_opt)
+    return {
+        "saved": saved,
+        "loaded": [(g["lr"], g["weight_decay"]) for g in fresh_opt.param_groups],
+    }
