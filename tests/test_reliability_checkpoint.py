@@ -1,18 +1,26 @@
-"""Checkpoints: the optimizer's param-group hyperparameters come back after a load.
+"""Checkpoints that are damaged, crafted or do not fit the model fail loudly, as `CheckpointError`.
 
-Before, nothing tested it: dropping `set_state_dict` from `load_checkpoint` passed the suite
-(parameters and AdamW moments are loaded in place, the hyperparameters only by that call).
+Before: torch's `CheckpointException` (a `BaseException`, which escapes `except Exception`,
+its first line a list of ranks) for a missing or truncated shard file or a model of another
+shape; a flipped byte in a shard loaded silently; `.metadata` (and byte entries in shards) were
+unpickled with plain pickle, so a crafted checkpoint ran code; and nothing tested that the
+optimizer's param-group hyperparameters come back.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import pickle
+import re
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 import torch
 
-from moetx._checkpoint import load_checkpoint, save_checkpoint
+from moetx._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from moetx._mesh import MeshDegrees
 from moetx._pipeline import Pipeline
 from moetx.models import MoEConfig
@@ -39,6 +47,210 @@ def _saved(path: Path, spec: TrainSpec = SPEC) -> tuple[torch.nn.Module, torch.o
 def _fresh(spec: TrainSpec = SPEC) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model = build_model(attrs.evolve(spec, seed=spec.seed + 1))
     return model, make_optimizer(model, spec.lr)
+
+
+# --------------------------------------------------------------------- damaged shard files (9)
+
+
+def test_missing_shard_file_names_the_file_and_a_key(tmp_path):
+    """A deleted `__0_0.distcp`: `CheckpointError` (an `Exception`) naming it and what it holds."""
+    _saved(tmp_path)
+    (tmp_path / SHARD).unlink()
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^The checkpoint file `{re.escape(str(tmp_path / SHARD))}` is missing; it holds "
+        r"`model\.[\w.]+` and \d+ more entries\.\n  fix: copy the whole checkpoint directory",
+    ):
+        load_checkpoint(tmp_path, *_fresh())
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["hashes", "no-hashes"])
+def test_truncated_shard_file_names_the_file(tmp_path, verify):
+    """Half a shard file: the size against the recorded one, or against what the metadata needs."""
+    _saved(tmp_path)
+    shard = tmp_path / SHARD
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    if verify:
+        match = (
+            rf"^The checkpoint file `{re.escape(str(shard))}` has {size // 2} bytes, but {size} "
+            r"were written when it was saved \(truncated or overwritten\)\.\n  fix: "
+        )
+    else:
+        match = (
+            rf"^The checkpoint file `{re.escape(str(shard))}` is truncated: it has {size // 2} "
+            r"bytes, but `[\w.]+` is stored up to byte \d+\.\n  fix: "
+        )
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(tmp_path, *_fresh(), verify=verify)
+
+
+def test_model_of_another_config_names_each_parameter_and_both_shapes(tmp_path):
+    """Saved with 4 experts, loaded into 8: every differing tensor with its two shapes."""
+    _saved(tmp_path)
+    other = attrs.evolve(SPEC, config=attrs.evolve(SPEC.config, num_experts=8))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path, *_fresh(other))
+    lines = str(info.value).splitlines()
+    assert re.match(
+        rf"^The checkpoint `{re.escape(str(tmp_path))}` does not fit the model: \d+ tensors "
+        r"differ in shape and 0 are missing\.$",
+        lines[0],
+    ), lines[0]
+    assert (
+        "  `model.model.layers.1.mlp.experts.gate_up_proj`: checkpoint [4, 16, 16], "
+        "model [8, 16, 16]" in lines
+    ), lines
+    assert "  `model.model.layers.1.mlp.gate.weight`: checkpoint [4, 16], model [8, 16]" in lines
+    assert (
+        "  `optim.state.model.layers.1.mlp.experts.down_proj.exp_avg`: checkpoint [4, 16, 8], "
+        "model [8, 16, 8]" in lines
+    ), lines
+    assert lines[-1].startswith("  fix: build the model with the config it was saved with")
+
+
+def test_model_with_more_layers_names_the_missing_keys(tmp_path):
+    """A model with a layer the checkpoint lacks: the missing keys, before any file is read."""
+    _saved(tmp_path)
+    other = attrs.evolve(SPEC, config=attrs.evolve(SPEC.config, num_layers=3))
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit the model: 0 tensors differ in shape and \d+ are missing\.\n"
+        r"(?s:.*)  `model\.model\.layers\.2\.[\w.]+`: missing from the checkpoint\n",
+    ):
+        load_checkpoint(tmp_path, *_fresh(other))
+
+
+def test_wrong_config_on_2_ranks_raises_on_every_rank(pool2, tmp_path):
+    """EP+FSDP on 2 ranks, saved with 4 experts and loaded with 8: both ranks, one message."""
+    degrees = MeshDegrees(dp_shard=2, ep=2)
+    pool2.run(bodies.save_trained, SPEC, EP_FSDP, degrees, str(tmp_path))
+    other = attrs.evolve(SPEC, config=attrs.evolve(SPEC.config, num_experts=8))
+    results = pool2.run(bodies.load_outcome, other, EP_FSDP, degrees, str(tmp_path))
+    for rank, (kind, message) in enumerate(results):
+        assert kind == "CheckpointError", (rank, kind, message)
+        assert "does not fit the model" in message.splitlines()[0], (rank, message)
+    assert results[0] == results[1]
+
+
+# --------------------------------------------------------------------------- integrity (10)
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_flipped_byte_in_a_shard_is_caught(tmp_path):
+    """One bit of one byte in the middle of the shard: the file's hash no longer matches."""
+    _saved(tmp_path)
+    shard = tmp_path / SHARD
+    _flip(shard, shard.stat().st_size // 2)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^The checkpoint file `{re.escape(str(shard))}` is corrupt: its SHA-256 differs "
+        r"from the one recorded when it was saved \([0-9a-f]{12}… vs [0-9a-f]{12}…\)\.\n"
+        r"  fix: copy it again from a good source, or load an earlier checkpoint",
+    ):
+        load_checkpoint(tmp_path, *_fresh())
+    load_checkpoint(tmp_path, *_fresh(), verify=False)  # the escape hatch loads it anyway
+
+
+def test_flipped_byte_in_the_metadata_is_caught(tmp_path):
+    """`.metadata` is hashed too (by the coordinator) and checked before it is unpickled."""
+    _saved(tmp_path)
+    meta = tmp_path / ".metadata"
+    _flip(meta, meta.stat().st_size - 10)
+    with pytest.raises(CheckpointError, match=r"^The checkpoint file `.*\.metadata` is corrupt"):
+        load_checkpoint(tmp_path, *_fresh())
+
+
+def test_flipped_byte_on_2_ranks_raises_on_every_rank(pool2, tmp_path):
+    """Saved on 2 ranks; rank 1's shard damaged: both loading ranks raise, naming that file."""
+    degrees = MeshDegrees(dp_shard=2, ep=2)
+    pool2.run(bodies.save_trained, SPEC, EP_FSDP, degrees, str(tmp_path))
+    shard = tmp_path / "__1_0.distcp"
+    _flip(shard, shard.stat().st_size // 3)
+    results = pool2.run(bodies.load_outcome, SPEC, EP_FSDP, degrees, str(tmp_path))
+    for rank, (kind, message) in enumerate(results):
+        assert kind == "CheckpointError", (rank, kind, message)
+        assert message.startswith(f"The checkpoint file `{shard}` is corrupt"), (rank, message)
+
+
+def test_a_clean_checkpoint_still_loads_on_2_ranks(pool2, tmp_path):
+    """The hashes written on 2 ranks verify: the load succeeds on both."""
+    degrees = MeshDegrees(dp_shard=2, ep=2)
+    pool2.run(bodies.save_trained, SPEC, EP_FSDP, degrees, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir() if "integrity" in p.name) == [
+        ".moetx-integrity-0.json",
+        ".moetx-integrity-1.json",
+    ]
+    assert pool2.run(bodies.load_outcome, SPEC, EP_FSDP, degrees, str(tmp_path)) == ["loaded"] * 2
+
+
+# ------------------------------------------------------------------- crafted checkpoints (11)
+
+
+class _Payload:
+    """Unpickles as `os.mkdir(marker)`: a visible side effect standing in for arbitrary code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_crafted_metadata_is_refused_without_running_it(tmp_path):
+    """A `.metadata` whose unpickling calls `os.mkdir`: refused, and the directory is not made."""
+    ckpt, marker = tmp_path / "ckpt", tmp_path / "pwned"
+    ckpt.mkdir()
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(
+        CheckpointError,
+        match=r"^The checkpoint metadata `.*\.metadata` refers to `(posix|os)\.mkdir`, which is "
+        r"not a DCP metadata type; moetx does not unpickle it \(it could run code\)\.\n"
+        r"  fix: load only checkpoints from a trusted source",
+    ):
+        load_checkpoint(ckpt, build_model(SPEC))
+    assert not marker.exists()
+
+
+def test_crafted_byte_entry_in_a_shard_is_refused_without_running_it(tmp_path):
+    """An optimizer byte entry (a param-group value) replaced by a pickle calling `os.mkdir`."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    _saved(tmp_path / "ckpt")
+    ckpt, marker = tmp_path / "ckpt", tmp_path / "pwned"
+    for manifest in ckpt.glob(".moetx-integrity-*.json"):
+        manifest.unlink()  # the attacker rewrites files; hashes protect against accidents only
+    meta = pickle.loads((ckpt / ".metadata").read_bytes())
+    key = next(
+        k
+        for k, v in meta.state_dict_metadata.items()
+        if isinstance(v, BytesStorageMetadata) and k.endswith(".lr")
+    )
+    payload = pickle.dumps(_Payload(marker), protocol=2)  # torch.load's default protocol
+    shard = ckpt / SHARD
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(payload)
+    meta.storage_data[MetadataIndex(key)] = _StorageInfo(SHARD, offset, len(payload))
+    buf = io.BytesIO()
+    pickle.dump(meta, buf)
+    (ckpt / ".metadata").write_bytes(buf.getvalue())
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^The checkpoint entry `{re.escape(key)}` does not load with "
+        r"`torch\.load\(weights_only=True\)`",
+    ):
+        load_checkpoint(ckpt, *_fresh())
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------- optimizer hyperparameters (12)

@@ -223,6 +223,36 @@ def cp_local_lengths_rows(comm: str, lengths: list[int], rows: int) -> dict[str,
 # ------------------------------------------------------------------------------ checkpoints
 
 
+def save_trained(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, path: str) -> bool:
+    """One AdamW step on this rank's rows, then `save_checkpoint` of model and optimizer."""
+    from moetx._checkpoint import save_checkpoint
+    from moetx.testing.bodies.end_to_end import _step, make_optimizer
+
+    model = pipeline.apply(build_model(spec), mesh_for(degrees))
+    opt = make_optimizer(model, spec.lr)
+    data_ranks, data_rank = _data_rank(degrees)
+    _step(model, opt, rank_batches(spec, 2 * data_ranks, data_ranks, data_rank)[0])
+    save_checkpoint(path, model, opt)
+    return True
+
+
+def load_outcome(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, path: str) -> Any:
+    """`load_checkpoint` into a fresh model and optimizer: `"loaded"`, or the error raised.
+
+    Catches `BaseException`: torch's `CheckpointException` is not an `Exception`.
+    """
+    from moetx._checkpoint import load_checkpoint
+    from moetx.testing.bodies.end_to_end import make_optimizer
+
+    model = pipeline.apply(build_model(spec), mesh_for(degrees))
+    opt = make_optimizer(model, spec.lr)
+    try:
+        load_checkpoint(path, model, opt)
+    except BaseException as exc:
+        return (type(exc).__name__, str(exc))
+    return "loaded"
+
+
 def hyperparameters_round_trip(
     spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, path: str
 ) -> dict[str, Any]:
