@@ -283,12 +283,15 @@ def _default_device_type() -> str:
     return "cuda" if backend == "nccl" else "cpu"
 
 
-#: `ParallelMesh.from_device_mesh(m)` per DeviceMesh `m` given to `as_parallel_mesh`. Each
-#: conversion carves new sub-meshes (about 8 gloo groups, 35 fds and hidden collectives), so a
-#: loop passing a DeviceMesh to `shard_sequence` ran out of file descriptors. An entry lives as
-#: long as its mesh; the ParallelMesh refers to that mesh, so in practice for the process (one
-#: per distinct mesh: equal meshes, same ranks and names, share one).
-_FROM_DEVICE_MESH: weakref.WeakKeyDictionary[DeviceMesh, ParallelMesh] = weakref.WeakKeyDictionary()
+#: `(default group, ParallelMesh.from_device_mesh(m))` per DeviceMesh `m` given to
+#: `as_parallel_mesh`. Each conversion carves new sub-meshes (about 8 gloo groups, 35 fds and
+#: hidden collectives), so a loop passing a DeviceMesh to `shard_sequence` ran out of file
+#: descriptors. An entry lives as long as its mesh; the ParallelMesh refers to that mesh, so in
+#: practice for the process (one per distinct mesh: equal meshes, same ranks and names, share
+#: one). An entry made under another default group (destroyed and created again) is rebuilt.
+_FROM_DEVICE_MESH: weakref.WeakKeyDictionary[DeviceMesh, tuple[Any, ParallelMesh]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def as_parallel_mesh(mesh: ParallelMesh | DeviceMesh) -> ParallelMesh:
@@ -299,10 +302,11 @@ def as_parallel_mesh(mesh: ParallelMesh | DeviceMesh) -> ParallelMesh:
     if isinstance(mesh, ParallelMesh):
         return mesh
     if isinstance(mesh, DeviceMesh):
-        cached = _FROM_DEVICE_MESH.get(mesh)
-        if cached is None:
-            cached = _FROM_DEVICE_MESH[mesh] = ParallelMesh.from_device_mesh(mesh)
-        return cached
+        world, entry = dist.group.WORLD, _FROM_DEVICE_MESH.get(mesh)
+        if entry is None or entry[0] is not world:
+            _FROM_DEVICE_MESH.pop(mesh, None)  # keyed by this mesh from now on, not a stale twin
+            entry = _FROM_DEVICE_MESH[mesh] = (world, ParallelMesh.from_device_mesh(mesh))
+        return entry[1]
     raise TypeError(
         f"`mesh` must be a `moetx.ParallelMesh` or a `DeviceMesh` (got `{type(mesh).__name__}`).\n"
         "  fix: `mesh = moetx.ParallelMesh.build(ep=2)` inside an initialised process group."
