@@ -57,3 +57,18 @@ def test_stalled_peer_fails_an_hsdp_expert_collective_after_the_pg_timeout(short
     assert kind in ("RuntimeError", "DistBackendError"), res[0]
     assert "timed out" in message.lower() or "timeout" in message.lower(), message
     assert PG_TIMEOUT - 1 <= res[0]["elapsed"] <= PG_TIMEOUT + 5, res[0]
+
+
+@pytest.mark.parametrize(
+    ("dims", "names"),
+    [((2, 2), ("dp_replicate", "dp_shard")), ((4,), ("dp_shard",))],
+    ids=["hsdp-2x2", "flat-4"],
+)
+def test_groups_made_from_a_user_device_mesh_have_the_process_group_timeout(
+    short_pool4, dims, names
+):
+    """`ParallelMesh.from_device_mesh` (ep=2): every group it creates times out like WORLD."""
+    for rank, res in enumerate(short_pool4.run(bodies.device_mesh_group_timeouts, dims, names)):
+        assert res["groups"], (rank, res)  # it does create groups (the check is not vacuous)
+        slow = {name: s for name, s in res["groups"].items() if s != PG_TIMEOUT}
+        assert not slow, (rank, slow)

@@ -282,3 +282,22 @@ def hyperparameters_round_trip(
         "saved": saved,
         "loaded": [(g["lr"], g["weight_decay"]) for g in fresh_opt.param_groups],
     }
+
+
+def device_mesh_group_timeouts(dims: tuple[int, ...], names: tuple[str, ...]) -> dict[str, Any]:
+    """Timeouts of the groups moetx creates when given a user's DeviceMesh (not the user's own).
+
+    The user's mesh is made first; groups that appear while moetx converts it are its.
+    """
+    from moetx._mesh import ParallelMesh
+
+    mesh = init_device_mesh("cpu", dims, mesh_dim_names=names)
+    before = set(dist.distributed_c10d._world.pg_map)
+    ParallelMesh.from_device_mesh(mesh, ep=2)
+    new = [pg for pg in dist.distributed_c10d._world.pg_map if pg not in before]
+    return {
+        "world": _timeout_s(dist.group.WORLD),  # type: ignore[arg-type]
+        "groups": {
+            f"{pg.group_desc} {dist.get_process_group_ranks(pg)}": _timeout_s(pg) for pg in new
+        },
+    }
