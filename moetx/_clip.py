@@ -54,7 +54,8 @@ def clip_grad_norm_(
         parameters: A module (its parameters), a tensor, or an iterable of tensors. Tensors
             without a gradient are skipped; shared tensors count once.
         max_norm: Largest allowed norm.
-        norm_type: p of the p-norm; `float("inf")` for the max-norm.
+        norm_type: p of the p-norm; `float("inf")` for the max-norm; 0 counts the gradients
+            with a nonzero entry, as torch's does.
         error_if_nonfinite: Raise if the total norm is NaN or infinite (gradients unchanged).
 
     Returns:
@@ -93,17 +94,20 @@ def grad_norm(grads: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
 
     Args:
         grads: Gradient tensors (not parameters).
-        norm_type: p of the p-norm; `float("inf")` for the max-norm.
+        norm_type: p of the p-norm; `float("inf")` for the max-norm; 0 for torch's count of
+            tensors with a nonzero entry.
 
     Returns:
         A plain 0-dim float32 tensor, equal on every rank.
 
     Raises:
-        ValueError: `norm_type` is not positive.
+        ValueError: `norm_type` is negative (or NaN).
     """
     p = float(norm_type)
-    if not (p > 0):
-        raise ValueError(f"`norm_type` ({norm_type}) must be positive (or inf).")
+    if not (p >= 0):
+        raise ValueError(f"`norm_type` ({norm_type}) must be 0, positive or inf.")
+    if p == 0:
+        return _nonzero_count(grads)
     is_inf = math.isinf(p)
     op = dist.ReduceOp.MAX if is_inf else dist.ReduceOp.SUM
     # Local sums of |g|^p (max |g| for inf), one per set of groups to reduce over, each as
@@ -131,6 +135,31 @@ def grad_norm(grads: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
         return torch.zeros((), dtype=torch.float32)
     norm = total[0] if is_inf else total[0].pow(1.0 / p)
     return torch.where(total[1] > 0, torch.full_like(norm, math.nan), norm)
+
+
+def _nonzero_count(grads: Iterable[Tensor]) -> Tensor:
+    """torch's `norm_type=0`: how many gradients have a nonzero (or NaN) entry anywhere.
+
+    torch takes the 0-"norm" of each tensor (its nonzero count) and then of those counts, so
+    the result counts tensors, not entries. Here each tensor's local counts are summed over
+    the groups it is sharded over first, so a gradient counts once whichever ranks hold its
+    nonzero entries. One all-reduce per distinct set of groups, as for the other norms.
+    """
+    counts: dict[tuple[int, ...], list[Tensor]] = {}
+    groups_of: dict[tuple[int, ...], tuple[dist.ProcessGroup, ...]] = {}
+    for g in grads:
+        local, groups = _local_and_groups(g)
+        key = tuple(id(group) for group in groups)
+        groups_of[key] = groups
+        counts.setdefault(key, []).append(torch.count_nonzero(local).to(torch.float32))
+    total: Tensor | None = None
+    for key, values in counts.items():
+        per_tensor = torch.stack(values)
+        for group in groups_of[key]:
+            dist.all_reduce(per_tensor, op=dist.ReduceOp.SUM, group=group)
+        found = (per_tensor > 0).sum().to(torch.float32)
+        total = found if total is None else total + found
+    return torch.zeros((), dtype=torch.float32) if total is None else total
 
 
 def _with_nan_flag(value: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from moetx._clip import clip_grad_norm_
 from moetx._mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.passes import FSDP, ExpertParallel
@@ -27,7 +28,7 @@ from moetx.testing.train import TrainSpec
 SPEC = TrainSpec(config=MoEConfig(num_experts=4, num_layers=2, num_dense_layers=1), steps=1)
 ROWS = 8
 EP_FSDP = ExpertParallel() | FSDP()
-NORMS = [2.0, 1.0, math.inf, 0.5, 3.0]
+NORMS = [2.0, 1.0, math.inf, 0.5, 3.0, 0.0]
 VALUES = [math.nan, math.inf, -math.inf]
 
 
@@ -112,3 +113,45 @@ def test_nan_on_the_last_of_4_ranks_is_torchs(pool4, norm_type, expert):
         assert_like_torch(results, 0.5, norm_type, err)
         if not err:
             assert all(math.isnan(float(r["norm"])) for r in results)
+
+
+def test_norm_type_0_is_torchs_count_in_one_process():
+    """`norm_type=0` is what torch computes: how many gradients have a nonzero (or NaN) entry."""
+    grads = {
+        "a": torch.tensor([1.0, 0.0, 2.0]),
+        "b": torch.zeros(2),
+        "c": torch.tensor([0.0, math.nan]),
+    }
+    want = bodies.torch_clip_reference(grads, [], 0.5, 0.0, False)
+    params = []
+    for g in grads.values():
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        p.grad = g.clone()
+        params.append(p)
+    norm = clip_grad_norm_(params, 0.5, 0.0)
+    assert float(want["norm"]) == float(norm) == 2.0
+    torch.testing.assert_close(
+        [p.grad for p in params], list(want["after"].values()), equal_nan=True
+    )
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("expert", [True, False], ids=["expert", "dense"])
+def test_norm_type_0_on_2_ranks_is_torchs(pool2, value, expert):
+    """EP+FSDP on 2 ranks: the count of nonzero gradients, whatever rank holds which shard."""
+    results = pool2.run(
+        bodies.nonfinite_clip,
+        SPEC,
+        EP_FSDP,
+        MeshDegrees(dp_shard=2, ep=2),
+        expert=expert,
+        index=2,
+        element=7,
+        on_rank=1,
+        value=value,
+        max_norm=0.5,
+        norm_type=0.0,
+        error_if_nonfinite=False,
+        global_rows=ROWS,
+    )
+    assert_like_torch(results, 0.5, 0.0, False)
