@@ -108,6 +108,10 @@ def save_checkpoint(
         raise checkpoint_error("Saving", path, exc) from None
     if integrity:
         write_manifest(path, rank, coordinator=rank == 0)
+        if dist.is_available() and dist.is_initialized():
+            # Return once every rank's record is written, so a load right after a save
+            # (on any rank) never finds a file without its record.
+            dist.barrier(group=process_group)
 
 
 def load_checkpoint(

@@ -134,6 +134,18 @@ def test_wrong_config_on_2_ranks_raises_on_every_rank(pool2, tmp_path):
     assert results[0] == results[1]
 
 
+def test_failed_save_is_a_checkpoint_error_naming_each_rank(tmp_path):
+    """Saving to a path that is a regular file: `CheckpointError` with the rank's own error."""
+    target = tmp_path / "a-file"
+    target.write_text("not a directory")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^Saving the checkpoint `{re.escape(str(target))}` failed on rank\(s\) 0\.\n"
+        r"  rank 0: FileExistsError: ",
+    ):
+        save_checkpoint(target, build_model(SPEC))
+
+
 # --------------------------------------------------------------------------- integrity (10)
 
 
