@@ -204,6 +204,72 @@ def test_a_clean_checkpoint_still_loads_on_2_ranks(pool2, tmp_path):
     assert pool2.run(bodies.load_outcome, SPEC, EP_FSDP, degrees, str(tmp_path)) == ["loaded"] * 2
 
 
+def test_shard_without_a_record_is_refused(tmp_path):
+    """Records exist but none lists the shard (a file swapped in after the save)."""
+    import json
+
+    _saved(tmp_path)
+    manifest = tmp_path / ".moetx-integrity-0.json"
+    record = json.loads(manifest.read_text())
+    del record["files"][SHARD]
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^The checkpoint file `{re.escape(str(tmp_path / SHARD))}` has no recorded hash, "
+        r"though the checkpoint has integrity records \(`\.moetx-integrity-\*\.json`\)\.\n"
+        r"  fix: copy it again",
+    ):
+        load_checkpoint(tmp_path, *_fresh())
+
+
+def test_unreadable_integrity_record_is_named(tmp_path):
+    """A damaged `.moetx-integrity-0.json`: named, with the parser's complaint."""
+    _saved(tmp_path)
+    (tmp_path / ".moetx-integrity-0.json").write_text("{not json")
+    with pytest.raises(
+        CheckpointError,
+        match=r"^The checkpoint integrity record `.*\.moetx-integrity-0\.json` cannot be read "
+        r"\(JSONDecodeError: ",
+    ):
+        load_checkpoint(tmp_path, *_fresh())
+
+
+def test_unreadable_metadata_without_records_is_named(tmp_path):
+    """No records to check against: a truncated `.metadata` fails to unpickle, named."""
+    _saved(tmp_path)
+    meta = tmp_path / ".metadata"
+    meta.write_bytes(meta.read_bytes()[:100])
+    with pytest.raises(
+        CheckpointError,
+        match=r"^The checkpoint metadata `.*\.metadata` cannot be read \((UnpicklingError|EOFError)",
+    ):
+        load_checkpoint(tmp_path, *_fresh(), verify=False)
+
+
+def test_metadata_of_another_type_is_refused(tmp_path):
+    """A `.metadata` holding a plain dict (allowed pickle, wrong type)."""
+    (tmp_path / ".metadata").write_bytes(pickle.dumps({"state_dict_metadata": {}}))
+    with pytest.raises(
+        CheckpointError,
+        match=r"^The checkpoint metadata `.*\.metadata` holds a `dict`, not DCP `Metadata`\.\n"
+        r"  fix: load only checkpoints from a trusted source",
+    ):
+        load_checkpoint(tmp_path, build_model(SPEC))
+
+
+def test_other_read_failures_name_the_rank_and_its_error(tmp_path):
+    """A shard of the right size but all zeros, without hashes: torch's own error, per rank."""
+    _saved(tmp_path)
+    shard = tmp_path / SHARD
+    shard.write_bytes(bytes(shard.stat().st_size))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^Loading the checkpoint `{re.escape(str(tmp_path))}` failed on rank\(s\) 0\.\n"
+        r"  rank 0: \w+: .*\n  fix: see each rank's error above",
+    ):
+        load_checkpoint(tmp_path, *_fresh(), verify=False)
+
+
 # ------------------------------------------------------------------- crafted checkpoints (11)
 
 
