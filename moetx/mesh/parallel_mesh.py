@@ -15,6 +15,7 @@ and the EP mesh share a root and FSDP2 can shard parameters that are already EP 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import attrs
@@ -187,7 +188,9 @@ class ParallelMesh:
         if d.dp_replicate == 1:
             expert_fsdp = moe["ep_shard"]
         else:
-            expert_fsdp = moe["dp_replicate", "ep_shard"]._flatten("ep_fsdp")
+            expert_fsdp = moe["dp_replicate", "ep_shard"]._flatten(
+                "ep_fsdp", backend_override=_timeout_options(device_type)
+            )
         return cls(d, device_type, root, dense, fsdp, moe, expert_fsdp, explicit)
 
     def __getitem__(self, axis: str) -> DeviceMesh:
@@ -265,6 +268,16 @@ def _same_timeout(device_type: str, names: tuple[str, ...]) -> dict[str, Any] | 
     whatever timeout `init_process_group` was given: a rank that failed would leave its peers
     blocked in an expert all-to-all for half an hour instead of the configured timeout.
     """
+    opts = _timeout_options(device_type)
+    return None if opts is None else {name: opts for name in names}
+
+
+def _timeout_options(device_type: str) -> Any:
+    """Backend options carrying the default group's timeout (None: fake backend or unknown).
+
+    For every group moetx creates: `_unflatten` (via `_same_timeout`) and `_flatten` take
+    torch's 30-minute default otherwise (TORCH-CPU-NOTES §9).
+    """
     backend = dist.get_backend()
     try:
         world = dist.group.WORLD._get_backend(torch.device(device_type))  # type: ignore[union-attr]
@@ -278,7 +291,7 @@ def _same_timeout(device_type: str, names: tuple[str, ...]) -> dict[str, Any] | 
     else:
         return None
     opts._timeout = timeout
-    return {name: opts for name in names}
+    return opts
 
 
 def _default_device_type() -> str:
@@ -286,12 +299,30 @@ def _default_device_type() -> str:
     return "cuda" if backend == "nccl" else "cpu"
 
 
+#: `(default group, ParallelMesh.from_device_mesh(m))` per DeviceMesh `m` given to
+#: `as_parallel_mesh`. Each conversion carves new sub-meshes (about 8 gloo groups, 35 fds and
+#: hidden collectives), so a loop passing a DeviceMesh to `shard_sequence` ran out of file
+#: descriptors. An entry lives as long as its mesh; the ParallelMesh refers to that mesh, so in
+#: practice for the process (one per distinct mesh: equal meshes, same ranks and names, share
+#: one). An entry made under another default group (destroyed and created again) is rebuilt.
+_FROM_DEVICE_MESH: weakref.WeakKeyDictionary[DeviceMesh, tuple[Any, ParallelMesh]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def as_parallel_mesh(mesh: ParallelMesh | DeviceMesh) -> ParallelMesh:
-    """Accept a `ParallelMesh` or a named `DeviceMesh`; anything else is a `TypeError`."""
+    """Accept a `ParallelMesh` or a named `DeviceMesh`; anything else is a `TypeError`.
+
+    A DeviceMesh is converted once (collectively, on first use) and the result reused.
+    """
     if isinstance(mesh, ParallelMesh):
         return mesh
     if isinstance(mesh, DeviceMesh):
-        return ParallelMesh.from_device_mesh(mesh)
+        world, entry = dist.group.WORLD, _FROM_DEVICE_MESH.get(mesh)
+        if entry is None or entry[0] is not world:
+            _FROM_DEVICE_MESH.pop(mesh, None)  # keyed by this mesh from now on, not a stale twin
+            entry = _FROM_DEVICE_MESH[mesh] = (world, ParallelMesh.from_device_mesh(mesh))
+        return entry[1]
     raise TypeError(
         f"`mesh` must be a `moetx.ParallelMesh` or a `DeviceMesh` (got `{type(mesh).__name__}`).\n"
         "  fix: `mesh = moetx.ParallelMesh.build(ep=2)` inside an initialised process group."

@@ -27,6 +27,7 @@ from moetx.passes.context_parallel.attention import (
     ContextParallelAttentionCore,
     sequence_index,
 )
+from moetx.passes.context_parallel.hooks import InputGuard, StatsReducer
 from moetx.passes.load_sync import install_load_sync
 from moetx.structure.discovery import ModelStructure, discover
 
@@ -71,7 +72,10 @@ class ContextParallel(Pass):
     aux-loss-free `expert_load` counters still count local tokens: sum them over dp x cp before
     `update_routing_bias_`, as its docstring says.) The root
     module gets a forward pre-hook that refuses calls without `position_ids` (a forgotten
-    `shard_sequence` would otherwise attend silently across unrelated chunks). With degree 1
+    `shard_sequence` would otherwise attend silently across unrelated chunks) and, with one
+    all-gather of two integers per forward, local shapes that differ across the cp ranks
+    (`ContextParallelInputError`) or an odd local length under `load_balance`
+    (`SequenceDivisibilityError`), on every rank alike. With degree 1
     nothing is installed.
 
     Stage `cp`: first, before `ep`, `ac` and `fsdp`. `apply` consumes its input: it mutates the
@@ -161,9 +165,9 @@ class ContextParallel(Pass):
                 cp_mesh, self.comm, self.load_balance
             )
             if block.moe is not None and block.moe.stats_reducer_attr is not None:
-                setattr(block.moe.module, block.moe.stats_reducer_attr, _StatsReducer(cp_mesh))
+                setattr(block.moe.module, block.moe.stats_reducer_attr, StatsReducer(cp_mesh))
         model.__dict__[_GUARD_ATTR] = model.register_forward_pre_hook(
-            _require_positions, with_kwargs=True
+            InputGuard(cp_mesh, self.load_balance), with_kwargs=True
         )
         return model
 
@@ -318,42 +322,3 @@ def _attention_problems(model: nn.Module, structure: ModelStructure) -> list[str
             + " cannot be made context-parallel: moetx handles only each block's `self_attn`."
         )
     return problems
-
-
-# ---------------------------------------------------------------------- installed at apply
-
-
-class _StatsReducer:
-    """`moetx.models.StatsReducer` over the cp group: whole-sequence aux-loss statistics.
-
-    Counts are summed without autograd (they are integers). Score sums are all-gathered with
-    an autograd-aware collective and summed, so the backward sums every rank's gradient of
-    the (identical) whole-sequence aux loss into each rank's local scores: averaged over the
-    cp ranks (FSDP's mean over dp_shard x cp), that is the single-process gradient.
-    """
-
-    def __init__(self, mesh: DeviceMesh) -> None:
-        self.mesh = mesh
-
-    def __call__(
-        self, counts: Tensor, prob_sums: Tensor, seq_len: int
-    ) -> tuple[Tensor, Tensor, int]:
-        group, degree = self.mesh.get_group(), self.mesh.size()
-        counts = funcol.all_reduce(counts, "sum", group)
-        gathered = funcol.all_gather_single_autograd(prob_sums.contiguous(), 0, group)
-        return counts, gathered.view(degree, *prob_sums.shape).sum(0), seq_len * degree
-
-    def __repr__(self) -> str:
-        return f"_StatsReducer(degree={self.mesh.size()})"
-
-
-def _require_positions(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    # `MoETransformer.forward(input_ids, labels=None, position_ids=None)`, HF's keyword name.
-    positions = kwargs.get("position_ids", args[2] if len(args) > 2 else None)
-    if positions is None:
-        raise ContextParallelInputError(
-            f"`{type(module).__name__}` is context-parallel and was called without "
-            "`position_ids`.\n"
-            "  fix: `ids, labels, positions = cp.shard_sequence(mesh, ids, labels)`, then "
-            "`model(ids, labels=labels, position_ids=positions)`."
-        )
