@@ -379,7 +379,7 @@ def test_apply_replaces_every_core_and_reducer():
             core = _layer(model, i).self_attn.core
             assert isinstance(core, ContextParallelAttentionCore)
             assert (core.comm, core.load_balance) == ("p2p", True)
-        assert repr(_layer(model, 1).mlp.stats_reducer) == "_StatsReducer(degree=2)"
+        assert repr(_layer(model, 1).mlp.stats_reducer) == "StatsReducer(degree=2)"
         (entry,) = applied_passes(model)
         assert dict(entry.facts) == {
             "axis": "cp",
