@@ -1,0 +1,189 @@
+"""`TensorParallel`: heads, dense MLPs and the vocabulary on `tp`, composed with CP, EP, AC, FSDP.
+
+Proof is numerical: every gradient at every step and the final parameters equal one process
+training on the global batch, on meshes where tp is alone, beside data parallelism, and beside
+context and expert parallelism.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed.device_mesh import init_device_mesh
+
+from moetx import (
+    FSDP,
+    ActivationCheckpoint,
+    ContextParallel,
+    ExpertParallel,
+    MeshAxisError,
+    MeshDegrees,
+    ParallelMesh,
+    PassAlreadyAppliedError,
+    PassPreconditionError,
+    Pipeline,
+    TensorParallel,
+)
+from moetx.models import MoEConfig, MoETransformer
+from moetx.testing import examples, fake_world
+from moetx.testing.train import TrainSpec, assert_training_parity, rank_train
+from tests.bodies import tensor_parallel as bodies
+
+CONFIG = MoEConfig(
+    vocab_size=32, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
+    top_k=2, expert_hidden_size=8, num_shared_experts=1, num_dense_layers=1,
+)  # fmt: skip
+# lr 1e-3: TP's row-parallel all-reduces sum in another order than one process, and AdamW moves
+# a near-zero gradient (a router's, with top-1 routing) by ~lr whatever its size; gradients are
+# compared every step at fp32 tolerance, so a scale error cannot hide behind the smaller lr.
+LR = 1e-3
+SPEC = TrainSpec(config=CONFIG, steps=3, seq_len=8, lr=LR)
+TP = TensorParallel()
+
+
+@st.composite
+def tp_configs(draw) -> MoEConfig:
+    """Synthetic configs TP can shard at tp=2: even heads and kv heads, even MLP sizes."""
+    heads = draw(st.sampled_from([2, 4]))
+    return MoEConfig(
+        vocab_size=32,
+        hidden_size=draw(st.sampled_from([8, 16])),
+        num_layers=2,
+        num_heads=heads,
+        num_kv_heads=draw(st.sampled_from([h for h in (2, 4) if heads % h == 0])),
+        num_experts=4,
+        top_k=draw(st.integers(1, 2)),
+        expert_hidden_size=8,
+        num_shared_experts=draw(st.integers(0, 1)),
+        num_dense_layers=draw(st.integers(0, 1)),
+        tie_embeddings=draw(st.booleans()),
+        score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
+    )
+
+
+@settings(max_examples=examples(4), deadline=None)
+@given(tp_configs())
+def test_tensor_parallel_alone_trains_like_one_process(pool2, config):
+    """tp=2 on 2 ranks (no data parallelism): drawn synthetic models, 3 AdamW steps."""
+    spec = TrainSpec(config=config, steps=3, seq_len=8, lr=LR)
+    degrees = MeshDegrees(dp_shard=1, tp=2)
+    assert_training_parity(pool2.run(rank_train, spec, Pipeline((TP,)), degrees), spec, degrees)
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "degrees"),
+    [
+        (TP | FSDP(), MeshDegrees(dp_shard=2, tp=2)),
+        (TP | FSDP(), MeshDegrees(dp_replicate=2, dp_shard=1, tp=2)),
+        (TP | ExpertParallel() | FSDP(), MeshDegrees(dp_shard=2, ep=2, tp=2)),
+        (
+            TP | ContextParallel() | ExpertParallel() | ActivationCheckpoint() | FSDP(),
+            MeshDegrees(dp_shard=1, cp=2, ep=2, tp=2),
+        ),
+        (TP | ActivationCheckpoint(), MeshDegrees(dp_shard=1, tp=4)),
+    ],
+    ids=["tp-fsdp", "tp-hsdp", "tp-ep-fsdp", "tp-cp-ep-ac-fsdp", "tp4-ac"],
+)
+def test_tensor_parallel_composes_and_trains_like_one_process(pool4, pipeline, degrees):
+    """Every gradient each step and the final parameters on 4 ranks (expert gradients divided
+    by the token ranks, not the world: tp ranks hold the same tokens)."""
+    spec = (
+        SPEC if degrees.tp == 2 else attrs.evolve(SPEC, config=attrs.evolve(CONFIG, num_kv_heads=4))
+    )
+    assert_training_parity(pool4.run(rank_train, spec, pipeline, degrees), spec, degrees)
+
+
+def test_parameters_land_on_the_expected_axes(pool4):
+    """TP | EP | FSDP at dp 2 x tp 2 (ep 2): attention, dense and shared MLPs and the vocabulary
+    2-D on (dp_shard_cp, tp); experts on the expert meshes only; norms and routers on dp only."""
+    got = pool4.run(
+        bodies.placements, SPEC, TP | ExpertParallel() | FSDP(), MeshDegrees(dp_shard=2, ep=2, tp=2)
+    )[0]
+    col = (("dp_shard_cp", "tp"), ("_S(0, 2)", "S(0)"))
+    row = (("dp_shard_cp", "tp"), ("S(0)", "S(1)"))
+    dp_only = (("dp_shard_cp",), ("S(0)",))
+    expected = {
+        "model.embed_tokens.weight": col,
+        "model.norm.weight": dp_only,
+        "lm_head.weight": col,
+    }
+    for i in (0, 1):
+        block = f"model.layers.{i}"
+        expected |= {f"{block}.self_attn.{n}_proj.weight": col for n in "qkv"}
+        expected |= {f"{block}.self_attn.o_proj.weight": row}
+        expected |= {
+            f"{block}.{n}.weight": dp_only for n in ("input_layernorm", "post_attention_layernorm")
+        }
+    mlp, shared = "model.layers.0.mlp", "model.layers.1.mlp.shared_experts"
+    for prefix in (mlp, shared):
+        expected |= {f"{prefix}.gate_proj.weight": col, f"{prefix}.up_proj.weight": col}
+        expected |= {f"{prefix}.down_proj.weight": row}
+    expected |= {"model.layers.1.mlp.gate.weight": dp_only}
+    experts = (("ep_shard", "ep"), ("_S(0, 2)", "S(0)"))
+    expected |= {f"model.layers.1.mlp.experts.{n}": experts for n in ("gate_up_proj", "down_proj")}
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            MoEConfig(num_heads=4, num_kv_heads=1, num_experts=4),
+            r"`model\.layers\.0\.self_attn` has 4 query heads and 1 key/value heads; both must "
+            r"be divisible by tp \(2\)",
+        ),
+        (
+            MoEConfig(num_heads=3, num_kv_heads=3, head_dim=4, num_experts=4),
+            r"has 3 query heads and 3 key/value heads",
+        ),
+        (
+            MoEConfig(
+                vocab_size=33, num_heads=2, num_kv_heads=2, num_experts=4, tie_embeddings=False
+            ),
+            r"`model\.embed_tokens` has a vocabulary of 33, not divisible by tp \(2\)",
+        ),
+        (
+            MoEConfig(
+                num_heads=2,
+                num_kv_heads=2,
+                num_experts=4,
+                num_shared_experts=1,
+                expert_hidden_size=3,
+            ),
+            r"`model\.layers\.\d\.mlp\.shared_experts` has inner size 3, not divisible by tp \(2\)",
+        ),
+    ],
+    ids=["kv-heads", "heads", "vocab", "shared-experts"],
+)
+def test_indivisible_sizes_are_refused_before_any_change(pool2, config, message):
+    """Heads, kv heads, inner sizes and the vocabulary must divide by tp: a typed error that names
+    the module and the numbers, the model untouched."""
+    spec = TrainSpec(config=config)
+    (res, _) = pool2.run(bodies.refusal, spec, TP | FSDP(), MeshDegrees(dp_shard=1, tp=2))
+    assert res["error"] == "PassPreconditionError"
+    assert res["untouched"]
+    assert res["message"].startswith("`TensorParallel` cannot shard MoETransformer over tp=2:")
+    assert re.search(message, res["message"]), res["message"]
+
+
+def test_a_mesh_without_tp_and_a_second_application_are_refused():
+    """A DeviceMesh without a `tp` dim names the missing axis; a second TP, or TP after another
+    parallelism (DTensor parameters), is refused."""
+    with fake_world(2):
+        dm = init_device_mesh("cpu", (2,), mesh_dim_names=("dp_shard",))
+        with pytest.raises(MeshAxisError, match=r"^`TensorParallel` needs the mesh axis `tp`"):
+            TP.apply(MoETransformer(CONFIG), dm)
+        mesh = ParallelMesh.build(dp_shard=1, tp=2)
+        once = TP.apply(MoETransformer(CONFIG), mesh)
+        with pytest.raises(PassAlreadyAppliedError, match=r"^`TensorParallel` was already applied"):
+            TP.apply(once, mesh)
+        ep_mesh = ParallelMesh.build(dp_shard=2, ep=2)
+        sharded = ExpertParallel().apply(MoETransformer(CONFIG), ep_mesh)
+        with pytest.raises(
+            PassPreconditionError, match=r"^`TensorParallel` found DTensor parameters already"
+        ):
+            TP.check(sharded, ep_mesh, ())
