@@ -30,8 +30,12 @@ from moetx import (
 )
 from moetx.models import MoEConfig, MoETransformer
 from moetx.testing import examples, fake_world
+from moetx.testing.hf import HFSpec
+from moetx.testing.hf import build_model as hf_build_model
 from moetx.testing.train import TrainSpec, assert_training_parity, rank_train
 from tests.bodies import tensor_parallel as bodies
+from tests.bodies.hf import hf_rank_train
+from tests.test_hf_models import assert_training_parity as assert_hf_training_parity
 
 CONFIG = MoEConfig(
     vocab_size=32, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
@@ -187,3 +191,40 @@ def test_a_mesh_without_tp_and_a_second_application_are_refused():
             PassPreconditionError, match=r"^`TensorParallel` found DTensor parameters already"
         ):
             TP.check(sharded, ep_mesh, ())
+
+
+# ------------------------------------------------------------------ Hugging Face models
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_hf_models_train_like_one_process(pool4, family):
+    """TP | EP | FSDP at dp 2 x tp 2 (ep 2) on unmodified HF models (2 kv heads): every gradient
+    each step and the final parameters (HF attention infers local heads from the shapes)."""
+    pytest.importorskip("transformers")
+    spec = HFSpec(family=family, overrides=(("num_key_value_heads", 2),))
+    degrees = MeshDegrees(dp_shard=2, ep=2, tp=2)
+    results = pool4.run(hf_rank_train, spec, TP | ExpertParallel() | FSDP(), degrees)
+    assert_hf_training_parity(spec, results, 2)
+
+
+@pytest.mark.parametrize(
+    ("family", "message"),
+    [
+        (
+            "deepseek_v3",
+            r"`model\.layers\.0\.self_attn` \(`DeepseekV3Attention`\) is not q/k/v/o_proj",
+        ),
+        (
+            "gpt_oss",
+            r"`model\.layers\.0\.self_attn` holds parameters TP would have to split by head: \['sinks'\]",
+        ),
+    ],
+)
+def test_hf_attention_tp_cannot_split_is_refused(family, message):
+    """DeepSeek-V3's latent attention and gpt-oss's sinks are refused at check time, by name."""
+    pytest.importorskip("transformers")
+    model = hf_build_model(HFSpec(family=family, overrides=(("num_key_value_heads", 2),)))
+    with fake_world(2):
+        mesh = ParallelMesh.build(dp_shard=1, tp=2)
+        with pytest.raises(PassPreconditionError, match=message):
+            TP.apply(model, mesh)

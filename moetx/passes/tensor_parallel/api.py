@@ -13,6 +13,7 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     RowwiseParallel,
+    SequenceParallel,
     parallelize_module,
 )
 
@@ -115,4 +116,6 @@ def _plan(target: TPTarget) -> ParallelStyle | dict[str, ParallelStyle]:
     return {
         **dict.fromkeys(target.colwise, ColwiseParallel()),
         **dict.fromkeys(target.rowwise, RowwiseParallel()),
+        # [B, S, heads, head_dim] inputs sharded on heads (dim 2) by the colwise projections.
+        **dict.fromkeys(target.per_head, SequenceParallel(sequence_dim=2, use_local_output=True)),
     }

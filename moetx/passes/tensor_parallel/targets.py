@@ -19,7 +19,8 @@ __all__ = ["TPTarget", "tp_targets"]
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 # Children of an attention module that hold no per-head state TP would have to split:
-# Qwen3's q/k norms act on head_dim, moetx's `core` is the kernel (no parameters).
+# Qwen3's q/k norms act on head_dim (one weight shared by every head), moetx's `core` is the
+# kernel (no parameters).
 _REPLICATED_CHILDREN = ("q_norm", "k_norm", "core")
 
 
@@ -35,6 +36,9 @@ class TPTarget:
         rowwise: Children sharded row-wise (input features).
         local_attrs: `(attribute, per-rank value)` pairs to set on `module` (head counts that
             moetx's attention reads in `view`; HF attention infers them with `-1`).
+        per_head: Children applied to each head's `[B, S, heads, head_dim]` slice (Qwen3's
+            q/k norms): their weights become tp-replicated DTensors fed head-sharded inputs, so
+            their gradients are summed over the tp ranks' heads.
     """
 
     fqn: str
@@ -43,6 +47,7 @@ class TPTarget:
     colwise: tuple[str, ...] = ()
     rowwise: tuple[str, ...] = ()
     local_attrs: tuple[tuple[str, int], ...] = ()
+    per_head: tuple[str, ...] = ()
 
 
 def tp_targets(model: nn.Module, degree: int) -> list[TPTarget]:
@@ -104,7 +109,14 @@ def _attention(block: Block, degree: int, problems: list[str]) -> list[TPTarget]
         for name, total in (("num_heads", heads), ("num_kv_heads", kv_heads))
         if isinstance(getattr(attn, name, None), int)
     )
-    return [TPTarget(fqn, attn, "attention", ("q_proj", "k_proj", "v_proj"), ("o_proj",), local)]
+    per_head = tuple(
+        n
+        for n in ("q_norm", "k_norm")
+        if isinstance(getattr(attn, n, None), nn.Module)
+        and any(True for _ in getattr(attn, n).parameters())
+    )
+    colwise, rowwise = ("q_proj", "k_proj", "v_proj"), ("o_proj",)
+    return [TPTarget(fqn, attn, "attention", colwise, rowwise, local, per_head)]
 
 
 def _mlps(block: Block) -> list[tuple[str, nn.Module]]:
