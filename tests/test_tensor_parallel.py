@@ -36,6 +36,8 @@ from moetx.testing.train import TrainSpec, assert_training_parity, rank_train
 from tests.bodies import tensor_parallel as bodies
 from tests.bodies.hf import hf_rank_train
 from tests.test_hf_models import assert_training_parity as assert_hf_training_parity
+from tests.test_plan import UNEVEN
+from tests.test_plan import _check_against_ranks as check_plan_against_ranks
 
 CONFIG = MoEConfig(
     vocab_size=32, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
@@ -228,3 +230,39 @@ def test_hf_attention_tp_cannot_split_is_refused(family, message):
         mesh = ParallelMesh.build(dp_shard=1, tp=2)
         with pytest.raises(PassPreconditionError, match=message):
             TP.apply(model, mesh)
+
+
+# --------------------------------------------------------------------------------- planning
+
+TP_UNEVEN = attrs.evolve(UNEVEN, vocab_size=66, num_kv_heads=2)  # tp-divisible, FSDP-uneven
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "degrees"),
+    [
+        (TP | FSDP(), MeshDegrees(dp_shard=2, tp=2)),
+        (
+            TP | ExpertParallel() | ActivationCheckpoint() | FSDP(),
+            MeshDegrees(dp_shard=2, ep=2, tp=2),
+        ),
+    ],
+    ids=["tp-fsdp", "tp-ep-ac-fsdp"],
+)
+def test_plan_bytes_equal_real_ranks(pool4, pipeline, degrees):
+    """`plan` (meta, fake world) gives each rank's parameter, gradient and AdamW bytes and local
+    shapes exactly as real ranks hold them, with 2-D (dp, tp) placements."""
+    check_plan_against_ranks(pool4, pipeline, degrees, attrs.evolve(SPEC, config=TP_UNEVEN))
+
+
+def test_plan_deepseek_v3_shaped_at_256_ranks_with_tp_8():
+    """tp=8 x ep=32 on 256 ranks plans in seconds; tp shards attention, dense and shared MLPs
+    and the vocabulary eight ways."""
+    p = (TP | ExpertParallel() | ActivationCheckpoint() | FSDP(param_dtype="bfloat16")).plan(
+        MoEConfig.deepseek_v3_shaped(), MeshDegrees(dp_shard=32, ep=32, tp=8)
+    )
+    groups = {g.pattern: g for g in p.groups}
+    q = groups["model.layers.*.self_attn.q_proj.weight"]
+    assert q.mesh_axes == ("dp_shard_cp", "tp") and "tp" in q.passes
+    assert q.local_shape[0] * 8 * 32 == q.global_shape[0]
+    assert groups["model.layers.*.mlp.experts.gate_up_proj"].mesh_axes == ("ep_shard", "ep")
+    assert p.seconds < 60 and p.world_size == 256

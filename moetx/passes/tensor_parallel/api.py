@@ -103,9 +103,10 @@ class TensorParallel(Pass):
         return model
 
     def facts(self, model: nn.Module, mesh: ParallelMesh) -> Mapping[str, Any]:
-        """`axis`, `degree`, and `sharded`: FQNs of the parameters this pass sharded."""
-        sharded = tuple(n for n, p in model.named_parameters() if isinstance(p, DTensor))
-        return {"axis": self.axis, "degree": mesh.degree(self.axis), "sharded": sharded}
+        """`axis`, `degree`, and `params`: FQNs of the parameters this pass made DTensors (the
+        key `Pipeline.plan` reads to show which passes handle a parameter)."""
+        params = tuple(n for n, p in model.named_parameters() if isinstance(p, DTensor))
+        return {"axis": self.axis, "degree": mesh.degree(self.axis), "params": params}
 
 
 def _plan(target: TPTarget) -> ParallelStyle | dict[str, ParallelStyle]:
