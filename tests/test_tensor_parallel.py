@@ -7,6 +7,7 @@ context and expert parallelism.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import attrs
@@ -266,3 +267,66 @@ def test_plan_deepseek_v3_shaped_at_256_ranks_with_tp_8():
     assert q.local_shape[0] * 8 * 32 == q.global_shape[0]
     assert groups["model.layers.*.mlp.experts.gate_up_proj"].mesh_axes == ("ep_shard", "ep")
     assert p.seconds < 60 and p.world_size == 256
+
+
+# ------------------------------------------------------------------- sequence parallelism
+
+SP = TensorParallel(sequence_parallel=True)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize(
+    ("pipeline", "degrees"),
+    [
+        (SP | ExpertParallel() | FSDP(), MeshDegrees(dp_shard=2, ep=2, tp=2)),
+        (
+            SP | ContextParallel() | ExpertParallel() | ActivationCheckpoint() | FSDP(),
+            MeshDegrees(dp_shard=1, cp=2, ep=2, tp=2),
+        ),
+    ],
+    ids=["sp-ep-fsdp", "sp-cp-ep-ac-fsdp"],
+)
+def test_sequence_parallel_trains_like_one_process(pool4, pipeline, degrees, tied):
+    """Norms and residuals sharded on the sequence (MoE blocks gathering their tokens, aux loss
+    on): every gradient each step and the final parameters, tied and untied embeddings."""
+    config = attrs.evolve(CONFIG, tie_embeddings=tied, aux_loss_coef=0.01)
+    spec = attrs.evolve(SPEC, config=config)
+    assert_training_parity(pool4.run(rank_train, spec, pipeline, degrees), spec, degrees)
+
+
+def test_sequence_parallel_shards_the_residual_stream_and_gathers_moe_inputs(pool2):
+    """Block norms see S / tp positions; attention projections and the MoE router see all S."""
+    got = pool2.run(bodies.residual_shapes, SPEC, Pipeline((SP,)), MeshDegrees(dp_shard=1, tp=2))
+    h, s = CONFIG.hidden_size, SPEC.seq_len
+    assert got[0] == {"norm": (2, s // 2, h), "attention": (2, s, h), "moe": (2 * s, h)}
+    plain = pool2.run(bodies.residual_shapes, SPEC, Pipeline((TP,)), MeshDegrees(dp_shard=1, tp=2))
+    assert plain[0]["norm"] == (2, s, h)
+
+
+def test_sequence_parallel_refuses_a_length_tp_cannot_split(pool2):
+    """A sequence not divisible by tp is a typed error on every tp rank, before any collective."""
+    got = pool2.run(bodies.sequence_error, SPEC, Pipeline((SP,)), MeshDegrees(dp_shard=1, tp=2), 7)
+    assert all(
+        m.startswith(
+            "SequenceDivisibilityError: The sequence length of `input_ids` (7) must be divisible "
+            "by tp (2)"
+        )
+        for m in got
+    )
+
+
+def test_sequence_parallel_refuses_models_it_does_not_support():
+    """MTP heads and Hugging Face models are refused at check time, naming the reason."""
+    with fake_world(2):
+        mesh = ParallelMesh.build(dp_shard=1, tp=2)
+        mtp = MoETransformer(attrs.evolve(CONFIG, num_mtp_layers=1))
+        with pytest.raises(PassPreconditionError, match=r"does not support MTP heads"):
+            SP.apply(mtp, mesh)
+        if importlib.util.find_spec("transformers"):
+            hf = hf_build_model(HFSpec(family="mixtral", overrides=(("num_key_value_heads", 2),)))
+            with pytest.raises(
+                PassPreconditionError,
+                match=r"^`TensorParallel\(sequence_parallel=True\)` cannot apply to "
+                r"MixtralForCausalLM:\n  - sequence_parallel=True supports moetx's models",
+            ):
+                SP.apply(hf, mesh)

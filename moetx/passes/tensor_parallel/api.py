@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -21,6 +21,10 @@ from moetx.core.algebra import Pass, register_pass
 from moetx.core.errors import PassPreconditionError
 from moetx.core.order import Placement
 from moetx.core.record import Applied
+from moetx.passes.tensor_parallel.sequence import (
+    install_sequence_parallel,
+    sequence_parallel_problems,
+)
 from moetx.passes.tensor_parallel.targets import TPTarget, tp_targets
 from moetx.structure.discovery import discover
 
@@ -66,12 +70,21 @@ class TensorParallel(Pass):
     Upstream APIs: `torch.distributed.tensor.parallel.parallelize_module`, `ColwiseParallel`,
     `RowwiseParallel`.
 
+    **Sequence parallelism** (`sequence_parallel=True`, moetx's models): between the TP
+    regions the residual stream, norms and residual adds are sharded on the sequence over tp,
+    as torchtitan does; MoE blocks gather their rank's whole sequences, so every token is routed
+    exactly once (`moetx.passes.tensor_parallel.sequence`).
+
     Args:
         axis: Mesh axis to shard over.
+        sequence_parallel: Shard the residual stream on the sequence between TP regions.
     """
 
     placement = Placement.builtin("tp")
     axis: str = attrs.field(default="tp", validator=attrs.validators.instance_of(str))
+    sequence_parallel: bool = attrs.field(
+        default=False, validator=attrs.validators.instance_of(bool)
+    )
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Raise if the axis, the structure or a divisibility rule does not allow TP."""
@@ -83,11 +96,20 @@ class TensorParallel(Pass):
                 "it must be the first parallelism applied.\n"
                 "  fix: apply `TensorParallel()` to the plain model, first in the pipeline."
             )
-        if not discover(model).blocks:
+        structure = discover(model)
+        if not structure.blocks:
             raise PassPreconditionError(
                 f"`TensorParallel` found no transformer blocks in `{type(model).__name__}`."
             )
         tp_targets(model, mesh.degree(self.axis))  # raises on every structural problem
+        problems = sequence_parallel_problems(model, structure) if self.sequence_parallel else []
+        if problems:
+            listed = "\n".join(f"  - {p}" for p in problems)
+            raise PassPreconditionError(
+                f"`TensorParallel(sequence_parallel=True)` cannot apply to "
+                f"{type(model).__name__}:\n{listed}\n"
+                "  fix: use `TensorParallel()` (sequence_parallel=False) for this model."
+            )
 
     def _apply(
         self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]
@@ -97,9 +119,11 @@ class TensorParallel(Pass):
             return model
         tp_mesh = mesh[self.axis]
         for target in tp_targets(model, degree):
-            parallelize_module(target.module, tp_mesh, _plan(target))
+            parallelize_module(target.module, tp_mesh, _plan(target, self.sequence_parallel))
             for attr, value in target.local_attrs:
                 setattr(target.module, attr, value)
+        if self.sequence_parallel:
+            install_sequence_parallel(model, discover(model), tp_mesh)
         return model
 
     def facts(self, model: nn.Module, mesh: ParallelMesh) -> Mapping[str, Any]:
@@ -109,14 +133,19 @@ class TensorParallel(Pass):
         return {"axis": self.axis, "degree": mesh.degree(self.axis), "params": params}
 
 
-def _plan(target: TPTarget) -> ParallelStyle | dict[str, ParallelStyle]:
+def _plan(target: TPTarget, sequence: bool) -> ParallelStyle | dict[str, ParallelStyle]:
+    # With sequence parallelism the residual stream between regions is `Shard(1)` (sequence):
+    # region outputs reduce-scatter into it, region inputs are all-gathered out of it. Shared
+    # experts sit inside the MoE block, whose input is already gathered.
+    seq = Shard(1) if sequence else Replicate()
     if target.kind == "embedding":  # vocabulary-parallel lookup, summed over tp
-        return RowwiseParallel(input_layouts=Replicate())
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
     if target.kind == "lm_head":  # logits gathered to the full vocabulary
-        return ColwiseParallel(output_layouts=Replicate())
+        return ColwiseParallel(input_layouts=seq, output_layouts=Replicate())
+    out = seq if target.kind != "shared_mlp" else Replicate()
     return {
         **dict.fromkeys(target.colwise, ColwiseParallel()),
-        **dict.fromkeys(target.rowwise, RowwiseParallel()),
+        **dict.fromkeys(target.rowwise, RowwiseParallel(output_layouts=out)),
         # [B, S, heads, head_dim] inputs sharded on heads (dim 2) by the colwise projections.
         **dict.fromkeys(target.per_head, SequenceParallel(sequence_dim=2, use_local_output=True)),
     }

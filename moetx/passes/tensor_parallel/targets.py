@@ -31,7 +31,8 @@ class TPTarget:
     Attributes:
         fqn: Its FQN.
         module: The module.
-        kind: `"attention"`, `"mlp"`, `"embedding"` or `"lm_head"`.
+        kind: `"attention"`, `"mlp"` (a dense block's), `"shared_mlp"` (an MoE block's shared
+            experts), `"embedding"` or `"lm_head"`.
         colwise: Children sharded column-wise (output features).
         rowwise: Children sharded row-wise (input features).
         local_attrs: `(attribute, per-rank value)` pairs to set on `module` (head counts that
@@ -57,8 +58,9 @@ def tp_targets(model: nn.Module, degree: int) -> list[TPTarget]:
     problems: list[str] = []
     for block in s.blocks:
         targets += _attention(block, degree, problems)
+        kind = "shared_mlp" if block.moe is not None else "mlp"
         for fqn, mlp in _mlps(block):
-            targets += _mlp(fqn, mlp, degree, problems)
+            targets += _mlp(fqn, mlp, kind, degree, problems)
     targets += _vocabulary(s, degree, problems)
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
@@ -127,7 +129,7 @@ def _mlps(block: Block) -> list[tuple[str, nn.Module]]:
     return [] if mlp is None else [(f"{block.fqn}.mlp", mlp)]
 
 
-def _mlp(fqn: str, mlp: nn.Module, degree: int, problems: list[str]) -> list[TPTarget]:
+def _mlp(fqn: str, mlp: nn.Module, kind: str, degree: int, problems: list[str]) -> list[TPTarget]:
     gate, up, down = (_linear(mlp, n) for n in _MLP)
     if gate is None or up is None or down is None:
         problems.append(
@@ -140,7 +142,7 @@ def _mlp(fqn: str, mlp: nn.Module, degree: int, problems: list[str]) -> list[TPT
             f"`{fqn}` has inner size {gate.out_features}, not divisible by tp ({degree})"
         )
         return []
-    return [TPTarget(fqn, mlp, "mlp", ("gate_proj", "up_proj"), ("down_proj",))]
+    return [TPTarget(fqn, mlp, kind, ("gate_proj", "up_proj"), ("down_proj",))]
 
 
 def _vocabulary(s: ModelStructure, degree: int, problems: list[str]) -> list[TPTarget]:
