@@ -33,7 +33,13 @@ from moetx.core.errors import (
     UnsupportedAttentionError,
 )
 from moetx.mesh import MeshDegrees, ParallelMesh
-from moetx.passes import FSDP, ActivationCheckpoint, ContextParallel, ExpertParallel
+from moetx.passes import (
+    FSDP,
+    ActivationCheckpoint,
+    ContextParallel,
+    ExpertParallel,
+    TensorParallel,
+)
 from moetx.planning import ParamGroup, Plan, RankBytes
 from moetx.training import (
     RankBatch,
@@ -88,6 +94,7 @@ __all__ = [
     "RankBatch",
     "RankBytes",
     "SequenceDivisibilityError",
+    "TensorParallel",
     "TokenCount",
     "UnknownModelStructureError",
     "UnsupportedAttentionError",

@@ -33,8 +33,13 @@ def short_pool4() -> Iterator[RankPool]:
 
 @pytest.mark.parametrize(
     "degrees",
-    [HSDP_EP, MeshDegrees(dp_replicate=2, dp_shard=2, cp=1, ep=1), MeshDegrees(dp_shard=4, ep=2)],
-    ids=["hsdp-ep2", "hsdp-ep1", "fsdp-ep2"],
+    [
+        HSDP_EP,
+        MeshDegrees(dp_replicate=2, dp_shard=2, cp=1, ep=1),
+        MeshDegrees(dp_shard=4, ep=2),
+        MeshDegrees(dp_shard=2, ep=2, tp=2),
+    ],
+    ids=["hsdp-ep2", "hsdp-ep1", "fsdp-ep2", "tp2-ep2"],
 )
 def test_every_group_in_the_registry_has_the_process_group_timeout(short_pool4, degrees):
     """After building the mesh, `ExpertParallel() | FSDP()` and a step: no group waits longer."""

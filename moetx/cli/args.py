@@ -10,7 +10,7 @@ from moetx.passes import ActivationCheckpoint, ExpertParallel
 __all__ = ["PASS_NAMES", "parse_pipeline"]
 
 #: Names accepted by `--pipeline`, in the built-in order.
-PASS_NAMES: tuple[str, ...] = ("cp", "ep", "ac", "fsdp")
+PASS_NAMES: tuple[str, ...] = ("tp", "cp", "ep", "ac", "fsdp")
 
 
 def parse_pipeline(

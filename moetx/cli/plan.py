@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
     ap.add_argument("--cp", type=int, default=1, help="context-parallel degree")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     ap.add_argument("--dp-replicate", type=int, default=1, help="HSDP replicas")
     ap.add_argument("--rank", type=int, default=0, help="rank whose local shapes to show")
     ap.add_argument(
@@ -74,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             attrs.evolve(p, **fsdp) if isinstance(p, FSDP) else p
             for p in parse_pipeline(args.pipeline)
         )
-        degrees = MeshDegrees.resolve(world, dp_replicate=args.dp_replicate, cp=args.cp, ep=args.ep)
+        degrees = MeshDegrees.resolve(
+            world, dp_replicate=args.dp_replicate, cp=args.cp, ep=args.ep, tp=args.tp
+        )
         result = plan(pipeline, config, degrees, rank=args.rank)
     except (MoetxError, ValueError) as e:
         print(f"moetx plan: {type(e).__name__}: {e}", file=sys.stderr)

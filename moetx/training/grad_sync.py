@@ -45,7 +45,7 @@ def sync_gradients(model: nn.Module, mesh: ParallelMesh | DeviceMesh) -> None:
         )
     ep = find_applied(record, "ep")
     experts = set(ep.facts.get("expert_params", ())) if ep is not None else set()
-    world = pmesh.world_size
+    world = pmesh.degrees.token_ranks
     dense: dict[torch.dtype, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -70,7 +70,7 @@ def sync_gradients(model: nn.Module, mesh: ParallelMesh | DeviceMesh) -> None:
         return
     for grads in dense.values():
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=pmesh.root.get_group())
+        dist.all_reduce(flat, group=pmesh.tokens.get_group())
         flat.div_(world)
         offset = 0
         for g in grads:

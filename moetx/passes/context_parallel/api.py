@@ -159,7 +159,7 @@ class ContextParallel(Pass):
         cp_mesh = mesh[self.axis]
         structure = discover(model)
         # Routing-load counters must count every rank's tokens, not this chunk's (_load_sync).
-        install_load_sync(model, mesh.root.get_group())
+        install_load_sync(model, mesh.tokens.get_group())
         for block in structure.blocks:
             block.attention.core = ContextParallelAttentionCore(
                 cp_mesh, self.comm, self.load_balance

@@ -176,7 +176,7 @@ class FSDP(Pass):
                     s.lm_head, mesh=dense, mp_policy=self._policy(fp32=fp32), **self._common()
                 )
         # Routing-load counters must hold global counts, not this rank's (see _load_sync).
-        install_load_sync(model, mesh.root.get_group())
+        install_load_sync(model, mesh.tokens.get_group())
         if self.wrap_root:
             fully_shard(model, mesh=dense, mp_policy=self._policy(), **self._common())
         elif s.final_norm is not None:
@@ -208,8 +208,9 @@ class FSDP(Pass):
         )
         unit = typing.cast(FSDPModule, experts)
         # Expert grads arrive summed over every rank's tokens (the all-to-all backward returns
-        # them to the owner); the global-mean loss needs a division by the whole world.
-        unit.set_gradient_divide_factor(float(mesh.world_size))
+        # them to the owner); the global-mean loss needs a division by every token rank (the
+        # world; tp ranks hold the same tokens and run their own copy of the experts).
+        unit.set_gradient_divide_factor(float(mesh.degrees.token_ranks))
         if shards > 1 and dist.get_backend(emesh.get_group()) == "gloo":
             # gloo has no PREMUL_SUM, which the divide factor uses; not on size-1 meshes,
             # where torch 2.13 would divide twice (notes §4.2).
