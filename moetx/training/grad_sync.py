@@ -3,10 +3,12 @@
 FSDP reduces gradients itself; without it nothing does, and ranks silently drift apart. This is
 the reduction FSDP would do, by hand because no torch API covers DTensor expert shards and plain
 dense parameters at once (DDP refuses DTensor parameters): dense gradients are averaged over
-every rank (the world: dp x cp), expert shards (`Shard(0)` DTensors on `ep`, whose gradients
-already hold every token of their ep group) are summed over the ranks that hold the same experts
-(dp_replicate x ep_shard: the expert-FSDP mesh) and divided by the world size, as FSDP's divide
-factor does. Dense gradients travel in one flat all-reduce per dtype.
+token rank (dp x cp: the world without tp, whose ranks hold the same tokens), tensor-parallel
+shards with them (each token rank holds its own copy of the same shard); expert shards
+(`Shard(0)` DTensors on `ep`, whose gradients already hold every token of their ep group) are
+summed over the ranks that hold the same experts (dp_replicate x ep_shard: the expert-FSDP mesh)
+and divided by the number of token ranks, as FSDP's divide factor does. Dense gradients travel
+in one flat all-reduce per dtype.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def sync_gradients(model: nn.Module, mesh: ParallelMesh | DeviceMesh) -> None:
         )
     ep = find_applied(record, "ep")
     experts = set(ep.facts.get("expert_params", ())) if ep is not None else set()
+    tp = find_applied(record, "tp")
+    tp_axis = tp.facts.get("axis", "tp") if tp is not None else "tp"
     world = pmesh.degrees.token_ranks
     dense: dict[torch.dtype, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
@@ -52,13 +56,20 @@ def sync_gradients(model: nn.Module, mesh: ParallelMesh | DeviceMesh) -> None:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        if isinstance(p.grad, DTensor):
-            if name not in experts:
+        if isinstance(p.grad, DTensor) and name not in experts:
+            if p.grad.device_mesh.mesh_dim_names != (tp_axis,):
                 raise GradientSyncError(
-                    f"`{name}` is a DTensor that `ExpertParallel` did not create; "
-                    "`sync_gradients` only knows expert shards and plain parameters.\n"
+                    f"`{name}` is a DTensor that neither `ExpertParallel` nor `TensorParallel` "
+                    "created; `sync_gradients` only knows their shards and plain parameters.\n"
                     "  fix: apply `FSDP()`, which reduces any DTensor parameter."
                 )
+            # A tensor-parallel shard (or tp-replicated norm weight): its peers on the other
+            # token ranks hold the same shard, so it averages like a dense gradient. A pending
+            # (Partial) tp sum is settled first.
+            if any(pl.is_partial() for pl in p.grad.placements):
+                p.grad = p.grad.redistribute(p.grad.device_mesh, p.placements)
+            dense.setdefault(p.grad.dtype, []).append(p.grad.to_local())
+        elif isinstance(p.grad, DTensor):
             local = p.grad.to_local()
             replicas = pmesh.expert_fsdp_mesh()
             if replicas.size() > 1:
