@@ -115,6 +115,7 @@ class FSDP(Pass):
             )
         mesh.require("dp_shard_cp", by="FSDP")
         if not self.wrap_root:
+            self._check_tied(model, structure)
             covered = self._unit_params(model, structure)
             left = [n for n, p in model.named_parameters() if id(p) not in covered]
             if left:
@@ -123,6 +124,22 @@ class FSDP(Pass):
                     f"FSDP unit (first: `{left[0]}`); their gradients would never be averaged.\n"
                     "  fix: keep `wrap_root=True`, or shard the outer model yourself."
                 )
+
+    def _check_tied(self, model: nn.Module, structure: ModelStructure) -> None:
+        if not structure.tied_embeddings or structure.embedding is None:
+            return
+        tied = {id(p) for p in structure.embedding.parameters()}
+        names = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in tied]
+        if names:
+            also = ", ".join(f"`{n}`" for n in names[1:])
+            raise PassPreconditionError(
+                f"`FSDP(wrap_root=False)` cannot shard the tied weight `{names[0]}` (also "
+                f"{also}): tied weights belong to the root unit, so without it this weight "
+                "would stay a plain per-rank tensor whose gradient is never averaged, and the "
+                "ranks would diverge after the first step.\n"
+                "  fix: keep `wrap_root=True`, or build the model with untied embeddings "
+                "(`tie_embeddings=False`)."
+            )
 
     def _unit_params(self, model: nn.Module, s: ModelStructure) -> set[int]:
         mods: list[nn.Module] = [b.module for b in s.blocks]
