@@ -13,6 +13,7 @@ from moetx.core import BUILTIN_ORDER, Applied, Pass, Pipeline, Placement, applie
 from moetx.core.errors import (
     ActivationCheckpointError,
     CheckpointError,
+    CommandLineError,
     ContextParallelInputError,
     DuplicatePassError,
     ExpertDivisibilityError,
@@ -51,6 +52,7 @@ __all__ = [
     "ActivationCheckpointError",
     "Applied",
     "CheckpointError",
+    "CommandLineError",
     "ContextParallel",
     "ContextParallelInputError",
     "DuplicatePassError",

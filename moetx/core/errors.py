@@ -95,3 +95,7 @@ class WorldSizeError(MoetxError, ValueError):
 
 class ProcessGroupExistsError(MoetxError, RuntimeError):
     """A default process group already exists in this process, so a fake one cannot be created."""
+
+
+class CommandLineError(MoetxError, ValueError):
+    """A `moetx demo` / `moetx plan` argument is out of range; lists every bad flag."""
