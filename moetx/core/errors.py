@@ -99,3 +99,17 @@ class ProcessGroupExistsError(MoetxError, RuntimeError):
 
 class CommandLineError(MoetxError, ValueError):
     """A `moetx demo` / `moetx plan` argument is out of range; lists every bad flag."""
+
+
+class PassOptionError(MoetxError, ValueError, TypeError):
+    """A pass was built with invalid options; names every bad field (a wrong type or value).
+
+    Both a `ValueError` and a `TypeError`, so either `except` clause catches it.
+
+    Attributes:
+        problems: One sentence per bad field, in field order.
+    """
+
+    def __init__(self, message: str, problems: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = problems or (message.splitlines()[0],)

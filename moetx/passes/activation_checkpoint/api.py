@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moetx.core.algebra import Pass, register_pass
 from moetx.core.errors import ActivationCheckpointError, NoMoELayersError, PassPreconditionError
+from moetx.core.options import at_least, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
 from moetx.passes.activation_checkpoint.contexts import SAVED_OPS, BlockState, RouterScope
@@ -35,11 +36,6 @@ MODES: tuple[str, ...] = ("full", "router", "selective")
 """Values `ActivationCheckpoint.mode` accepts."""
 
 _STATE_ATTR = "_moetx_activation_checkpoint"
-
-
-def _valid_every(_: Any, attr: attrs.Attribute, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{attr.name}` ({value!r}) must be a positive integer.")
 
 
 @register_pass("ac")
@@ -117,8 +113,8 @@ class ActivationCheckpoint(Pass):
 
     placement: ClassVar[Placement] = Placement.builtin("ac")
 
-    mode: str = attrs.field(default="router", validator=attrs.validators.in_(MODES))
-    every: int = attrs.field(default=1, validator=_valid_every)
+    mode: str = option("router", one_of(*MODES))
+    every: int = option(1, at_least(1))
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Raise if blocks are missing, `every` skips them all, or router mode has no router."""

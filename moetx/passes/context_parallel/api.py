@@ -19,6 +19,7 @@ from moetx.core.errors import (
     SequenceDivisibilityError,
     UnsupportedAttentionError,
 )
+from moetx.core.options import axis_name, flag, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
 from moetx.mesh.parallel_mesh import ParallelMesh, as_parallel_mesh
@@ -107,11 +108,9 @@ class ContextParallel(Pass):
 
     placement: ClassVar[Placement] = Placement.builtin("cp")
 
-    axis: str = attrs.field(
-        default="cp", validator=[attrs.validators.instance_of(str), attrs.validators.min_len(1)]
-    )
-    comm: str = attrs.field(default="allgather", validator=attrs.validators.in_(COMMS))
-    load_balance: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    axis: str = option("cp", axis_name())
+    comm: str = option("allgather", one_of(*COMMS))
+    load_balance: bool = option(True, flag())
 
     # ------------------------------------------------------------------------------ the pass
 

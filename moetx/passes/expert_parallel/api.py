@@ -15,6 +15,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from moetx.core.algebra import Pass, register_pass
 from moetx.core.errors import ExpertDivisibilityError, NoMoELayersError
+from moetx.core.options import axis_name, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
 from moetx.passes.expert_parallel.dispatch import DISPATCHERS, make_dispatcher
@@ -91,11 +92,8 @@ class ExpertParallel(Pass):
 
     placement: ClassVar[Placement] = Placement.builtin("ep")
 
-    axis: str = attrs.field(
-        default="ep",
-        validator=[attrs.validators.instance_of(str), attrs.validators.min_len(1)],
-    )
-    dispatcher: str = attrs.field(default="all_to_all", validator=attrs.validators.in_(DISPATCHERS))
+    axis: str = option("ep", axis_name())
+    dispatcher: str = option("all_to_all", one_of(*DISPATCHERS))
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Raise if the mesh lacks the axis, the model has no MoE layer, or E % degree != 0."""

@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from moetx.core.algebra import Pass, register_pass
 from moetx.core.errors import PassPreconditionError
+from moetx.core.options import Rule, flag, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied, find_applied
 from moetx.mesh.parallel_mesh import ParallelMesh
@@ -35,22 +36,36 @@ DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 #: Module roles that may be kept in fp32 under a low-precision `param_dtype`.
 FP32_ROLES: tuple[str, ...] = ("router", "lm_head")
 
-_optional_dtype = attrs.validators.optional(attrs.validators.in_(DTYPES))
+_dtype = one_of(None, *DTYPES)
 
 
-def _roles(value: Any) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
+def _roles(value: Any) -> Any:
+    # A single role may be given as a str; anything else but a list is left for the rule.
+    return (
+        (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) else value
+    )
 
 
-def _check_roles(_: Any, attr: attrs.Attribute, value: tuple[str, ...]) -> None:
-    bad = [r for r in value if r not in FP32_ROLES]
-    if bad:
-        raise ValueError(f"`{attr.name}` entries must be in {FP32_ROLES} (got {bad[0]!r}).")
+_ROLES = Rule(
+    f"a tuple of roles from {FP32_ROLES}",
+    lambda v: isinstance(v, tuple) and all(isinstance(r, str) and r in FP32_ROLES for r in v),
+)
 
 
-def _check_reshard(_: Any, attr: attrs.Attribute, value: object) -> None:
-    if not isinstance(value, (bool, int)) or (not isinstance(value, bool) and value < 1):
-        raise ValueError(f"`{attr.name}` must be a bool or a positive int (got {value!r}).")
+def _reshard_hint(value: object) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return (
+            f"The int {value} is no group size: FSDP2 would take 1 as False (keep parameters "
+            "gathered) although `1 == True` in Python, so write True or False."
+        )
+    return None
+
+
+_RESHARD = Rule(
+    "True, False or an int >= 2 (the size of the group to reshard to after forward)",
+    lambda v: isinstance(v, bool) or (isinstance(v, int) and v >= 2),
+    _reshard_hint,
+)
 
 
 @register_pass("fsdp")
@@ -95,15 +110,13 @@ class FSDP(Pass):
 
     placement = Placement.builtin("fsdp")
 
-    param_dtype: str | None = attrs.field(default=None, validator=_optional_dtype)
-    reduce_dtype: str | None = attrs.field(default=None, validator=_optional_dtype)
-    output_dtype: str | None = attrs.field(default=None, validator=_optional_dtype)
-    fp32_modules: tuple[str, ...] = attrs.field(
-        default=("router",), converter=_roles, validator=_check_roles
-    )
-    reshard_after_forward: bool | int = attrs.field(default=True, validator=_check_reshard)
-    cpu_offload: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-    wrap_root: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    param_dtype: str | None = option(None, _dtype)
+    reduce_dtype: str | None = option(None, _dtype)
+    output_dtype: str | None = option(None, _dtype)
+    fp32_modules: tuple[str, ...] = option(("router",), _ROLES, converter=_roles)
+    reshard_after_forward: bool | int = option(True, _RESHARD)
+    cpu_offload: bool = option(False, flag())
+    wrap_root: bool = option(True, flag())
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Blocks must be discoverable; every parameter must land in some unit."""
