@@ -39,3 +39,29 @@ def test_wrap_root_false_with_tied_embeddings_is_refused_by_plan():
     """`Pipeline.plan` (apply on meta in a fake world) gives the same error, untouched model."""
     with pytest.raises(PassPreconditionError, match=r"cannot shard the tied weight"):
         Pipeline([FSDP(wrap_root=False)]).plan(TIED.config, MeshDegrees(dp_shard=2))
+
+
+def test_equal_fsdp_values_behave_alike(pool2):
+    """Two `FSDP` values that compare equal keep the same bytes gathered after forward (the
+    int 1 used to equal `FSDP()` while FSDP2 kept every parameter gathered)."""
+    from moetx import PassOptionError
+    from tests.bodies.plan import gathered_after_forward
+
+    spec = TrainSpec(config=MoEConfig(), steps=1)
+    built = []
+    for value in (True, False, 1):
+        try:
+            built.append(FSDP(reshard_after_forward=value))
+        except PassOptionError:
+            continue
+    gathered = [
+        pool2.run(gathered_after_forward, spec, Pipeline([p]), MeshDegrees(dp_shard=2))[0]
+        for p in built
+    ]
+    assert gathered[0] == 0 < gathered[1]  # True frees, False keeps
+    for i, a in enumerate(built):
+        for j, b in enumerate(built):
+            if a == b:
+                assert (repr(a), gathered[i]) == (repr(b), gathered[j]), (a, b)
+            else:
+                assert repr(a) != repr(b)

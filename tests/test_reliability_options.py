@@ -192,3 +192,33 @@ def test_parse_gives_the_same_option_errors():
 def test_the_error_is_exported():
     """`moetx.PassOptionError` is public and in `__all__`."""
     assert "PassOptionError" in moetx.__all__
+
+
+@pytest.mark.parametrize("value", [0, 1, -1, 2.0, None, "true"])
+def test_reshard_after_forward_takes_a_bool_or_a_group_size(value):
+    """Only True, False or an int >= 2: the int 1 compared equal to True (same repr, hash) but
+    FSDP2 took it as False, so it is refused with the reason; 0 too."""
+    with pytest.raises(
+        PassOptionError,
+        match=rf"^`FSDP\.reshard_after_forward` \({value!r}\) must be True, False or an int >= 2 "
+        r"\(the size of the group to reshard to after forward\)\.",
+    ) as info:
+        FSDP(reshard_after_forward=value)
+    if value in (0, 1) and type(value) is int:
+        assert f"The int {value} is no group size: FSDP2 would take 1 as False" in str(info.value)
+
+
+def test_reshard_after_forward_values_are_distinct():
+    """`repr`, `==` and `hash` tell every accepted value apart, and round-trip."""
+    values = [FSDP(), FSDP(reshard_after_forward=False), FSDP(reshard_after_forward=2)]
+    assert [repr(p) for p in values] == [
+        "FSDP()",
+        "FSDP(reshard_after_forward=False)",
+        "FSDP(reshard_after_forward=2)",
+    ]
+    assert len(set(values)) == 3
+    assert FSDP(reshard_after_forward=True) == FSDP()
+    assert hash(FSDP(reshard_after_forward=True)) == hash(FSDP())
+    for p in values:
+        assert eval(repr(p), {"FSDP": FSDP}) == p
+        assert p._common()["reshard_after_forward"] is p.reshard_after_forward  # what FSDP2 gets

@@ -99,7 +99,9 @@ class FSDP(Pass):
         fp32_modules: Roles kept in fp32 under a low `param_dtype`: "router", "lm_head".
         reshard_after_forward: FSDP2's option: free gathered params after forward (True),
             keep them (False; more memory, less communication), or reshard to a smaller
-            group of this size (int).
+            group of this size (an int >= 2 that divides every unit's shard group; checked
+            per unit mesh). The ints 0 and 1 are refused: `1 == True` in Python, but FSDP2
+            reads the int 1 as False.
         cpu_offload: Keep sharded parameters, gradients and optimizer state on the CPU.
         wrap_root: Also make the root module an FSDP unit (otherwise only the final norm).
 
