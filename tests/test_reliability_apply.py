@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moetx import FSDP, MeshDegrees, PassPreconditionError, Pipeline
+from moetx import FSDP, ExpertParallel, MeshDegrees, MoetxError, PassPreconditionError, Pipeline
 from moetx.models import MoEConfig
 from moetx.testing.train import TrainSpec
 from tests.bodies.reliability_b import try_apply
@@ -65,3 +65,115 @@ def test_equal_fsdp_values_behave_alike(pool2):
                 assert (repr(a), gathered[i]) == (repr(b), gathered[j]), (a, b)
             else:
                 assert repr(a) != repr(b)
+
+
+# ------------------------------------------------- checked before anything changes (item 5)
+
+EP_SPEC = TrainSpec(config=MoEConfig(num_experts=4), steps=1)
+REFUSED = [
+    pytest.param(
+        ExpertParallel() | FSDP(reshard_after_forward=2),
+        MeshDegrees(dp_shard=2, ep=2),
+        None,
+        "PassPreconditionError",
+        r"^`FSDP\(reshard_after_forward=2\)` cannot reshard the routed experts to groups of 2: "
+        r"their FSDP units shard over 1 rank \(dp_replicate × ep_shard\), and FSDP2 needs a "
+        r"group size that divides it\.\n  fix: use reshard_after_forward=True or False\.",
+        id="raf2-expert-mesh-of-1",
+    ),
+    pytest.param(
+        Pipeline([FSDP(reshard_after_forward=4)]),
+        MeshDegrees(dp_shard=2),
+        None,
+        "PassPreconditionError",
+        r"^`FSDP\(reshard_after_forward=4\)` cannot reshard the dense parameters to groups of "
+        r"4: their FSDP units shard over 2 ranks \(dp_shard × cp\), .*\n"
+        r"  fix: use reshard_after_forward=True or False, or one of \(2,\)\.",
+        id="raf4-dense-mesh-of-2",
+    ),
+    pytest.param(
+        ExpertParallel(axis="dp_shard") | FSDP(),
+        MeshDegrees(dp_shard=2),
+        None,
+        "MeshAxisError",
+        r"^`ExpertParallel\(axis='dp_shard'\)` names the mesh axis `dp_shard`, but moetx lays "
+        r"experts out on the `ep` axis only .*\n  fix: use `ExpertParallel\(\)`",
+        id="ep-axis-dp_shard",
+    ),
+    pytest.param(
+        Pipeline([FSDP()]),
+        MeshDegrees(dp_shard=2),
+        "fully_shard_by_torch",
+        "PassPreconditionError",
+        r"^`FSDP` cannot transform `FSDPMoETransformer`: it was already sharded by torch's "
+        r"`fully_shard` \(the root module\), outside moetx\.\n  fix: ",
+        id="fully-sharded-by-torch",
+    ),
+    pytest.param(
+        ExpertParallel() | FSDP(),
+        MeshDegrees(dp_shard=2, ep=2),
+        "dtensor_router",
+        "PassPreconditionError",
+        r"^`ExpertParallel` cannot transform `MoETransformer`: its parameter "
+        r"`model\.layers\.0\.mlp\.gate\.weight` is already a DTensor, placed outside moetx\.\n"
+        r"  fix: ",
+        id="foreign-dtensor",
+    ),
+    pytest.param(
+        Pipeline([FSDP()]),
+        MeshDegrees(dp_shard=2),
+        "bf16_with_fp32_routers",
+        "PassPreconditionError",
+        r"^`FSDP` would make `model\.layers\.0` one FSDP unit with parameters of several dtypes "
+        r"\(torch\.bfloat16, torch\.float32: e\.g\. `model\.layers\.0\.mlp\.gate\.weight`\), "
+        r"which FSDP2 refuses\.\n  fix: ",
+        id="bf16-fp32-router-no-policy",
+    ),
+]
+
+
+@pytest.mark.parametrize(("pipeline", "degrees", "prepare", "error", "match"), REFUSED)
+def test_refused_before_anything_changes(pool2, pipeline, degrees, prepare, error, match):
+    """Each of these passed every check and then failed inside torch, half-applied; now the
+    check phase refuses it with a typed error and the model is exactly as it was."""
+    _refused(pool2.run(try_apply, EP_SPEC, pipeline, degrees, prepare), error, match)
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "degrees", "match"),
+    [
+        (p.values[0], p.values[1], p.values[4])
+        for p in REFUSED
+        if p.values[2] is None  # the model-independent ones: plan builds its own on meta
+    ],
+)
+def test_plan_gives_the_same_error(pipeline, degrees, match):
+    """`Pipeline.plan` applies on meta in a fake world: the same check, the same message."""
+    with pytest.raises(MoetxError, match=match):
+        pipeline.plan(EP_SPEC.config, degrees)
+
+
+def test_bf16_with_fp32_routers_works_with_a_policy(pool2):
+    """The supported way: `FSDP(param_dtype="bfloat16")` makes each router its own fp32 unit."""
+    res = pool2.run(
+        try_apply,
+        EP_SPEC,
+        Pipeline([FSDP(param_dtype="bfloat16")]),
+        MeshDegrees(dp_shard=2),
+        "bf16_with_fp32_routers",
+    )
+    assert [r["error"] for r in res] == [None, None]
+
+
+def test_plan_refuses_a_mixed_dtype_unit_too():
+    """`plan` copies a module to meta with its dtypes, so the dtype check runs there as well;
+    the planned module itself is untouched."""
+    from moetx.testing import snapshot
+    from moetx.testing.train import build_model
+    from tests.bodies.reliability_b import PREPARE
+
+    model = PREPARE["bf16_with_fp32_routers"](build_model(EP_SPEC), MeshDegrees(dp_shard=2))
+    before = snapshot(model)
+    with pytest.raises(PassPreconditionError, match=r"one FSDP unit with parameters of several"):
+        Pipeline([FSDP()]).plan(model, MeshDegrees(dp_shard=2))
+    assert before.changes(model) == []

@@ -17,6 +17,7 @@ from moetx.core.options import at_least, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
 from moetx.passes.activation_checkpoint.contexts import SAVED_OPS, BlockState, RouterScope
+from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.structure.discovery import Block, discover
 from moetx.structure.swap import swap_class
 
@@ -118,6 +119,7 @@ class ActivationCheckpoint(Pass):
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Raise if blocks are missing, `every` skips them all, or router mode has no router."""
+        refuse_foreign_parallelism(model, record, by="ActivationCheckpoint")
         structure = discover(model)
         name = type(model).__name__
         if not structure.blocks:

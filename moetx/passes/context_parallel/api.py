@@ -28,6 +28,7 @@ from moetx.passes.context_parallel.attention import (
     ContextParallelAttentionCore,
     sequence_index,
 )
+from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.passes.load_sync import install_load_sync
 from moetx.structure.discovery import ModelStructure, discover
 
@@ -117,6 +118,7 @@ class ContextParallel(Pass):
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Raise if the mesh lacks the axis or any part of the model cannot be context-parallel."""
         mesh.require(self.axis, by="ContextParallel")
+        refuse_foreign_parallelism(model, record, by="ContextParallel")
         structure = discover(model)
         problems = _attention_problems(model, structure)
         if problems:

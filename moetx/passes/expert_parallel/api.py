@@ -14,11 +14,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from moetx.core.algebra import Pass, register_pass
-from moetx.core.errors import ExpertDivisibilityError, NoMoELayersError
+from moetx.core.errors import ExpertDivisibilityError, MeshAxisError, NoMoELayersError
 from moetx.core.options import axis_name, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
 from moetx.passes.expert_parallel.dispatch import DISPATCHERS, make_dispatcher
+from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.structure.discovery import MOE_NAMES, ROUTER_NAMES, MoELayer, discover
 from moetx.structure.swap import swap_class
 from moetx.structure.tensors import to_local
@@ -97,6 +98,15 @@ class ExpertParallel(Pass):
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Raise if the mesh lacks the axis, the model has no MoE layer, or E % degree != 0."""
+        if self.axis != "ep":
+            raise MeshAxisError(
+                f"`{self!r}` names the mesh axis `{self.axis}`, but moetx lays experts out on "
+                "the `ep` axis only (FSDP shards them over `ep_shard`, the ranks left in each "
+                "expert group, which is carved from it).\n"
+                "  fix: use `ExpertParallel()` and set the degree with "
+                "`ParallelMesh.build(ep=...)`."
+            )
+        refuse_foreign_parallelism(model, record, by="ExpertParallel")
         mesh.require(self.axis, by="ExpertParallel")
         layers = self._moe_layers(model)
         degree = mesh.degree(self.axis)

@@ -29,6 +29,7 @@ from moetx.core.options import Rule, flag, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied, find_applied
 from moetx.mesh.parallel_mesh import ParallelMesh
+from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.passes.load_sync import install_load_sync
 from moetx.structure.discovery import ModelStructure, discover
 
@@ -129,6 +130,10 @@ class FSDP(Pass):
                 "unit per block."
             )
         mesh.require("dp_shard_cp", by="FSDP")
+        refuse_foreign_parallelism(model, record, by="FSDP")
+        experts_sharded = self._experts_sharded(mesh, record)
+        self._check_reshard_sizes(mesh, experts_sharded)
+        self._check_unit_dtypes(model, structure, experts_sharded)
         if not self.wrap_root:
             self._check_tied(model, structure)
             covered = self._unit_params(model, structure)
@@ -138,6 +143,76 @@ class FSDP(Pass):
                     f"`FSDP(wrap_root=False)` would leave {len(left)} parameter(s) outside every "
                     f"FSDP unit (first: `{left[0]}`); their gradients would never be averaged.\n"
                     "  fix: keep `wrap_root=True`, or shard the outer model yourself."
+                )
+
+    @staticmethod
+    def _experts_sharded(mesh: ParallelMesh, record: tuple[Applied, ...]) -> bool:
+        """Whether routed experts become their own units (a recorded ep of degree > 1)."""
+        ep = find_applied(record, "ep")
+        return ep is not None and mesh.degree(getattr(ep.pass_, "axis", "ep")) > 1
+
+    def _check_reshard_sizes(self, mesh: ParallelMesh, experts_sharded: bool) -> None:
+        # FSDP2's rule (fsdp/_fully_shard/_fsdp_init.py, _get_post_forward_mesh_info): an int
+        # must divide the unit's shard-group size; checked here, per unit mesh, not mid-apply.
+        n = self.reshard_after_forward
+        if isinstance(n, bool):
+            return
+        d = mesh.degrees
+        groups = [("dense parameters", d.dp_shard_cp, "dp_shard × cp")]
+        if experts_sharded:
+            groups.append(
+                ("routed experts", d.dp_replicate * d.ep_shard, "dp_replicate × ep_shard")
+            )
+        sizes = [size for _, size, _ in groups]
+        valid = tuple(k for k in range(2, min(sizes) + 1) if all(s % k == 0 for s in sizes))
+        for what, size, axes in groups:
+            if size % n:
+                ranks = f"{size} rank" + ("s" if size != 1 else "")
+                raise PassPreconditionError(
+                    f"`{self!r}` cannot reshard the {what} to groups of {n}: their FSDP units "
+                    f"shard over {ranks} ({axes}), and FSDP2 needs a group size that divides it.\n"
+                    "  fix: use reshard_after_forward=True or False"
+                    + (f", or one of {valid}." if valid else ".")
+                )
+
+    def _check_unit_dtypes(
+        self, model: nn.Module, s: ModelStructure, experts_sharded: bool
+    ) -> None:
+        # FSDP2 needs one original dtype per unit, and checks it only at the first forward.
+        unit_of: dict[int, str] = {}
+        module_fqn = {id(m): n for n, m in model.named_modules()}
+
+        def claim(module: nn.Module | None) -> None:
+            if module is not None:
+                for p in module.parameters():
+                    unit_of.setdefault(id(p), module_fqn.get(id(module), ""))
+
+        for block in s.blocks:
+            if block.moe is not None and experts_sharded:
+                claim(block.moe.experts)
+            if block.moe is not None and "router" in self.fp32_modules and self.param_dtype:
+                claim(block.moe.router)
+            claim(block.module)
+        if not s.tied_embeddings:
+            claim(s.embedding)
+            claim(s.lm_head)
+        claim(model if self.wrap_root else s.final_norm)
+        units: dict[str, list[tuple[str, torch.dtype]]] = {}
+        for name, p in model.named_parameters():
+            if id(p) in unit_of:
+                units.setdefault(unit_of[id(p)], []).append((name, p.dtype))
+        for unit, params in units.items():
+            dtypes = sorted({str(dt) for _, dt in params})
+            if len(dtypes) > 1:
+                odd = next(name for name, dt in params if dt != params[0][1])
+                where = f"`{unit}`" if unit else f"the root `{type(model).__name__}`"
+                raise PassPreconditionError(
+                    f"`FSDP` would make {where} one FSDP unit with parameters of several dtypes "
+                    f"({', '.join(dtypes)}: e.g. `{odd}`), which FSDP2 refuses.\n"
+                    "  fix: give every parameter one dtype (`model.to(torch.float32)`) and set "
+                    "the compute dtype with `FSDP(param_dtype=...)`; to keep fp32 routers in a "
+                    "low-precision model, use `FSDP(param_dtype='bfloat16')`, which makes each "
+                    "router its own fp32 unit."
                 )
 
     def _check_tied(self, model: nn.Module, structure: ModelStructure) -> None:
