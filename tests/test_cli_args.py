@@ -58,3 +58,26 @@ def test_every_bad_argument_is_reported_at_once(capsys):
     err = _one_error(capsys, "demo", r"`--ranks` \(0\)")
     assert "`--steps` (0)" in err
     assert "`ep`" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (
+            ["--reshard-after-forward", "1"],
+            r"^moetx plan: PassOptionError: `FSDP\.reshard_after_forward` \(1\) must be True, "
+            r"False or an int >= 2",
+        ),
+        (
+            ["--ep", "2", "--reshard-after-forward", "2"],
+            r"^moetx plan: PassPreconditionError: `FSDP\(reshard_after_forward=2\)` cannot "
+            r"reshard the routed experts to groups of 2",
+        ),
+    ],
+)
+def test_plan_reports_option_and_precondition_errors(capsys, argv, pattern):
+    """Bad FSDP options and unmet preconditions reach the command line as one teaching error."""
+    assert plan.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(pattern, err), err

@@ -93,7 +93,8 @@ class ActivationCheckpoint(Pass):
     Stage `ac`: after `cp` and `ep`, before `fsdp`. `apply` consumes its input: the model is
     changed in place and returned.
 
-    Preconditions (typed `MoetxError`s, raised before anything changes): the model's blocks are
+    Preconditions (typed `MoetxError`s, raised before anything changes): the model holds no
+    parallelism from outside moetx (`PassPreconditionError`); its blocks are
     discoverable (`UnknownModelStructureError`); `every` is at most the number of blocks
     (`PassPreconditionError`); `mode="router"` needs an MoE layer with a router
     (`NoMoELayersError`).

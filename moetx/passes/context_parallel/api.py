@@ -81,6 +81,8 @@ class ContextParallel(Pass):
 
     Preconditions (checked before anything changes, each a typed `MoetxError`):
         - the mesh has `axis` (`MeshAxisError`);
+        - the model holds no parallelism from outside moetx: no torch `fully_shard` unit, no
+          DTensor parameter (`PassPreconditionError`);
         - every block's attention has a parameter-free `core` child declaring `is_causal = True`
           (moetx's `CausalAttentionCore` contract), and no attention-like module lies outside
           the blocks (`UnsupportedAttentionError`, naming every offending block; never a

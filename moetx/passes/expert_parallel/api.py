@@ -73,7 +73,9 @@ class ExpertParallel(Pass):
     then wrap). `apply` consumes its input: it mutates the model in place and returns it.
 
     Preconditions (checked before anything changes, each a typed `MoetxError`):
-        - the mesh has `axis` (`MeshAxisError`);
+        - `axis` is `"ep"`, and the mesh has it (`MeshAxisError`);
+        - the model holds no parallelism from outside moetx: no torch `fully_shard` unit, no
+          DTensor parameter moetx did not place (`PassPreconditionError`);
         - the model has at least one MoE layer (`NoMoELayersError`);
         - every MoE layer's expert count is divisible by the degree (`ExpertDivisibilityError`).
 

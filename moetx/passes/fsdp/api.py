@@ -93,6 +93,13 @@ class FSDP(Pass):
     balancing) are summed over every data and context-parallel rank after each forward. `apply` consumes its input (FSDP2
     swaps module classes in place).
 
+    Preconditions (checked before anything changes, each a `PassPreconditionError`): the
+    blocks are discoverable; the model holds no parallelism from outside moetx (no torch
+    `fully_shard` unit, no DTensor parameter but the experts `ExpertParallel` sharded); an int
+    `reshard_after_forward` divides every unit's shard group (FSDP2's rule); every unit's
+    parameters share one dtype (FSDP2 only checks that at the first forward); with
+    `wrap_root=False`, every parameter lands in a unit and the embeddings are not tied.
+
     Args:
         param_dtype: Dtype parameters are all-gathered in for compute (None: keep).
         reduce_dtype: Dtype gradients are reduced in (None: `param_dtype`).
