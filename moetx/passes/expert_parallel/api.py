@@ -100,6 +100,8 @@ class ExpertParallel(Pass):
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Raise if the mesh lacks the axis, the model has no MoE layer, or E % degree != 0."""
+        refuse_foreign_parallelism(model, record, by="ExpertParallel")
+        mesh.require(self.axis, by="ExpertParallel")
         if self.axis != "ep":
             raise MeshAxisError(
                 f"`{self!r}` names the mesh axis `{self.axis}`, but moetx lays experts out on "
@@ -108,8 +110,6 @@ class ExpertParallel(Pass):
                 "  fix: use `ExpertParallel()` and set the degree with "
                 "`ParallelMesh.build(ep=...)`."
             )
-        refuse_foreign_parallelism(model, record, by="ExpertParallel")
-        mesh.require(self.axis, by="ExpertParallel")
         layers = self._moe_layers(model)
         degree = mesh.degree(self.axis)
         bad = [layer for layer in layers if layer.num_experts % degree]
