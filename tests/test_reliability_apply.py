@@ -177,3 +177,47 @@ def test_plan_refuses_a_mixed_dtype_unit_too():
     with pytest.raises(PassPreconditionError, match=r"one FSDP unit with parameters of several"):
         Pipeline([FSDP()]).plan(model, MeshDegrees(dp_shard=2))
     assert before.changes(model) == []
+
+
+OUTPUT_DTYPE = [
+    pytest.param(
+        EP_SPEC,
+        FSDP(output_dtype="bfloat16"),
+        r"^`FSDP\(output_dtype='bfloat16'\)` casts every unit's output to torch\.bfloat16, but "
+        r"without `param_dtype` no unit casts its inputs back, so the next one would get "
+        r"torch\.bfloat16 activations for torch\.float32 weights \(FSDP2 fails at the first "
+        r"forward\)\.\n  fix: set `param_dtype` too",
+        id="output-dtype-without-param-dtype",
+    ),
+    pytest.param(
+        TIED,
+        FSDP(param_dtype="bfloat16", output_dtype="float32"),
+        r"^`FSDP\(param_dtype='bfloat16', output_dtype='float32'\)` would feed torch\.float32 "
+        r"block outputs to the tied lm head, which computes in the root unit with "
+        r"torch\.bfloat16 weights and no input cast \(FSDP2 fails at the first forward\)\.\n"
+        r"  fix: ",
+        id="output-dtype-tied-lm-head",
+    ),
+]
+
+
+@pytest.mark.parametrize(("spec", "fsdp", "match"), OUTPUT_DTYPE)
+def test_output_dtype_that_breaks_the_first_forward_is_refused(pool2, spec, fsdp, match):
+    """`output_dtype` casts unit outputs; where no unit casts them back, the first forward
+    failed with a matmul dtype error after a successful apply. Refused in `check` now."""
+    results = pool2.run(try_apply, spec, Pipeline([fsdp]), MeshDegrees(dp_shard=2))
+    _refused(results, "PassPreconditionError", match)
+
+
+@pytest.mark.parametrize(
+    ("spec", "fsdp"),
+    [
+        (EP_SPEC, FSDP(param_dtype="bfloat16", output_dtype="float32")),
+        (TIED, FSDP(param_dtype="bfloat16", output_dtype="bfloat16")),
+    ],
+    ids=["untied-fp32-outputs", "tied-same-dtype"],
+)
+def test_output_dtype_where_every_unit_casts_its_inputs_trains(pool2, spec, fsdp):
+    """The accepted cases still apply and train a step."""
+    results = pool2.run(try_apply, spec, Pipeline([fsdp]), MeshDegrees(dp_shard=2))
+    assert [r["error"] for r in results] == [None, None]

@@ -97,7 +97,9 @@ class FSDP(Pass):
     blocks are discoverable; the model holds no parallelism from outside moetx (no torch
     `fully_shard` unit, no DTensor parameter but the experts `ExpertParallel` sharded); an int
     `reshard_after_forward` divides every unit's shard group (FSDP2's rule); every unit's
-    parameters share one dtype (FSDP2 only checks that at the first forward); with
+    parameters share one dtype (FSDP2 only checks that at the first forward); an
+    `output_dtype` reaches no unit that does not cast its inputs back (without `param_dtype`,
+    or the tied lm head in the root: both failed at the first forward); with
     `wrap_root=False`, every parameter lands in a unit and the embeddings are not tied.
 
     Args:
@@ -141,6 +143,7 @@ class FSDP(Pass):
         experts_sharded = self._experts_sharded(mesh, record)
         self._check_reshard_sizes(mesh, experts_sharded)
         self._check_unit_dtypes(model, structure, experts_sharded)
+        self._check_output_dtype(model, structure)
         if not self.wrap_root:
             self._check_tied(model, structure)
             covered = self._unit_params(model, structure)
@@ -221,6 +224,32 @@ class FSDP(Pass):
                     "low-precision model, use `FSDP(param_dtype='bfloat16')`, which makes each "
                     "router its own fp32 unit."
                 )
+
+    def _check_output_dtype(self, model: nn.Module, s: ModelStructure) -> None:
+        # FSDP2 casts a unit's outputs to `output_dtype`, and its inputs to `param_dtype` only
+        # when that is set: where nothing casts back, the first forward fails in a matmul.
+        out = getattr(torch, self.output_dtype) if self.output_dtype else None
+        if out is None:
+            return
+        if self.param_dtype is None:
+            weights = sorted({str(p.dtype) for p in model.parameters() if p.dtype != out})
+            if weights:
+                raise PassPreconditionError(
+                    f"`{self!r}` casts every unit's output to {out}, but without `param_dtype` "
+                    f"no unit casts its inputs back, so the next one would get {out} "
+                    f"activations for {', '.join(weights)} weights (FSDP2 fails at the first "
+                    "forward).\n"
+                    "  fix: set `param_dtype` too (each unit then casts its inputs to it), or "
+                    "leave `output_dtype` out."
+                )
+        elif s.tied_embeddings and self.output_dtype != self.param_dtype:
+            raise PassPreconditionError(
+                f"`{self!r}` would feed {out} block outputs to the tied lm head, which computes "
+                f"in the root unit with {getattr(torch, self.param_dtype)} weights and no input "
+                "cast (FSDP2 fails at the first forward).\n"
+                "  fix: leave `output_dtype` out or equal to `param_dtype`, or build the model "
+                "with untied embeddings (`tie_embeddings=False`)."
+            )
 
     def _check_tied(self, model: nn.Module, structure: ModelStructure) -> None:
         if not structure.tied_embeddings or structure.embedding is None:
