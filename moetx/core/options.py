@@ -92,7 +92,8 @@ def check_options(value: Any) -> None:
         hint = rule.hint(v) if rule.hint is not None else None
         line = f"`{cls.__name__}.{f.name}` ({v!r}) must be {rule.allowed}."
         problems.append(line + (f" {hint}" if hint else ""))
-        bad.append(f"{f.name}={f.default!r}")
+        default = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default  # type: ignore[arg-type]
+        bad.append(f"{f.name}={default!r}")
     if problems:
         raise PassOptionError(
             "\n".join(problems)
