@@ -192,7 +192,10 @@ def test_a_mesh_without_tp_and_a_second_application_are_refused():
         ep_mesh = ParallelMesh.build(dp_shard=2, ep=2)
         sharded = ExpertParallel().apply(MoETransformer(CONFIG), ep_mesh)
         with pytest.raises(
-            PassPreconditionError, match=r"^`TensorParallel` found DTensor parameters already"
+            PassPreconditionError,
+            match=r"^`TensorParallel` cannot transform `MoETransformer`: its parameter "
+            r"`model\.layers\.\d\.mlp\.experts\.gate_up_proj` is already a DTensor, placed "
+            r"outside moetx\.",
         ):
             TP.check(sharded, ep_mesh, ())
 

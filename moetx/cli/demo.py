@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moetx.cli.args import parse_pipeline
+from moetx.cli.args import check_ranges, parse_pipeline
 from moetx.core.algebra import Pipeline
-from moetx.core.errors import MoetxError
+from moetx.core.errors import CommandLineError, MoetxError
 from moetx.mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.testing.ranks import RankPool
@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--experts", type=int, default=4)
     args = ap.parse_args(argv)
+    try:
+        positive = ("ranks", "ep", "cp", "dp_replicate", "steps", "layers", "experts")
+        check_ranges("moetx demo", args, dict.fromkeys(positive, 1))
+    except CommandLineError as e:
+        print(f"moetx demo: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     ranks = int(os.environ["WORLD_SIZE"]) if torchrun else args.ranks

@@ -8,9 +8,9 @@ import time
 
 import attrs
 
-from moetx.cli.args import parse_pipeline
+from moetx.cli.args import check_ranges, parse_pipeline
 from moetx.core.algebra import Pipeline
-from moetx.core.errors import MoetxError
+from moetx.core.errors import CommandLineError, MoetxError
 from moetx.mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.passes import FSDP
@@ -61,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     deepseek = args.model == "deepseek-v3"
     world = args.world if args.world is not None else (256 if deepseek else 2)
+    try:
+        minimums = dict.fromkeys(("world", "ep", "cp", "dp_replicate"), 1) | {"rank": 0}
+        below = {"rank": (world, "the world size")} if world >= 1 else {}
+        check_ranges("moetx plan", args, minimums, below=below)
+    except CommandLineError as e:
+        print(f"moetx plan: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     config = (
         MoEConfig.deepseek_v3_shaped()
         if deepseek

@@ -13,6 +13,8 @@ in one flat all-reduce per dtype.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -67,7 +69,7 @@ def sync_gradients(model: nn.Module, mesh: ParallelMesh | DeviceMesh) -> None:
             # token ranks hold the same shard, so it averages like a dense gradient. A pending
             # (Partial) tp sum is settled first.
             if any(pl.is_partial() for pl in p.grad.placements):
-                p.grad = p.grad.redistribute(p.grad.device_mesh, p.placements)
+                p.grad = p.grad.redistribute(p.grad.device_mesh, cast(DTensor, p).placements)
             dense.setdefault(p.grad.dtype, []).append(p.grad.to_local())
         elif isinstance(p.grad, DTensor):
             local = p.grad.to_local()

@@ -19,6 +19,7 @@ from moetx.core.errors import (
     SequenceDivisibilityError,
     UnsupportedAttentionError,
 )
+from moetx.core.options import axis_name, flag, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
 from moetx.mesh.parallel_mesh import ParallelMesh, as_parallel_mesh
@@ -28,6 +29,7 @@ from moetx.passes.context_parallel.attention import (
     sequence_index,
 )
 from moetx.passes.context_parallel.hooks import InputGuard, StatsReducer
+from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.passes.load_sync import install_load_sync
 from moetx.structure.discovery import ModelStructure, discover
 
@@ -83,6 +85,8 @@ class ContextParallel(Pass):
 
     Preconditions (checked before anything changes, each a typed `MoetxError`):
         - the mesh has `axis` (`MeshAxisError`);
+        - the model holds no parallelism from outside moetx: no torch `fully_shard` unit, no
+          DTensor parameter (`PassPreconditionError`);
         - every block's attention has a parameter-free `core` child declaring `is_causal = True`
           (moetx's `CausalAttentionCore` contract), and no attention-like module lies outside
           the blocks (`UnsupportedAttentionError`, naming every offending block; never a
@@ -111,17 +115,16 @@ class ContextParallel(Pass):
 
     placement: ClassVar[Placement] = Placement.builtin("cp")
 
-    axis: str = attrs.field(
-        default="cp", validator=[attrs.validators.instance_of(str), attrs.validators.min_len(1)]
-    )
-    comm: str = attrs.field(default="allgather", validator=attrs.validators.in_(COMMS))
-    load_balance: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    axis: str = option("cp", axis_name())
+    comm: str = option("allgather", one_of(*COMMS))
+    load_balance: bool = option(True, flag())
 
     # ------------------------------------------------------------------------------ the pass
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Raise if the mesh lacks the axis or any part of the model cannot be context-parallel."""
         mesh.require(self.axis, by="ContextParallel")
+        refuse_foreign_parallelism(model, record, by="ContextParallel")
         structure = discover(model)
         problems = _attention_problems(model, structure)
         if problems:

@@ -19,8 +19,10 @@ from torch.distributed.tensor.parallel import (
 
 from moetx.core.algebra import Pass, register_pass
 from moetx.core.errors import PassPreconditionError
+from moetx.core.options import axis_name, flag, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
+from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.passes.tensor_parallel.sequence import (
     install_sequence_parallel,
     sequence_parallel_problems,
@@ -81,21 +83,13 @@ class TensorParallel(Pass):
     """
 
     placement = Placement.builtin("tp")
-    axis: str = attrs.field(default="tp", validator=attrs.validators.instance_of(str))
-    sequence_parallel: bool = attrs.field(
-        default=False, validator=attrs.validators.instance_of(bool)
-    )
+    axis: str = option("tp", axis_name())
+    sequence_parallel: bool = option(False, flag())
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Raise if the axis, the structure or a divisibility rule does not allow TP."""
         mesh.require(self.axis, by="TensorParallel")
-        dtensors = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
-        if dtensors:
-            raise PassPreconditionError(
-                f"`TensorParallel` found DTensor parameters already (first: `{dtensors[0]}`); "
-                "it must be the first parallelism applied.\n"
-                "  fix: apply `TensorParallel()` to the plain model, first in the pipeline."
-            )
+        refuse_foreign_parallelism(model, record, by="TensorParallel")
         structure = discover(model)
         if not structure.blocks:
             raise PassPreconditionError(
