@@ -53,6 +53,14 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
         "Per-rank saved attention bytes and step time, cp=1 vs cp=2, both comm modes.",
     ),
     (
+        "tensor_parallel.py",
+        [],
+        "Tensor parallelism: bytes, step time and collectives",
+        "Per-rank parameter and gradient bytes, median step time and collectives per step of "
+        "TP | EP | FSDP (with and without sequence parallelism) against EP | FSDP on 4 ranks, "
+        "same global batch.",
+    ),
+    (
         "checkpoint_integrity.py",
         [],
         "Checkpoints: the cost of integrity hashes",

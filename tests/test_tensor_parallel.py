@@ -29,6 +29,7 @@ from moetx import (
     Pipeline,
     TensorParallel,
 )
+from moetx.cli.plan import main as plan_cli
 from moetx.models import MoEConfig, MoETransformer
 from moetx.passes.tensor_parallel import tp_targets
 from moetx.testing import examples, fake_world
@@ -367,3 +368,10 @@ def test_hf_base_model_tp_plan_agrees_with_what_moetx_shards(family):
             )
             continue
         assert set(matching.values()) == {style}, (pattern, matching)
+
+
+def test_plan_command_line_knows_tp(capsys):
+    """`moetx plan --tp 2` plans on a (dp, tp) mesh and shows the tp axis."""
+    assert plan_cli(["--world", "4", "--tp", "2", "--pipeline", "tp|fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "× tp 2" in out and "dp_shard_cp=2 × tp=2" in out

@@ -105,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             ranks, dp_replicate=args.dp_replicate, cp=args.cp, ep=ep, tp=args.tp
         )
         config = MoEConfig(
-            num_layers=args.layers, num_experts=args.experts, hidden_size=16, num_shared_experts=1
+            num_layers=args.layers,
+            num_experts=args.experts,
+            hidden_size=16,
+            num_shared_experts=1,
+            num_heads=4,
+            num_kv_heads=2,  # heads split over --tp 2
         )
     except (MoetxError, ValueError) as e:
         print(f"moetx demo: {type(e).__name__}: {e}", file=sys.stderr)

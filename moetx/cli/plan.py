@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     config = (
         MoEConfig.deepseek_v3_shaped()
         if deepseek
-        else MoEConfig(num_experts=4, num_shared_experts=1)
+        else MoEConfig(num_experts=4, num_shared_experts=1, num_heads=4, num_kv_heads=2)
     )
     try:
         fsdp = {

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections import Counter
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetx import MeshDegrees, MoetxError, Pipeline
-from moetx.testing.train import TrainSpec, build_model, mesh_for
+from moetx.structure.tensors import local_bytes
+from moetx.testing.train import TrainSpec, build_model, global_batches, mesh_for
 
 
 def placements(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> dict[str, Any]:
@@ -67,3 +73,54 @@ def sequence_error(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, se
     except MoetxError as e:
         return f"{type(e).__name__}: {e}"
     return "no error"
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts every collective op (functional and c10d) by name: one step's communication."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func._overloadpacket.__name__
+        if func.namespace in ("_c10d_functional", "c10d") and not name.startswith(
+            ("wait", "barrier", "monitored", "_wrap_tensor")
+        ):
+            self.calls[name.rstrip("_")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def bench_step(
+    spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, steps: int
+) -> dict[str, Any]:
+    """Median step time after 2 warm-up steps, one step's collectives, local param/grad bytes."""
+    mesh = mesh_for(degrees)
+    model = pipeline.apply(build_model(spec), mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+    ids, labels = global_batches(spec, mesh.data_size)[0]
+    rows = slice(mesh.data_rank * spec.rows_per_rank, (mesh.data_rank + 1) * spec.rows_per_rank)
+    batch = (ids[rows], labels[rows])
+
+    def step() -> None:
+        model(batch[0], labels=batch[1]).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    counter = CollectiveCounter()
+    with counter:
+        step()
+    return {
+        "seconds": statistics.median(times),
+        "collectives": dict(counter.calls),
+        "param_bytes": local_bytes(model.parameters()),
+        "grad_bytes": local_bytes(p.grad for p in model.parameters() if p.grad is not None),
+    }
