@@ -23,6 +23,7 @@ from moetx.core.options import axis_name, flag, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
 from moetx.passes.foreign import refuse_foreign_parallelism
+from moetx.passes.tensor_parallel.latent import install_shared_key_grad_sum
 from moetx.passes.tensor_parallel.sequence import (
     install_sequence_parallel,
     sequence_parallel_problems,
@@ -116,6 +117,8 @@ class TensorParallel(Pass):
             parallelize_module(target.module, tp_mesh, _plan(target, self.sequence_parallel))
             for attr, value in target.local_attrs:
                 setattr(target.module, attr, value)
+            if target.kind == "latent_attention":
+                install_shared_key_grad_sum(target.module, tp_mesh.get_group())
         if self.sequence_parallel:
             install_sequence_parallel(model, discover(model), tp_mesh)
         return model

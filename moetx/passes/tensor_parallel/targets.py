@@ -31,7 +31,7 @@ class TPTarget:
     Attributes:
         fqn: Its FQN.
         module: The module.
-        kind: `"attention"`, `"mlp"` (a dense block's), `"shared_mlp"` (an MoE block's shared
+        kind: `"attention"`, `"latent_attention"` (DeepSeek-V3's MLA), `"mlp"` (a dense block's), `"shared_mlp"` (an MoE block's shared
             experts), `"embedding"` or `"lm_head"`.
         colwise: Children sharded column-wise (output features).
         rowwise: Children sharded row-wise (input features).
@@ -78,12 +78,14 @@ def _linear(module: nn.Module, name: str) -> nn.Linear | None:
 
 def _attention(block: Block, degree: int, problems: list[str]) -> list[TPTarget]:
     attn, fqn = block.attention, block.attention_fqn
+    if _linear(attn, "kv_b_proj") is not None:
+        return _latent_attention(attn, fqn, degree, problems)
     projs = {n: _linear(attn, n) for n in _ATTENTION}
     head_dim = getattr(attn, "head_dim", None)
     if any(p is None for p in projs.values()) or not isinstance(head_dim, int):
         problems.append(
-            f"`{fqn}` (`{type(attn).__name__}`) is not q/k/v/o_proj linears with a `head_dim` "
-            "(e.g. DeepSeek-V3's latent attention); TP does not know how to split its heads"
+            f"`{fqn}` (`{type(attn).__name__}`) is neither q/k/v/o_proj linears with a "
+            "`head_dim` nor latent attention (`kv_b_proj`); TP does not know how to split its heads"
         )
         return []
     extra = [n for n, _ in attn.named_parameters(recurse=False)]
@@ -119,6 +121,39 @@ def _attention(block: Block, degree: int, problems: list[str]) -> list[TPTarget]
     )
     colwise, rowwise = ("q_proj", "k_proj", "v_proj"), ("o_proj",)
     return [TPTarget(fqn, attn, "attention", colwise, rowwise, local, per_head)]
+
+
+# DeepSeek-V3's multi-head latent attention: the low-rank down-projections and their norms act on
+# the replicated hidden state (their gradients arrive whole through the column-wise layers'
+# input all-reduce); the up-projections to heads are column-wise, `o_proj` row-wise. The layout
+# HF's own attention code reads with `-1` head views.
+_LATENT_REPLICATED = ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm")
+
+
+def _latent_attention(
+    attn: nn.Module, fqn: str, degree: int, problems: list[str]
+) -> list[TPTarget]:
+    heads = getattr(attn, "num_heads", None)
+    up = "q_b_proj" if _linear(attn, "q_b_proj") is not None else "q_proj"
+    known = {up, "kv_b_proj", "o_proj", *_LATENT_REPLICATED}
+    extra = [n for n, _ in attn.named_parameters(recurse=False)]
+    extra += [
+        n for n, c in attn.named_children() if n not in known and any(True for _ in c.parameters())
+    ]
+    if not isinstance(heads, int) or _linear(attn, up) is None or _linear(attn, "o_proj") is None:
+        extra.append("(no `num_heads`, q up-projection or `o_proj`)")
+    if extra:
+        problems.append(f"`{fqn}` is latent attention with parts TP does not know: {extra}")
+        return []
+    assert isinstance(heads, int)
+    if heads % degree:
+        problems.append(f"`{fqn}` has {heads} heads, not divisible by tp ({degree})")
+        return []
+    if not isinstance(getattr(attn, "kv_lora_rank", None), int):
+        problems.append(f"`{fqn}` is latent attention without an int `kv_lora_rank`")
+        return []
+    local = (("num_heads", heads // degree),)
+    return [TPTarget(fqn, attn, "latent_attention", (up, "kv_b_proj"), ("o_proj",), local)]
 
 
 def _mlps(block: Block) -> list[tuple[str, nn.Module]]:
