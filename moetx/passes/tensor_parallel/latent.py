@@ -45,5 +45,5 @@ class _Hook:
 
 def install_shared_key_grad_sum(attention: nn.Module, group: ProcessGroup) -> None:
     """Sum the gradient of `kv_a_proj_with_mqa`'s rotary-key columns over `group` (tp)."""
-    start = int(attention.kv_lora_rank)  # checked to be an int by the targets
+    start: int = attention.__dict__["kv_lora_rank"]  # a plain int (checked by the targets)
     attention.get_submodule("kv_a_proj_with_mqa").register_forward_hook(_Hook(start, group))
