@@ -27,8 +27,10 @@ from moetx.passes.context_parallel.attention import (
     ContextParallelAttentionCore,
     sequence_index,
 )
+from moetx.passes.context_parallel.hf import hf_attention_problems, install_hf
 from moetx.passes.load_sync import install_load_sync
 from moetx.structure.discovery import ModelStructure, discover
+from moetx.structure.hf import hf_model_type
 
 __all__ = ["ContextParallel", "ContextParallelInputError", "is_context_parallel"]
 
@@ -119,14 +121,24 @@ class ContextParallel(Pass):
         """Raise if the mesh lacks the axis or any part of the model cannot be context-parallel."""
         mesh.require(self.axis, by="ContextParallel")
         structure = discover(model)
-        problems = _attention_problems(model, structure)
+        hf = hf_model_type(model) is not None
+        problems = [
+            *(hf_attention_problems(model, structure) if hf else _core_problems(structure)),
+            *_stray_attention_problems(model, structure),
+        ]
         if problems:
+            fix = (
+                "use a model whose every layer is full causal attention (for a sliding window "
+                "longer than your sequences, set `config.sliding_window = None`)"
+                if hf
+                else "give every attention a parameter-free causal `core(q, k, v)` child (see "
+                "`moetx.models.CausalAttentionCore`)"
+            )
             raise UnsupportedAttentionError(
                 "\n".join(problems) + "\n"
                 "  why: an attention left as it is would attend to 1/cp of each sequence "
                 "(Automodel#3507), so moetx refuses instead of skipping it.\n"
-                "  fix: give every attention a parameter-free causal `core(q, k, v)` child (see "
-                "`moetx.models.CausalAttentionCore`), or leave `ContextParallel` out."
+                f"  fix: {fix}, or leave `ContextParallel` out."
             )
         mtp = [b.fqn for b in structure.blocks if b.is_mtp]
         if mtp:
@@ -137,8 +149,10 @@ class ContextParallel(Pass):
                 "  fix: build the model without the MTP head (`num_mtp_layers=0`), or train it "
                 "without context parallelism."
             )
+        # HF routers' aux loss is computed in `...ForCausalLM.forward` from every layer's router
+        # logits (`load_balancing_loss_func`), out of a hook's reach: per rank, as under DP.
         hookless = [m.fqn for m in structure.moe_layers() if m.stats_reducer_attr is None]
-        if hookless:
+        if hookless and not hf:
             raise PassPreconditionError(
                 f"MoE layer `{hookless[0]}` has no `stats_reducer` hook, so `ContextParallel` "
                 "cannot reduce its aux-loss statistics over the cp group "
@@ -156,6 +170,12 @@ class ContextParallel(Pass):
         structure = discover(model)
         # Routing-load counters must count every rank's tokens, not this chunk's (_load_sync).
         install_load_sync(model, mesh.root.get_group())
+        if hf_model_type(model) is not None:
+            hook = install_hf(
+                model, structure, cp_mesh, self.comm, self.load_balance, mesh.root.get_group()
+            )
+            model.__dict__[_GUARD_ATTR] = hook
+            return model
         for block in structure.blocks:
             block.attention.core = ContextParallelAttentionCore(
                 cp_mesh, self.comm, self.load_balance
@@ -283,7 +303,7 @@ def _attention_like(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention) or "attention" in name or "attn" in name
 
 
-def _attention_problems(model: nn.Module, structure: ModelStructure) -> list[str]:
+def _core_problems(structure: ModelStructure) -> list[str]:
     problems = []
     for b in structure.blocks:
         where = f"`{b.attention_fqn}` (`{type(b.attention).__name__}`) in block `{b.fqn}`"
@@ -305,6 +325,11 @@ def _attention_problems(model: nn.Module, structure: ModelStructure) -> list[str
                 f"(`{type(core).__name__}`) holds parameters or buffers, which replacing it "
                 "would drop."
             )
+    return problems
+
+
+def _stray_attention_problems(model: nn.Module, structure: ModelStructure) -> list[str]:
+    problems = []
     # Attention modules outside the blocks' `self_attn` would be skipped silently.
     covered = tuple(f"{b.attention_fqn}." for b in structure.blocks)
     attention_fqns = {b.attention_fqn for b in structure.blocks}

@@ -37,6 +37,8 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from moetx.passes.context_parallel.blocks import _attend, _attend_backward
+
 __all__ = [
     "COMMS",
     "ContextParallelAttentionCore",
@@ -152,68 +154,6 @@ def _reduce(dx: Tensor, groups: int) -> Tensor:
     return dx if groups == 1 else dx.view(b, h // groups, groups, s, d).sum(2)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """`(softmax(q k^T * scale) v, log-sum-exp)` for one block (square when causal)."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
-            q, k, v, 0.0, causal, scale=scale
-        )
-        return out, lse
-    return _attend_math(q, k, v, causal, scale)
-
-
-def _attend_math(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
-) -> tuple[Tensor, Tensor]:
-    s = _scores(q, k, causal, scale)
-    lse = s.logsumexp(-1)
-    return (torch.exp(s - lse.unsqueeze(-1)) @ v.float()).to(v.dtype), lse
-
-
-def _attend_backward(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of one block, given the *whole* row's output and log-sum-exp."""
-    if q.device.type == "cpu":
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
-            dout, q, k, v, out, lse, 0.0, causal, scale=scale
-        )
-        return dq, dk, dv
-    return _attend_backward_math(dout, q, k, v, out, lse, causal, scale)
-
-
-def _attend_backward_math(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    p = torch.exp(_scores(q, k, causal, scale) - lse.unsqueeze(-1))
-    delta = (dout.float() * out.float()).sum(-1, keepdim=True)
-    ds = p * (dout.float() @ v.float().transpose(-1, -2) - delta)
-    dq = (ds @ k.float()) * scale
-    dk = (ds.transpose(-1, -2) @ q.float()) * scale
-    return dq.to(q.dtype), dk.to(k.dtype), (p.transpose(-1, -2) @ dout.float()).to(v.dtype)
-
-
-def _scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> Tensor:
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), -math.inf)
-    return s
-
-
 def _forward_blocks(
     q: Tensor,
     blocks: Iterator[tuple[int, Tensor]],
@@ -280,9 +220,8 @@ class _GatheredAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, q: Tensor, kv_all: Tensor, rank: int, load_balance: bool
+        ctx: Any, q: Tensor, kv_all: Tensor, rank: int, load_balance: bool, scale: float
     ) -> Tensor:
-        scale = 1.0 / math.sqrt(q.shape[-1])
         if isinstance(kv_all, funcol.AsyncCollectiveTensor):
             kv_all = kv_all.wait()  # save the plain tensor, not the not-yet-waited wrapper
         out, lse = _forward_blocks(q, enumerate(kv_all.unbind(0)), rank, load_balance, scale)
@@ -299,13 +238,21 @@ class _GatheredAttention(torch.autograd.Function):
         for src in range(kv_all.shape[0]):
             grads = (dq, dkv_all[src])
             _backward_block(grads, saved, src, kv_all[src], ctx.rank, ctx.load_balance, ctx.scale)
-        return dq.to(q.dtype), dkv_all.to(kv_all.dtype), None, None
+        return dq.to(q.dtype), dkv_all.to(kv_all.dtype), None, None, None
 
 
 def allgather_attention(
-    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, *, load_balance: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: dist.ProcessGroup,
+    *,
+    load_balance: bool,
+    scale: float | None = None,
 ) -> Tensor:
     """Causal attention of this rank's queries over the all-gathered keys and values.
+
+    `scale` multiplies the scores (default `1 / sqrt(head_dim)`, SDPA's).
 
     Upstream APIs: `torch.distributed._functional_collectives.all_gather_single_autograd` (its
     backward reduce-scatters the K/V gradients back to their owners), the CPU flash kernel.
@@ -314,7 +261,8 @@ def allgather_attention(
     kv = torch.stack([k, v]).contiguous()  # [2, B, H_kv, S_l, D]: one collective for both
     gathered = funcol.all_gather_single_autograd(kv, 0, group)  # [degree * 2, ...], rank order
     kv_all = gathered.view(degree, *kv.shape)
-    return _GatheredAttention.apply(q, kv_all, rank, load_balance)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _GatheredAttention.apply(q, kv_all, rank, load_balance, scale)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -322,10 +270,15 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, load_balance: bool
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        group: dist.ProcessGroup,
+        load_balance: bool,
+        scale: float,
     ) -> Tensor:
         ring = _Ring(group)
-        scale = 1.0 / math.sqrt(q.shape[-1])
         kv = torch.stack([k, v]).contiguous()
         out, lse = _forward_blocks(q, ring.blocks(kv), ring.rank, load_balance, scale)
         ctx.save_for_backward(q, kv, out, lse)
@@ -345,17 +298,24 @@ class _RingAttention(torch.autograd.Function):
             # block of the same shape); after `degree` hops it is back with its owner.
             dkv, reqs = ring.shift(dkv, tag=1)
             _wait(reqs)
-        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None
+        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None
 
 
 def ring_attention(
-    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, *, load_balance: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: dist.ProcessGroup,
+    *,
+    load_balance: bool,
+    scale: float | None = None,
 ) -> Tensor:
     """Causal ring attention of this rank's queries over every rank's keys and values.
 
     Upstream APIs: `dist.batch_isend_irecv` (`P2POp` with `group_peer`), the CPU flash kernel.
     """
-    return _RingAttention.apply(q, k, v, group, load_balance)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _RingAttention.apply(q, k, v, group, load_balance, scale)
 
 
 # ------------------------------------------------------------------------------ the module
@@ -380,12 +340,15 @@ class ContextParallelAttentionCore(nn.Module):
         self.comm = comm
         self.load_balance = load_balance
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Attend causally over the whole sequences; shapes as `CausalAttentionCore.forward`."""
-        group = self.mesh.get_group()
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+        """Attend causally over the whole sequences; shapes as `CausalAttentionCore.forward`.
+
+        `scale` multiplies the scores (default `1 / sqrt(head_dim)`); `k` and `v` share a shape.
+        """
+        group, lb = self.mesh.get_group(), self.load_balance
         if self.comm == "allgather":
-            return allgather_attention(q, k, v, group, load_balance=self.load_balance)
-        return ring_attention(q, k, v, group, load_balance=self.load_balance)
+            return allgather_attention(q, k, v, group, load_balance=lb, scale=scale)
+        return ring_attention(q, k, v, group, load_balance=lb, scale=scale)
 
     def extra_repr(self) -> str:
         return f"comm={self.comm!r}, degree={self.mesh.size()}, load_balance={self.load_balance}"
