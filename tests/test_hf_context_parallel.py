@@ -10,6 +10,8 @@ a typed error naming it.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -122,6 +124,18 @@ def test_bad_batches_raise_on_every_rank(pool2):
             r"rank's chunk\): on 2 of 2 rank\(s\)\n",
         ):
             raise res["labels"]
+
+
+def test_readme_recipe_gives_the_global_loss(pool2):
+    """The README's HF recipe, run as written on cp=2 x ep=2: mean rank loss = HF's own loss."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "shift_labels=" in b)
+    spec = HFSpec(family="qwen3_moe", steps=1)
+    losses = pool2.run(bodies.readme_recipe, spec, code, MeshDegrees(cp=2, ep=2))
+    ids, labels = bodies.masked_batches(spec, spec.rows_per_rank)[0]
+    with torch.no_grad():
+        want = build_model(spec)(ids, labels=labels).loss
+    compare({"loss": want}, {"loss": torch.stack(losses).mean()}, what="README recipe", **TOL)
 
 
 # ------------------------------------------------------------------------ refusals, 1 process

@@ -21,6 +21,8 @@ from torch import nn
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh
 from moetx.passes.context_parallel.api import ContextParallel
+from moetx.passes.expert_parallel.api import ExpertParallel
+from moetx.passes.fsdp.api import FSDP
 from moetx.testing.hf import HFSpec, build_model, tiny_config
 from moetx.testing.parity import gradients, parameters
 from moetx.testing.train import mesh_for
@@ -31,6 +33,7 @@ __all__ = [
     "hf_cp_rank_train",
     "masked_batches",
     "rank_batches",
+    "readme_recipe",
     "shift_labels",
     "train_hf",
     "two_models",
@@ -185,3 +188,19 @@ def bad_batch_errors(spec: HFSpec, padded_rank: int) -> dict[str, Any]:
         except Exception as err:  # returned to the parent, which pins type and message
             errors[name] = err
     return errors
+
+
+def readme_recipe(spec: HFSpec, code: str, degrees: MeshDegrees) -> torch.Tensor:
+    """Rank body: run the README's HF batch recipe (`code`) on this rank's chunk; its loss."""
+    mesh = mesh_for(degrees)
+    ids, labels = masked_batches(spec, spec.rows_per_rank)[0]
+    namespace: dict[str, Any] = {
+        "torch": torch,
+        "hf_model": build_model(spec),
+        "mesh": mesh,
+        "ids": ids,
+        "labels": labels,
+        **{p.__name__: p for p in (ContextParallel, ExpertParallel, FSDP)},
+    }
+    exec(code, namespace)
+    return cast(torch.Tensor, namespace["loss"]).detach()
