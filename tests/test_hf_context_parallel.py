@@ -21,6 +21,12 @@ from moetx import FSDP, ActivationCheckpoint, ExpertParallel, ParallelMesh
 from moetx.core.errors import ContextParallelInputError, UnsupportedAttentionError
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.passes.context_parallel.api import ContextParallel
+from moetx.passes.context_parallel.blocks import (
+    _attend,
+    _attend_backward,
+    _attend_backward_math,
+    _attend_math,
+)
 from moetx.passes.context_parallel.hf import HF_ATTENTION
 from moetx.testing import compare, fake_world
 from moetx.testing.hf import HFSpec, build_model
@@ -32,7 +38,14 @@ pytest.importorskip(
 )
 
 TOL = {"atol": 1e-5, "rtol": 1e-4}
-AC_MODE = {"qwen3_moe": "router", "mixtral": "router", "deepseek_v3": "router"}
+AC_MODE = {
+    "qwen3_moe": "router",
+    "mixtral": "router",
+    "deepseek_v3": "router",
+    "gpt_oss": "selective",
+}
+# Mixtral with its optional sliding window, 3 tokens: it cuts cp chunks of 2 unevenly.
+MIXTRAL_WINDOW = (("sliding_window", 3),)
 
 
 def reference(spec: HFSpec, data_ranks: int) -> dict[str, Any]:
@@ -45,12 +58,20 @@ def reference(spec: HFSpec, data_ranks: int) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("family", "comm"),
-    [("qwen3_moe", "allgather"), ("mixtral", "p2p"), ("deepseek_v3", "p2p")],
+    ("family", "comm", "overrides"),
+    [
+        ("qwen3_moe", "allgather", ()),
+        ("mixtral", "p2p", ()),
+        ("mixtral", "allgather", MIXTRAL_WINDOW),
+        ("deepseek_v3", "p2p", ()),
+        ("gpt_oss", "allgather", ()),
+    ],
+    ids=["qwen3_moe", "mixtral", "mixtral-window", "deepseek_v3", "gpt_oss"],
 )
-def test_cp_fsdp_trains_like_one_process(pool2, family: str, comm: str):
-    """cp=2 on 2 ranks: `ContextParallel() | FSDP()` trains like the HF model in one process."""
-    spec = HFSpec(family=family)
+def test_cp_fsdp_trains_like_one_process(pool2, family: str, comm: str, overrides: Any):
+    """cp=2 on 2 ranks: `ContextParallel() | FSDP()` trains like the HF model in one process
+    (gpt-oss: attention sinks on every layer, a sliding window of 4 on every other one)."""
+    spec = HFSpec(family=family, overrides=overrides)
     pipeline = ContextParallel(comm=comm) | FSDP()
     results = pool2.run(bodies.hf_cp_rank_train, spec, pipeline, MeshDegrees(cp=2))
     assert_matches_reference(results, reference(spec, 1), **TOL)
@@ -59,7 +80,12 @@ def test_cp_fsdp_trains_like_one_process(pool2, family: str, comm: str):
 
 @pytest.mark.parametrize(
     ("family", "comm"),
-    [("qwen3_moe", "p2p"), ("mixtral", "allgather"), ("deepseek_v3", "allgather")],
+    [
+        ("qwen3_moe", "p2p"),
+        ("mixtral", "allgather"),
+        ("deepseek_v3", "allgather"),
+        ("gpt_oss", "p2p"),
+    ],
 )
 def test_cp_ep_ac_fsdp_trains_like_one_process(pool4, family: str, comm: str):
     """cp=2 x ep=2 on 4 ranks (two data groups): the whole pipeline trains like one process."""
@@ -161,44 +187,38 @@ def test_positions_are_required_and_must_be_contiguous():
             model(ids_l, position_ids=pos)
 
 
-def test_gpt_oss_sinks_and_sliding_windows_are_refused_at_check_time():
-    """gpt-oss: every layer has sinks, every other one a sliding window; nothing changes."""
+def test_other_layer_types_are_refused_at_check_time():
+    """A layer type CP does not compute (chunked attention) is named; nothing changes."""
     model = build_model(HFSpec(family="gpt_oss"))
+    model.config.layer_types = ["chunked_attention", "full_attention"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with fake_world(2):
         mesh = ParallelMesh.build(cp=2)
         with pytest.raises(UnsupportedAttentionError) as info:
             (ContextParallel() | FSDP()).apply(model, mesh)
     lines = str(info.value).splitlines()
-    assert lines[:2] == [
+    assert lines[0] == (
         "`model.layers.0.self_attn` (`GptOssAttention`) in block `model.layers.0` cannot be made "
-        "context-parallel: it uses a `sliding_attention` layer (only `full_attention` is "
-        "sharded), which moetx's context-parallel attention does not compute.",
-        "`model.layers.1.self_attn` (`GptOssAttention`) in block `model.layers.1` cannot be made "
-        "context-parallel: it uses attention sinks (`sinks`, passed as `s_aux`), which moetx's "
-        "context-parallel attention does not compute.",
-    ]
+        "context-parallel: it uses a `chunked_attention` layer (only `full_attention` and "
+        "`sliding_attention` are sharded), which moetx's context-parallel attention does not "
+        "compute."
+    )
+    assert lines[1].startswith("  why: an attention left as it is would attend to 1/cp")
     assert lines[-1].startswith("  fix: use a model whose every layer is full causal attention")
     assert model.config._attn_implementation == "eager"
     compare(before, model.state_dict(), atol=0, rtol=0, what="state dict after the refusal")
 
 
-@pytest.mark.parametrize(
-    ("family", "overrides", "feature"),
-    [
-        ("mixtral", (("sliding_window", 4),), r"a sliding window \(`sliding_window=4`\)"),
-        ("qwen3_moe", (("attention_dropout", 0.1),), r"attention dropout \(`attention_dropout"),
-    ],
-)
-def test_other_unsupported_attention_features_are_refused(family, overrides, feature):
-    """Mixtral's optional sliding window and attention dropout name the layer and feature."""
-    model = build_model(HFSpec(family=family, overrides=overrides))
+def test_attention_dropout_is_refused_at_check_time():
+    """Attention dropout names the layer and the feature."""
+    model = build_model(HFSpec(family="qwen3_moe", overrides=(("attention_dropout", 0.1),)))
     with fake_world(2):
         mesh = ParallelMesh.build(cp=2)
         with pytest.raises(
             UnsupportedAttentionError,
-            match=rf"^`model\.layers\.0\.self_attn` \(`\w+Attention`\) in block `model\.layers\.0` "
-            rf"cannot be made context-parallel: it uses {feature}",
+            match=r"^`model\.layers\.0\.self_attn` \(`Qwen3MoeAttention`\) in block "
+            r"`model\.layers\.0` cannot be made context-parallel: it uses attention dropout "
+            r"\(`attention_dropout=0\.1`\)",
         ):
             ContextParallel().apply(model, mesh)
 
@@ -216,3 +236,27 @@ def test_apply_installs_cores_and_keeps_the_state_dict():
     assert facts["attention_cores"] == tuple(f"model.layers.{i}.self_attn.core" for i in range(3))
     assert model.config._attn_implementation == HF_ATTENTION
     assert all(layer.self_attn.config is model.config for layer in model.model.layers)
+
+
+def test_math_block_kernel_matches_cpu_flash_under_a_window_mask():
+    """The math block kernel (off CPU) equals the CPU flash kernel with a window's additive
+    mask, a row the window empties included (its lse is -inf there, and it carries no weight)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = torch.randn(4, 1, 2, 5, 8, generator=g).unbind(0)
+    allowed = torch.rand(5, 5, generator=g) > 0.4
+    allowed[0], allowed[1] = False, True
+    mask = torch.zeros(5, 5).masked_fill(~allowed, float("-inf"))
+    out, lse = _attend(q, k, v, False, 0.3, mask)
+    got, got_lse = _attend_math(q, k, v, False, 0.3, mask)
+    assert torch.isinf(got_lse[..., 0]).all()
+    compare(
+        {"out": out, "lse": lse[..., 1:]},
+        {"out": got, "lse": got_lse[..., 1:]},
+        what="forward",
+        **TOL,
+    )
+    lse = lse.clone()
+    lse[..., 0] = 1.0  # a merged row's lse (another block saw row 0): finite
+    want = _attend_backward(dout, q, k, v, out, lse, False, 0.3, mask)
+    got_b = _attend_backward_math(dout, q, k, v, out, lse, False, 0.3, mask)
+    compare(dict(zip("qkv", want, strict=True)), dict(zip("qkv", got_b, strict=True)), **TOL)

@@ -66,9 +66,13 @@ class ContextParallel(Pass):
     given. `comm="allgather"` all-gathers K/V in one autograd-aware collective (fast; each
     rank keeps the whole K/V for backward); `comm="p2p"` passes K/V blocks round a ring, the
     next in flight while one is computed, with its own ring backward (each rank keeps only its
-    K/V). GQA works in both (`moetx.passes.context_parallel.attention` has the details). Each `MoEBlock` gets a `stats_reducer` that sums
-    its sequence-wise aux-loss statistics over the cp group (the score sums through an
-    autograd-aware all-gather), so each rank's aux loss is the whole sequences' aux loss and
+    K/V). GQA works in both (`moetx.passes.context_parallel.attention` has the details).
+    Hugging Face transformers models are handled unmodified through transformers' attention
+    registry, selected for this model only (`moetx.passes.context_parallel.hf`: GQA, MLA,
+    sliding windows, attention sinks; their batches follow the recipe in README's training
+    loop, `shift_labels=`; their routers' aux loss stays per rank). Each `MoEBlock` gets a
+    `stats_reducer` that sums its sequence-wise aux-loss statistics over the cp group (the
+    score sums through an autograd-aware all-gather), so each rank's aux loss is the whole sequences' aux loss and
     its gradient, averaged over the cp ranks as FSDP does, is the single-process one. (The
     aux-loss-free `expert_load` counters still count local tokens: sum them over dp x cp before
     `update_routing_bias_`, as its docstring says.) The root

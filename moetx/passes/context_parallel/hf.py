@@ -22,10 +22,16 @@ What the HF attention paths need, and how it is met:
   padding `attention_mask` (all-ones masks are accepted), positions that are not one contiguous
   run per row (HF reads gaps as packed sequences and masks them), missing positions, and `labels`
   without `shift_labels` (HF would shift within each rank's chunk).
+- **Sliding windows** (gpt-oss's `sliding_attention` layers, Mixtral's or Qwen3's
+  `sliding_window`): the `sliding_window` HF passes each call becomes a per-block mask by global
+  token index (HF's rule: query i sees key j when `i - window < j <= i`); blocks it empties
+  are skipped.
+- **Attention sinks** (gpt-oss `s_aux`): one per-head logit added to every softmax denominator,
+  folded into the merged log-sum-exp, with its own gradient.
 - **Refused at check time** (`UnsupportedAttentionError`, naming the layer and the feature):
-  sliding windows (gpt-oss's sliding layers, Mixtral's or Qwen3's `sliding_window`), attention
-  sinks (gpt-oss `sinks`), attention dropout, non-causal attention, and models whose attention
-  does not go through the registry.
+  layer types other than full and sliding attention (chunked, linear, ...), attention dropout,
+  non-causal attention, and models whose attention does not go through the registry; at call
+  time, a logit soft-cap.
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ def _registry(attention: nn.Module) -> Any:
     return registry if callable(getattr(registry, "register", None)) else None
 
 
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 def _layer_feature(model: nn.Module, attention: nn.Module) -> str | None:
     """The attention feature of one HF layer that moetx's CP kernels lack, or None."""
     config = getattr(model, "config", None)
@@ -69,17 +78,8 @@ def _layer_feature(model: nn.Module, attention: nn.Module) -> str | None:
         if layer_types and isinstance(layer_idx, int) and layer_idx < len(layer_types)
         else "full_attention"
     )
-    if kind != "full_attention":
-        return f"a `{kind}` layer (only `full_attention` is sharded)"
-    window = (
-        attention.sliding_window
-        if hasattr(attention, "sliding_window")
-        else getattr(config, "sliding_window", None)
-    )
-    if window is not None:
-        return f"a sliding window (`sliding_window={window}`)"
-    if getattr(attention, "sinks", None) is not None:
-        return "attention sinks (`sinks`, passed as `s_aux`)"
+    if kind not in _LAYER_TYPES:
+        return f"a `{kind}` layer (only {' and '.join(f'`{t}`' for t in _LAYER_TYPES)} are sharded)"
     dropout = getattr(attention, "attention_dropout", 0.0) or 0.0
     if float(dropout) > 0:
         return f"attention dropout (`attention_dropout={dropout}`)"
@@ -135,8 +135,7 @@ def hf_context_parallel_attention(
     refused = {
         "an attention mask": attention_mask is not None,
         f"attention dropout ({dropout})": bool(dropout),
-        f"a sliding window ({sliding_window})": sliding_window is not None,
-        "attention sinks (`s_aux`)": s_aux is not None,
+        "a logit soft-cap (`softcap`)": kwargs.get("softcap") is not None,
     }
     if any(refused.values()):
         raise UnsupportedAttentionError(
@@ -150,7 +149,8 @@ def hf_context_parallel_attention(
         t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
         for t in (query, key, value)
     )
-    out = core(q, k, v, scale=d_qk**-0.5 if scaling is None else scaling)
+    scale = d_qk**-0.5 if scaling is None else scaling
+    out = core(q, k, v, scale=scale, window=sliding_window, sinks=s_aux)
     return out[..., :d_v].transpose(1, 2).contiguous(), None
 
 
