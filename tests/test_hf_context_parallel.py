@@ -168,7 +168,10 @@ def test_readme_recipe_gives_the_global_loss(pool2):
 
 
 def test_positions_are_required_and_must_be_contiguous():
-    """Missing positions, or positions with gaps (HF would mask them as packed sequences)."""
+    """Missing positions, positions with gaps (HF would mask them as packed sequences), a KV
+    cache."""
+    from transformers import DynamicCache  # optional dependency: importorskip'ed above
+
     spec = HFSpec(family="mixtral")
     with fake_world(2):
         mesh = ParallelMesh.build(cp=2)
@@ -185,6 +188,12 @@ def test_positions_are_required_and_must_be_contiguous():
             r"`shard_sequence` makes them \(HF reads gaps as packed sequences",
         ):
             model(ids_l, position_ids=pos)
+        _, _, pos = cp.shard_sequence(mesh, ids)
+        with pytest.raises(
+            ContextParallelInputError,
+            match=r"  - a `cache` \(`past_key_values`\): it would hold this rank's chunk only",
+        ):
+            model(ids_l, position_ids=pos, past_key_values=DynamicCache(config=model.config))
 
 
 def test_other_layer_types_are_refused_at_check_time():

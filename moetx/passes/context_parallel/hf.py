@@ -20,8 +20,8 @@ What the HF attention paths need, and how it is met:
   kernels apply the causal mask by global token index. Anything else would be dropped silently,
   so the model's forward pre-hook refuses, on every rank at once (one all-reduce of flags): a
   padding `attention_mask` (all-ones masks are accepted), positions that are not one contiguous
-  run per row (HF reads gaps as packed sequences and masks them), missing positions, and `labels`
-  without `shift_labels` (HF would shift within each rank's chunk).
+  run per row (HF reads gaps as packed sequences and masks them), missing positions, `labels`
+  without `shift_labels` (HF would shift within each rank's chunk), and a KV cache.
 - **Sliding windows** (gpt-oss's `sliding_attention` layers, Mixtral's or Qwen3's
   `sliding_window`): the `sliding_window` HF passes each call becomes a per-block mask by global
   token index (HF's rule: query i sees key j when `i - window < j <= i`); blocks it empties
@@ -186,6 +186,8 @@ class _BatchGuard:
         "(HF reads gaps as packed sequences and masks them; moetx's kernels are plain causal)",
         "an `attention_mask` that masks tokens (padding is not supported under CP)",
         "`labels` without `shift_labels` (HF would shift labels within each rank's chunk)",
+        "a `cache` (`past_key_values`): it would hold this rank's chunk only (no decoding "
+        "under CP)",
     )
 
     def __init__(
@@ -199,7 +201,8 @@ class _BatchGuard:
         contiguous = positions is None or self._contiguous(positions)
         masked = mask is not None and (mask.dim() != 2 or not bool(mask.bool().all()))
         unshifted = call.get("labels") is not None and call.get("shift_labels") is None
-        return [positions is None, not contiguous, masked, unshifted]
+        cached = call.get("cache", call.get("past_key_values")) is not None
+        return [positions is None, not contiguous, masked, unshifted, cached]
 
     def _contiguous(self, positions: Tensor) -> bool:
         local = positions.shape[-1]
