@@ -18,7 +18,11 @@ import pytest
 import torch
 
 from moetx import FSDP, ActivationCheckpoint, ExpertParallel, ParallelMesh
-from moetx.core.errors import ContextParallelInputError, UnsupportedAttentionError
+from moetx.core.errors import (
+    ContextParallelInputError,
+    PassPreconditionError,
+    UnsupportedAttentionError,
+)
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.passes.context_parallel.api import ContextParallel
 from moetx.passes.context_parallel.blocks import (
@@ -28,6 +32,7 @@ from moetx.passes.context_parallel.blocks import (
     _attend_math,
 )
 from moetx.passes.context_parallel.hf import HF_ATTENTION
+from moetx.passes.context_parallel.hf_aux import AuxLossReducer
 from moetx.testing import compare, fake_world
 from moetx.testing.hf import HFSpec, build_model
 from moetx.testing.train import assert_matches_reference
@@ -46,6 +51,8 @@ AC_MODE = {
 }
 # Mixtral with its optional sliding window, 3 tokens: it cuts cp chunks of 2 unevenly.
 MIXTRAL_WINDOW = (("sliding_window", 3),)
+# HF's router aux loss on (a product of whole-sequence means, reduced over cp by `hf_aux`).
+AUX = (("output_router_logits", True), ("router_aux_loss_coef", 0.1))
 
 
 def reference(spec: HFSpec, data_ranks: int) -> dict[str, Any]:
@@ -65,12 +72,23 @@ def reference(spec: HFSpec, data_ranks: int) -> dict[str, Any]:
         ("mixtral", "allgather", MIXTRAL_WINDOW),
         ("deepseek_v3", "p2p", ()),
         ("gpt_oss", "allgather", ()),
+        ("qwen3_moe", "p2p", AUX),
+        ("gpt_oss", "p2p", AUX),
     ],
-    ids=["qwen3_moe", "mixtral", "mixtral-window", "deepseek_v3", "gpt_oss"],
+    ids=[
+        "qwen3_moe",
+        "mixtral",
+        "mixtral-window",
+        "deepseek_v3",
+        "gpt_oss",
+        "qwen3_moe-aux",
+        "gpt_oss-aux",
+    ],
 )
 def test_cp_fsdp_trains_like_one_process(pool2, family: str, comm: str, overrides: Any):
     """cp=2 on 2 ranks: `ContextParallel() | FSDP()` trains like the HF model in one process
-    (gpt-oss: attention sinks on every layer, a sliding window of 4 on every other one)."""
+    (gpt-oss: attention sinks on every layer, a sliding window of 4 on every other one; `-aux`:
+    HF's router aux loss in the loss, over the whole sequences)."""
     spec = HFSpec(family=family, overrides=overrides)
     pipeline = ContextParallel(comm=comm) | FSDP()
     results = pool2.run(bodies.hf_cp_rank_train, spec, pipeline, MeshDegrees(cp=2))
@@ -269,3 +287,22 @@ def test_math_block_kernel_matches_cpu_flash_under_a_window_mask():
     want = _attend_backward(dout, q, k, v, out, lse, False, 0.3, mask)
     got_b = _attend_backward_math(dout, q, k, v, out, lse, False, 0.3, mask)
     compare(dict(zip("qkv", want, strict=True)), dict(zip("qkv", got_b, strict=True)), **TOL)
+
+
+def test_aux_loss_of_an_unknown_formula_is_refused():
+    """An aux loss the router logits do not rebuild (another formula) is refused, not replaced."""
+    model = build_model(HFSpec(family="qwen3_moe", overrides=AUX))
+    ids = torch.randint(0, 32, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        output = model(ids)
+    output.aux_loss = output.aux_loss * 2  # what another formula could give
+    with fake_world(2):
+        mesh = ParallelMesh.build(cp=2)
+        reducer = AuxLossReducer(model, mesh["cp"])
+        with pytest.raises(
+            PassPreconditionError,
+            match=r"^`Qwen3MoeForCausalLM` returned a router aux loss that moetx cannot rebuild "
+            r"from its router logits \(on 1 of 2 cp rank\(s\)\), so `ContextParallel` cannot "
+            r"compute it over the whole sequences\.\n  fix: train without the aux loss",
+        ):
+            reducer(model, (ids,), {}, output)

@@ -70,13 +70,13 @@ class ContextParallel(Pass):
     Hugging Face transformers models are handled unmodified through transformers' attention
     registry, selected for this model only (`moetx.passes.context_parallel.hf`: GQA, MLA,
     sliding windows, attention sinks; their batches follow the recipe in README's training
-    loop, `shift_labels=`; their routers' aux loss stays per rank). Each `MoEBlock` gets a
-    `stats_reducer` that sums its sequence-wise aux-loss statistics over the cp group (the
-    score sums through an autograd-aware all-gather), so each rank's aux loss is the whole sequences' aux loss and
-    its gradient, averaged over the cp ranks as FSDP does, is the single-process one. (The
-    aux-loss-free `expert_load` counters still count local tokens: sum them over dp x cp before
-    `update_routing_bias_`, as its docstring says.) The root
-    module gets a forward pre-hook that refuses calls without `position_ids` (a forgotten
+    loop, `shift_labels=`; their routers' aux loss is reduced over cp by `hf_aux`). Each
+    `MoEBlock` gets a `stats_reducer` that sums its sequence-wise aux-loss statistics over the
+    cp group (the score sums through an autograd-aware all-gather), so each rank's aux loss is
+    the whole sequences' aux loss and its gradient, averaged over the cp ranks as FSDP does,
+    is the single-process one. (The aux-loss-free `expert_load` counters still count local
+    tokens: sum them over dp x cp before `update_routing_bias_`, as its docstring says.) The
+    root module gets a forward pre-hook that refuses calls without `position_ids` (a forgotten
     `shard_sequence` would otherwise attend silently across unrelated chunks). With degree 1
     nothing is installed.
 
@@ -154,7 +154,7 @@ class ContextParallel(Pass):
                 "without context parallelism."
             )
         # HF routers' aux loss is computed in `...ForCausalLM.forward` from every layer's router
-        # logits (`load_balancing_loss_func`), out of a hook's reach: per rank, as under DP.
+        # logits, not in the MoE layers: a hook on the model reduces it (`hf_aux`).
         hookless = [m.fqn for m in structure.moe_layers() if m.stats_reducer_attr is None]
         if hookless and not hf:
             raise PassPreconditionError(

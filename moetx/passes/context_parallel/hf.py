@@ -28,6 +28,7 @@ What the HF attention paths need, and how it is met:
   are skipped.
 - **Attention sinks** (gpt-oss `s_aux`): one per-head logit added to every softmax denominator,
   folded into the merged log-sum-exp, with its own gradient.
+- **Router aux loss** (`output_router_logits`): reduced over the cp group (`hf_aux`).
 - **Refused at check time** (`UnsupportedAttentionError`, naming the layer and the feature):
   layer types other than full and sliding attention (chunked, linear, ...), attention dropout,
   non-causal attention, and models whose attention does not go through the registry; at call
@@ -49,6 +50,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from moetx.core.errors import ContextParallelInputError, UnsupportedAttentionError
 from moetx.passes.context_parallel.attention import ContextParallelAttentionCore, sequence_index
+from moetx.passes.context_parallel.hf_aux import AuxLossReducer
 from moetx.structure.discovery import ModelStructure
 
 __all__ = ["HF_ATTENTION", "hf_attention_problems", "hf_context_parallel_attention", "install_hf"]
@@ -163,7 +165,8 @@ def install_hf(
     world: dist.ProcessGroup,
 ) -> Any:
     """Give every block's attention a cp `core`, select the registered function for this model
-    only, and return the forward pre-hook handle guarding its batches."""
+    only, hook its aux loss (`hf_aux`), and return the forward pre-hook handle guarding its
+    batches."""
     for b in structure.blocks:
         _registry(b.attention).register(HF_ATTENTION, hf_context_parallel_attention)
         b.attention.core = ContextParallelAttentionCore(mesh, comm, load_balance)
@@ -173,6 +176,7 @@ def install_hf(
         if getattr(m, "config", None) is old:
             m.config = new
     new._attn_implementation = HF_ATTENTION
+    model.register_forward_hook(AuxLossReducer(model, mesh), with_kwargs=True)
     guard = _BatchGuard(model, mesh, load_balance, world)
     return model.register_forward_pre_hook(guard, with_kwargs=True)
 
