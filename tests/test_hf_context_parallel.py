@@ -106,8 +106,12 @@ def test_cp_fsdp_trains_like_one_process(pool2, family: str, comm: str, override
     ],
 )
 def test_cp_ep_ac_fsdp_trains_like_one_process(pool4, family: str, comm: str):
-    """cp=2 x ep=2 on 4 ranks (two data groups): the whole pipeline trains like one process."""
-    spec = HFSpec(family=family)
+    """cp=2 x ep=2 on 4 ranks (two data groups): the whole pipeline trains like one process.
+
+    `use_cache=True`, as in real configs: a KV cache would make each checkpointed block's
+    recompute append its K/V a second time; CP turns the model's cache off.
+    """
+    spec = HFSpec(family=family, overrides=(("use_cache", True),))
     pipeline = (
         ContextParallel(comm=comm)
         | ExpertParallel()
@@ -209,7 +213,8 @@ def test_positions_are_required_and_must_be_contiguous():
         _, _, pos = cp.shard_sequence(mesh, ids)
         with pytest.raises(
             ContextParallelInputError,
-            match=r"  - a `cache` \(`past_key_values`\): it would hold this rank's chunk only",
+            match=r"  - a KV cache \(`cache`, `past_key_values` or `use_cache=True`\): it would hold "
+            r"this rank's chunk only",
         ):
             model(ids_l, position_ids=pos, past_key_values=DynamicCache(config=model.config))
 

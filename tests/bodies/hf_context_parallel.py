@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import moetx
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh
 from moetx.passes.context_parallel.api import ContextParallel
@@ -196,6 +197,7 @@ def readme_recipe(spec: HFSpec, code: str, degrees: MeshDegrees) -> torch.Tensor
     ids, labels = masked_batches(spec, spec.rows_per_rank)[0]
     namespace: dict[str, Any] = {
         "torch": torch,
+        "moetx": moetx,
         "hf_model": build_model(spec),
         "mesh": mesh,
         "ids": ids,

@@ -21,7 +21,8 @@ What the HF attention paths need, and how it is met:
   so the model's forward pre-hook refuses, on every rank at once (one all-reduce of flags): a
   padding `attention_mask` (all-ones masks are accepted), positions that are not one contiguous
   run per row (HF reads gaps as packed sequences and masks them), missing positions, `labels`
-  without `shift_labels` (HF would shift within each rank's chunk), and a KV cache.
+  without `shift_labels` (HF would shift within each rank's chunk), and a KV cache (the model's
+  own config copy gets `use_cache=False`).
 - **Sliding windows** (gpt-oss's `sliding_attention` layers, Mixtral's or Qwen3's
   `sliding_window`): the `sliding_window` HF passes each call becomes a per-block mask by global
   token index (HF's rule: query i sees key j when `i - window < j <= i`); blocks it empties
@@ -176,6 +177,9 @@ def install_hf(
         if getattr(m, "config", None) is old:
             m.config = new
     new._attn_implementation = HF_ATTENTION
+    # A KV cache would hold this rank's chunk only, and a checkpointed block's recompute would
+    # append to it a second time (K/V twice as long in backward): no cache under CP.
+    new.use_cache = False
     model.register_forward_hook(AuxLossReducer(model, mesh), with_kwargs=True)
     guard = _BatchGuard(model, mesh, load_balance, world)
     return model.register_forward_pre_hook(guard, with_kwargs=True)
@@ -190,8 +194,8 @@ class _BatchGuard:
         "(HF reads gaps as packed sequences and masks them; moetx's kernels are plain causal)",
         "an `attention_mask` that masks tokens (padding is not supported under CP)",
         "`labels` without `shift_labels` (HF would shift labels within each rank's chunk)",
-        "a `cache` (`past_key_values`): it would hold this rank's chunk only (no decoding "
-        "under CP)",
+        "a KV cache (`cache`, `past_key_values` or `use_cache=True`): it would hold this rank's "
+        "chunk only (no decoding under CP)",
     )
 
     def __init__(
@@ -205,7 +209,10 @@ class _BatchGuard:
         contiguous = positions is None or self._contiguous(positions)
         masked = mask is not None and (mask.dim() != 2 or not bool(mask.bool().all()))
         unshifted = call.get("labels") is not None and call.get("shift_labels") is None
-        cached = call.get("cache", call.get("past_key_values")) is not None
+        cached = (
+            call.get("cache", call.get("past_key_values")) is not None
+            or call.get("use_cache") is True
+        )
         return [positions is None, not contiguous, masked, unshifted, cached]
 
     def _contiguous(self, positions: Tensor) -> bool:
