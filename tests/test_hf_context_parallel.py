@@ -10,6 +10,8 @@ a typed error naming it.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ from typing import Any
 import pytest
 import torch
 
+import moetx.passes.context_parallel.hf
+import moetx.passes.context_parallel.hf_aux
 from moetx import FSDP, ActivationCheckpoint, ExpertParallel, ParallelMesh
 from moetx.core.errors import (
     ContextParallelInputError,
@@ -51,6 +55,9 @@ AC_MODE = {
 }
 # Mixtral with its optional sliding window, 3 tokens: it cuts cp chunks of 2 unevenly.
 MIXTRAL_WINDOW = (("sliding_window", 3),)
+# DeepSeek-V3 with as many K/V heads as query heads (as its real config): HF's own SDPA path
+# repeats its (already per-head) K/V again when the value head dim differs and there are fewer.
+MLA = (("num_key_value_heads", 2),)
 # HF's router aux loss on (a product of whole-sequence means, reduced over cp by `hf_aux`).
 AUX = (("output_router_logits", True), ("router_aux_loss_coef", 0.1))
 
@@ -74,6 +81,8 @@ def reference(spec: HFSpec, data_ranks: int) -> dict[str, Any]:
         ("gpt_oss", "allgather", ()),
         ("qwen3_moe", "p2p", AUX),
         ("gpt_oss", "p2p", AUX),
+        ("deepseek_v3", "allgather", (*MLA, ("v_head_dim", 4))),
+        ("deepseek_v3", "p2p", (*MLA, ("v_head_dim", 12))),
     ],
     ids=[
         "qwen3_moe",
@@ -83,12 +92,15 @@ def reference(spec: HFSpec, data_ranks: int) -> dict[str, Any]:
         "gpt_oss",
         "qwen3_moe-aux",
         "gpt_oss-aux",
+        "deepseek_v3-v_dim_4",
+        "deepseek_v3-v_dim_12",
     ],
 )
 def test_cp_fsdp_trains_like_one_process(pool2, family: str, comm: str, overrides: Any):
     """cp=2 on 2 ranks: `ContextParallel() | FSDP()` trains like the HF model in one process
     (gpt-oss: attention sinks on every layer, a sliding window of 4 on every other one; `-aux`:
-    HF's router aux loss in the loss, over the whole sequences)."""
+    HF's router aux loss in the loss, over the whole sequences; DeepSeek-V3's MLA with a value
+    head dim below and above the q/k head dim of 8, and its own `scaling`)."""
     spec = HFSpec(family=family, overrides=overrides)
     pipeline = ContextParallel(comm=comm) | FSDP()
     results = pool2.run(bodies.hf_cp_rank_train, spec, pipeline, MeshDegrees(cp=2))
@@ -311,3 +323,16 @@ def test_aux_loss_of_an_unknown_formula_is_refused():
             r"compute it over the whole sequences\.\n  fix: train without the aux loss",
         ):
             reducer(model, (ids,), {}, output)
+
+
+def test_the_hf_path_never_imports_transformers():
+    """moetx finds transformers' attention registry through the model's own modeling module."""
+    for module in (moetx.passes.context_parallel.hf, moetx.passes.context_parallel.hf_aux):
+        tree = ast.parse(inspect.getsource(module))
+        imported = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not any(str(name).partition(".")[0] == "transformers" for name in imported)
