@@ -60,6 +60,13 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
         "cp=1 vs cp=2, both comm modes.",
     ),
     (
+        "checkpoint_integrity.py",
+        [],
+        "Checkpoints: the cost of integrity hashes",
+        "Save and load time with and without SHA-256 records (one process, files in the page "
+        "cache, median of 5).",
+    ),
+    (
         "plan_time.py",
         [],
         "Plan / apply time on the DeepSeek-V3-shaped meta model",

@@ -14,6 +14,7 @@ from moetx.core.errors import (
     ActivationCheckpointError,
     BatchError,
     CheckpointError,
+    CommandLineError,
     ContextParallelInputError,
     DuplicatePassError,
     ExpertDivisibilityError,
@@ -25,6 +26,7 @@ from moetx.core.errors import (
     NoMoELayersError,
     PartiallyAppliedModelError,
     PassAlreadyAppliedError,
+    PassOptionError,
     PassPreconditionError,
     PipelineError,
     PipelineOrderError,
@@ -33,7 +35,13 @@ from moetx.core.errors import (
     UnsupportedAttentionError,
 )
 from moetx.mesh import MeshDegrees, ParallelMesh
-from moetx.passes import FSDP, ActivationCheckpoint, ContextParallel, ExpertParallel
+from moetx.passes import (
+    FSDP,
+    ActivationCheckpoint,
+    ContextParallel,
+    ExpertParallel,
+    TensorParallel,
+)
 from moetx.planning import ParamGroup, Plan, RankBytes
 from moetx.training import (
     RankBatch,
@@ -62,6 +70,7 @@ __all__ = [
     "Applied",
     "BatchError",
     "CheckpointError",
+    "CommandLineError",
     "ContextParallel",
     "ContextParallelInputError",
     "DuplicatePassError",
@@ -79,6 +88,7 @@ __all__ = [
     "PartiallyAppliedModelError",
     "Pass",
     "PassAlreadyAppliedError",
+    "PassOptionError",
     "PassPreconditionError",
     "Pipeline",
     "PipelineError",
@@ -88,6 +98,7 @@ __all__ = [
     "RankBatch",
     "RankBytes",
     "SequenceDivisibilityError",
+    "TensorParallel",
     "TokenCount",
     "UnknownModelStructureError",
     "UnsupportedAttentionError",

@@ -10,7 +10,7 @@ import torch
 
 from moetx.testing import RankPool, load_profile, warm_up
 
-# dev / ci (default) / full, chosen by $HYPOTHESIS_PROFILE; see moetx.testing.profiles.
+# dev / ci (default) / full / nightly, chosen by $HYPOTHESIS_PROFILE; see moetx.testing.profiles.
 PROFILE = load_profile()
 
 # References are computed in this process; fail loudly on ops without a deterministic CPU kernel

@@ -34,7 +34,7 @@ def test_demo_trains_with_parity_end_to_end():
             ["--pipeline", "fsdp|ep"],
             r"PipelineOrderError: `FSDP` must come after `ExpertParallel`\.",
         ),
-        (["--pipeline", "ep|tp"], r"ValueError: `--pipeline` names an unknown pass \('tp'\)"),
+        (["--pipeline", "ep|sp"], r"ValueError: `--pipeline` names an unknown pass \('sp'\)"),
         (["--ranks", "4", "--ep", "3"], r"MeshError: `ep` \(3\) must divide `dp_shard × cp`"),
     ],
 )

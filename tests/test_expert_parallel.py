@@ -52,7 +52,7 @@ def test_value_semantics():
     assert repr(ExpertParallel()) == "ExpertParallel()"
     assert repr(p) == "ExpertParallel(dispatcher='all_gather')"
     assert ExpertParallel.placement.stage == "ep"
-    with pytest.raises(ValueError, match="'dispatcher' must be in"):
+    with pytest.raises(ValueError, match=r"`ExpertParallel\.dispatcher` \('ring'\) must be one of"):
         attrs.evolve(p, dispatcher="ring")
 
 
@@ -317,14 +317,14 @@ def _check_moe_layer(case: MoECase, results: list[dict[str, Any]]) -> None:
             assert not bool((ref["indices"][rank] // local == rank).any())
 
 
-@settings(max_examples=examples(20), deadline=None)
+@settings(max_examples=examples(60), deadline=None)  # ~25 ms each
 @given(case=moe_cases(degree=2))
 def test_moe_layer_matches_one_process_2_ranks(pool2, case: MoECase):
     """Outputs, input gradients and every parameter gradient match one process (ep=2)."""
     _check_moe_layer(case, pool2.run(bodies.moe_layer_step, case))
 
 
-@settings(max_examples=examples(8), deadline=None)
+@settings(max_examples=examples(24), deadline=None)  # ~0.1 s each
 @given(case=moe_cases(degree=4))
 def test_moe_layer_matches_one_process_4_ranks(pool4, case: MoECase):
     """Outputs, input gradients and every parameter gradient match one process (ep=4)."""

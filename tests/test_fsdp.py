@@ -97,16 +97,16 @@ def test_fsdp_is_frozen_data():
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         p.cpu_offload = True  # type: ignore[misc]
     with pytest.raises(
-        ValueError, match=r"'param_dtype' must be in \('float32', 'bfloat16', 'float16'\)"
+        ValueError, match=r"`FSDP\.param_dtype` \('bf16'\) must be one of None, 'float32', 'bf"
     ):
         FSDP(param_dtype="bf16")
     with pytest.raises(
         ValueError,
-        match=r"^`fp32_modules` entries must be in \('router', 'lm_head'\) \(got 'norm'\)\.",
+        match=r"^`FSDP\.fp32_modules` \(\('norm',\)\) must be a tuple of roles from \('router',",
     ):
         FSDP(fp32_modules=("norm",))
     with pytest.raises(
-        ValueError, match=r"^`reshard_after_forward` must be a bool or a positive int \(got 0\)\."
+        ValueError, match=r"^`FSDP\.reshard_after_forward` \(0\) must be True, False or an int >= 2"
     ):
         FSDP(reshard_after_forward=0)
 

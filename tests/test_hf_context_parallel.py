@@ -248,7 +248,9 @@ def test_other_layer_types_are_refused_at_check_time():
         "compute."
     )
     assert lines[1].startswith("  why: an attention left as it is would attend to 1/cp")
-    assert lines[-1].startswith("  fix: use a model whose every layer is full causal attention")
+    assert lines[-1].startswith(
+        "  fix: use a model whose layers are full or sliding-window causal attention, without"
+    )
     assert model.config._attn_implementation == "eager"
     compare(before, model.state_dict(), atol=0, rtol=0, what="state dict after the refusal")
 

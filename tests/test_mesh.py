@@ -88,8 +88,8 @@ def test_unknown_axis_is_an_error():
     """Asking for an axis moetx does not know names the known ones."""
     with fake_world(2):
         m = ParallelMesh.build()
-        with pytest.raises(MeshAxisError, match=r"^`tp` is not a moetx mesh axis"):
-            m["tp"]
+        with pytest.raises(MeshAxisError, match=r"^`sp` is not a moetx mesh axis"):
+            m["sp"]
 
 
 def test_a_user_device_mesh_is_accepted_with_known_dim_names():
@@ -104,11 +104,12 @@ def test_a_user_device_mesh_is_accepted_with_known_dim_names():
 
 
 def test_a_user_device_mesh_with_foreign_dims_is_refused():
-    """A mesh with a `tp` dim (unsupported) is refused with the fix."""
+    """A mesh with a dim moetx does not know (`dp`) is refused with the fix."""
     with fake_world(4):
         dm = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
         with pytest.raises(
-            MeshAxisError, match=r"must name its dims among \('dp_replicate', 'dp_shard', 'cp'\)"
+            MeshAxisError,
+            match=r"must name its dims among \('dp_replicate', 'dp_shard', 'cp', 'tp'\)",
         ):
             as_parallel_mesh(dm)
     with pytest.raises(

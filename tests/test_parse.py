@@ -65,7 +65,7 @@ def test_parse_inverts_repr_over_stage_names(pipeline: Pipeline) -> None:
 @pytest.mark.parametrize(
     ("text", "why"),
     [
-        ("ep|tp", r"'tp' is not a registered pass"),
+        ("ep|sp", r"'sp' is not a registered pass"),
         ("ep||fsdp", r"it is not `name\|name\(option=value\)\|\.\.\.`"),
         ("ep(all_gather)", r"options of 'ep' must be keywords"),
         ("ep(dispatcher=make())", r"options of 'ep' must be Python literals"),

@@ -59,6 +59,7 @@ def test_bad_input_raises_its_error_and_leaves_the_model_untouched(pool2, case):
         assert res["error"][0] == case, (rank, res["error"])
         assert res["same_params"] and res["same_classes"], (rank, res)
         assert res["same_record"] and res["not_marked_failed"], (rank, res)
+        assert res["changes"] == [], (rank, res["changes"])
 
 
 def test_no_mesh_group_waits_longer_than_torch_default(pool4):

@@ -69,6 +69,6 @@ class OneByOne(RuleBasedStateMachine):
 
 
 OneByOne.TestCase.settings = settings(
-    max_examples=examples(15), stateful_step_count=6, deadline=None
+    max_examples=examples(50), stateful_step_count=6, deadline=None
 )
 test_one_by_one = OneByOne.TestCase

@@ -8,6 +8,7 @@ the final parameters equal single-process training on the global batch.
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 from hypothesis import given, settings
@@ -23,6 +24,7 @@ from moetx import (
     MeshDegrees,
     ParallelMesh,
     Pipeline,
+    TensorParallel,
 )
 from moetx.models import MoEConfig
 from moetx.testing import examples, fake_world
@@ -110,6 +112,29 @@ def test_pipelines_without_fsdp_sync_experts_over_every_replica(pool4, pipeline,
     _check_parity(
         pool4, pipeline, degrees, _mask(degrees.dp_replicate * degrees.dp_shard, "random")
     )
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "degrees"),
+    [
+        (TensorParallel() | ExpertParallel(), MeshDegrees(dp_shard=2, ep=2, tp=2)),
+        (
+            TensorParallel(sequence_parallel=True) | ContextParallel() | ExpertParallel(),
+            MeshDegrees(dp_shard=1, cp=2, ep=2, tp=2),
+        ),
+        (TensorParallel() | FSDP(), MeshDegrees(dp_shard=2, tp=2)),
+    ],
+    ids=["tp-ep", "sp-cp-ep", "tp-fsdp"],
+)
+def test_tensor_parallel_loops_count_tokens_once_per_tp_group(pool4, pipeline, degrees):
+    """tp ranks share their tokens: the token count, the loss scale and `sync_gradients` span
+    the token ranks only (counting tp ranks too would scale every gradient by 1/tp)."""
+    spec = attrs.evolve(SPEC, config=attrs.evolve(CONFIG, num_kv_heads=2))
+    ignore = _mask(degrees.dp_replicate * degrees.dp_shard, "random", seed=3)
+    results = pool4.run(bodies.public_loop, spec, pipeline, degrees, ignore)
+    data_ranks = degrees.dp_replicate * degrees.dp_shard
+    ref = train(build_model(spec), bodies.masked_batches(spec, data_ranks, ignore), spec.lr)
+    assert_matches_reference(results, ref)
 
 
 def test_an_empty_rank_contributes_nothing_and_never_nan(pool2):

@@ -1,16 +1,20 @@
-"""Command-line arguments shared by `moetx demo` and `moetx plan`: the `--pipeline` text."""
+"""Command-line arguments shared by `moetx demo` and `moetx plan`: `--pipeline`, ranges."""
 
 from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
 
 import attrs
 
 from moetx.core.algebra import Pass, Pipeline
+from moetx.core.errors import CommandLineError
 from moetx.passes import ActivationCheckpoint, ExpertParallel
 
-__all__ = ["PASS_NAMES", "parse_pipeline"]
+__all__ = ["PASS_NAMES", "check_ranges", "parse_pipeline"]
 
 #: Names accepted by `--pipeline`, in the built-in order.
-PASS_NAMES: tuple[str, ...] = ("cp", "ep", "ac", "fsdp")
+PASS_NAMES: tuple[str, ...] = ("tp", "cp", "ep", "ac", "fsdp")
 
 
 def parse_pipeline(
@@ -39,3 +43,37 @@ def parse_pipeline(
         for p in Pipeline.parse(text)
     ]
     return Pipeline(tuple(passes))
+
+
+def check_ranges(
+    prog: str,
+    args: argparse.Namespace,
+    minimums: Mapping[str, int],
+    *,
+    below: Mapping[str, tuple[int, str]] | None = None,
+) -> None:
+    """Raise one `CommandLineError` naming every out-of-range argument of `prog`.
+
+    Args:
+        prog: The command (`"moetx demo"`), for the fix line.
+        args: Parsed arguments; `None` values (an unset optional flag) are skipped.
+        minimums: Destination name -> the least value it may take.
+        below: Destination name -> (an exclusive upper bound, what the bound is).
+    """
+    problems = []
+    for dest, least in minimums.items():
+        value = getattr(args, dest)
+        if value is not None and value < least:
+            problems.append(f"`{_flag(dest)}` ({value}) must be an integer >= {least}.")
+    for dest, (bound, what) in (below or {}).items():
+        value = getattr(args, dest)
+        if value is not None and value >= bound:
+            problems.append(f"`{_flag(dest)}` ({value}) must be less than {what} ({bound}).")
+    if problems:
+        raise CommandLineError(
+            "\n".join(problems) + f"\n  fix: change these flags (`{prog} --help` lists them)."
+        )
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moetx.cli.args import parse_pipeline
+from moetx.cli.args import check_ranges, parse_pipeline
 from moetx.core.algebra import Pipeline
-from moetx.core.errors import MoetxError
+from moetx.core.errors import CommandLineError, MoetxError
 from moetx.mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.testing.ranks import RankPool
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default: ranks)")
     ap.add_argument("--cp", type=int, default=1, help="context-parallel degree")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     ap.add_argument("--dp-replicate", type=int, default=1, help="HSDP replicas")
     ap.add_argument("--dispatcher", default="all_to_all", choices=("all_to_all", "all_gather"))
     ap.add_argument("--ac-mode", default="router", choices=("full", "router", "selective"))
@@ -83,18 +84,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--experts", type=int, default=4)
     args = ap.parse_args(argv)
+    try:
+        positive = ("ranks", "ep", "cp", "dp_replicate", "steps", "layers", "experts")
+        check_ranges("moetx demo", args, dict.fromkeys(positive, 1))
+    except CommandLineError as e:
+        print(f"moetx demo: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     ranks = int(os.environ["WORLD_SIZE"]) if torchrun else args.ranks
     ep = (
         args.ep
         if args.ep is not None
-        else (ranks // (args.dp_replicate) if "ep" in args.pipeline else 1)
+        else (ranks // (args.dp_replicate * args.tp) if "ep" in args.pipeline else 1)
     )
     say = print if not torchrun or os.environ["RANK"] == "0" else (lambda *a, **k: None)
     try:
         pipeline = parse_pipeline(args.pipeline, dispatcher=args.dispatcher, ac_mode=args.ac_mode)
-        degrees = MeshDegrees.resolve(ranks, dp_replicate=args.dp_replicate, cp=args.cp, ep=ep)
+        degrees = MeshDegrees.resolve(
+            ranks, dp_replicate=args.dp_replicate, cp=args.cp, ep=ep, tp=args.tp
+        )
         config = MoEConfig(
             num_layers=args.layers, num_experts=args.experts, hidden_size=16, num_shared_experts=1
         )

@@ -8,9 +8,9 @@ import time
 
 import attrs
 
-from moetx.cli.args import parse_pipeline
+from moetx.cli.args import check_ranges, parse_pipeline
 from moetx.core.algebra import Pipeline
-from moetx.core.errors import MoetxError
+from moetx.core.errors import CommandLineError, MoetxError
 from moetx.mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.passes import FSDP
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
     ap.add_argument("--cp", type=int, default=1, help="context-parallel degree")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     ap.add_argument("--dp-replicate", type=int, default=1, help="HSDP replicas")
     ap.add_argument("--rank", type=int, default=0, help="rank whose local shapes to show")
     ap.add_argument(
@@ -60,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     deepseek = args.model == "deepseek-v3"
     world = args.world if args.world is not None else (256 if deepseek else 2)
+    try:
+        minimums = dict.fromkeys(("world", "ep", "cp", "dp_replicate"), 1) | {"rank": 0}
+        below = {"rank": (world, "the world size")} if world >= 1 else {}
+        check_ranges("moetx plan", args, minimums, below=below)
+    except CommandLineError as e:
+        print(f"moetx plan: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     config = (
         MoEConfig.deepseek_v3_shaped()
         if deepseek
@@ -74,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             attrs.evolve(p, **fsdp) if isinstance(p, FSDP) else p
             for p in parse_pipeline(args.pipeline)
         )
-        degrees = MeshDegrees.resolve(world, dp_replicate=args.dp_replicate, cp=args.cp, ep=args.ep)
+        degrees = MeshDegrees.resolve(
+            world, dp_replicate=args.dp_replicate, cp=args.cp, ep=args.ep, tp=args.tp
+        )
         result = plan(pipeline, config, degrees, rank=args.rank)
     except (MoetxError, ValueError) as e:
         print(f"moetx plan: {type(e).__name__}: {e}", file=sys.stderr)

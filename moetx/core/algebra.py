@@ -22,6 +22,7 @@ from torch import nn
 
 from moetx.core import seams
 from moetx.core.errors import DuplicatePassError, PipelineError, PipelineOrderError
+from moetx.core.options import check_options, unknown_options
 from moetx.core.order import Placement, chain_text, precedence, stable_sort
 from moetx.core.record import (
     Applied,
@@ -48,6 +49,10 @@ class Pass(abc.ABC):
     """
 
     placement: ClassVar[Placement]
+
+    def __attrs_post_init__(self) -> None:
+        """Check every option (`moetx.core.options`): all bad fields in one `PassOptionError`."""
+        check_options(self)
 
     def apply(self, model: nn.Module, mesh: ParallelMesh | DeviceMesh) -> nn.Module:
         """Check every precondition, then transform `model` and record this pass on it."""
@@ -329,6 +334,7 @@ def _parse_step(text: str, node: ast.expr) -> Pass:
         return cls()
     if call.args or any(k.arg is None for k in call.keywords):
         raise PipelineError(_parse_help(text, f"options of {name_node.id!r} must be keywords"))
+    unknown_options(cls, [k.arg for k in call.keywords if k.arg])
     try:
         options = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg}
     except ValueError:

@@ -103,3 +103,21 @@ class BatchError(MoetxError, ValueError):
 
 class GradientSyncError(MoetxError, ValueError):
     """Gradients cannot be synchronised this way (e.g. `sync_gradients` on an FSDP model)."""
+
+
+class CommandLineError(MoetxError, ValueError):
+    """A `moetx demo` / `moetx plan` argument is out of range; lists every bad flag."""
+
+
+class PassOptionError(MoetxError, ValueError, TypeError):
+    """A pass was built with invalid options; names every bad field (a wrong type or value).
+
+    Both a `ValueError` and a `TypeError`, so either `except` clause catches it.
+
+    Attributes:
+        problems: One sentence per bad field, in field order.
+    """
+
+    def __init__(self, message: str, problems: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = problems or (message.splitlines()[0],)

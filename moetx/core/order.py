@@ -1,7 +1,7 @@
 """Ordering rules between passes, held as data so user-defined passes can declare their place.
 
 A pass class declares a `Placement`: its *stage* name and the stages it must come after or
-before when they are present. The built-in chain `cp -> ep -> ac -> fsdp` is one such set of
+before when they are present. The built-in chain `tp -> cp -> ep -> ac -> fsdp` is one such set of
 rules (`BUILTIN_ORDER`). Constraints are closed transitively over every stage known to a
 pipeline, so a `compile` stage declared "after ac, before fsdp" also sits after `ep`.
 """
@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-#: The built-in order: context parallel, expert parallel, activation checkpointing, FSDP.
-BUILTIN_ORDER: tuple[str, ...] = ("cp", "ep", "ac", "fsdp")
+#: The built-in order: tensor, context and expert parallel, activation checkpointing, FSDP.
+BUILTIN_ORDER: tuple[str, ...] = ("tp", "cp", "ep", "ac", "fsdp")
 
 
 def _frozen_strs(value: Iterable[str]) -> frozenset[str]:
@@ -104,7 +104,7 @@ def stable_sort(stages: Sequence[str], must_precede: dict[str, set[str]]) -> lis
 
 
 def chain_text(stages: Iterable[str], must_precede: dict[str, set[str]]) -> str:
-    """Render the rule over `stages` as ``cp -> ep -> ac -> fsdp``."""
+    """Render the rule over `stages` as ``tp -> cp -> ep -> ac -> fsdp``."""
     present = list(dict.fromkeys(stages))
     known = [s for s in BUILTIN_ORDER if s not in present] + present
     order = [known[i] for i in stable_sort(known, must_precede)]

@@ -15,6 +15,7 @@ and the EP mesh share a root and FSDP2 can shard parameters that are already EP 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import attrs
@@ -26,9 +27,9 @@ from moetx.core import seams
 from moetx.core.errors import MeshAxisError, MeshError
 
 #: Names a `ParallelMesh` answers to.
-AXES: tuple[str, ...] = ("dp_replicate", "dp_shard", "cp", "ep", "ep_shard", "dp_shard_cp")
+AXES: tuple[str, ...] = ("dp_replicate", "dp_shard", "cp", "ep", "ep_shard", "dp_shard_cp", "tp")
 #: Dims a user's own DeviceMesh may have, in this order (row-major rank layout).
-DEVICE_MESH_DIMS: tuple[str, ...] = ("dp_replicate", "dp_shard", "cp")
+DEVICE_MESH_DIMS: tuple[str, ...] = ("dp_replicate", "dp_shard", "cp", "tp")
 
 
 def _check_positive(name: str, value: object) -> None:
@@ -51,6 +52,14 @@ class MeshDegrees:
     dp_shard: int = attrs.field(default=1, validator=_positive_int)
     cp: int = attrs.field(default=1, validator=_positive_int)
     ep: int = attrs.field(default=1, validator=_positive_int)
+    tp: int = attrs.field(default=1, validator=_positive_int)
+
+    def __repr__(self) -> str:
+        tp = f", tp={self.tp}" if self.tp != 1 else ""
+        return (
+            f"MeshDegrees(dp_replicate={self.dp_replicate}, dp_shard={self.dp_shard}, "
+            f"cp={self.cp}, ep={self.ep}{tp})"
+        )
 
     def __attrs_post_init__(self) -> None:
         if (self.dp_shard * self.cp) % self.ep:
@@ -64,6 +73,14 @@ class MeshDegrees:
     @property
     def world_size(self) -> int:
         """Number of ranks the mesh spans."""
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def token_ranks(self) -> int:
+        """Ranks holding different tokens: dp_replicate x dp_shard x cp (tp ranks share theirs).
+
+        Gradients are averaged over these ranks; a global token count sums over them.
+        """
         return self.dp_replicate * self.dp_shard * self.cp
 
     @property
@@ -84,24 +101,35 @@ class MeshDegrees:
 
     @classmethod
     def resolve(
-        cls, world_size: int, *, dp_replicate: int = 1, dp_shard: int = -1, cp: int = 1, ep: int = 1
+        cls,
+        world_size: int,
+        *,
+        dp_replicate: int = 1,
+        dp_shard: int = -1,
+        cp: int = 1,
+        ep: int = 1,
+        tp: int = 1,
     ) -> MeshDegrees:
         """Degrees for `world_size` ranks; `dp_shard=-1` takes whatever ranks are left."""
-        for name, v in (("dp_replicate", dp_replicate), ("cp", cp), ("ep", ep)):
+        for name, v in (("dp_replicate", dp_replicate), ("cp", cp), ("ep", ep), ("tp", tp)):
             _check_positive(name, v)
         if dp_shard == -1:
-            if world_size % (dp_replicate * cp):
+            fixed = dp_replicate * cp * tp
+            if world_size % fixed:
+                what = "dp_replicate × cp" + (" × tp" if tp > 1 else "")
+                parts = f"{dp_replicate} × {cp}" + (f" × {tp}" if tp > 1 else "")
                 raise MeshError(
-                    f"The world size ({world_size}) is not divisible by `dp_replicate × cp` "
-                    f"({dp_replicate} × {cp} = {dp_replicate * cp}), so `dp_shard` cannot be "
-                    "inferred."
+                    f"The world size ({world_size}) is not divisible by `{what}` "
+                    f"({parts} = {fixed}), so `dp_shard` cannot be inferred."
                 )
-            dp_shard = world_size // (dp_replicate * cp)
-        degrees = cls(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, ep=ep)
+            dp_shard = world_size // fixed
+        degrees = cls(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, ep=ep, tp=tp)
         if degrees.world_size != world_size:
+            what = "dp_replicate × dp_shard × cp" + (" × tp" if tp > 1 else "")
+            parts = f"{dp_replicate} × {dp_shard} × {cp}" + (f" × {tp}" if tp > 1 else "")
             raise MeshError(
-                f"`dp_replicate × dp_shard × cp` ({dp_replicate} × {dp_shard} × {cp} = "
-                f"{degrees.world_size}) must equal the world size ({world_size}).\n"
+                f"`{what}` ({parts} = {degrees.world_size}) must equal the world size "
+                f"({world_size}).\n"
                 "  fix: leave `dp_shard` out (it is inferred) or change the degrees."
             )
         return degrees
@@ -119,10 +147,11 @@ class ParallelMesh:
     degrees: MeshDegrees
     device_type: str
     root: DeviceMesh = attrs.field(repr=False)
-    dense: DeviceMesh = attrs.field(repr=False)  # (dp_replicate, dp_shard, cp)
-    fsdp: DeviceMesh = attrs.field(repr=False)  # (dp_replicate, dp_shard_cp)
-    moe: DeviceMesh = attrs.field(repr=False)  # (dp_replicate, ep_shard, ep)
+    dense: DeviceMesh = attrs.field(repr=False)  # (dp_replicate, dp_shard, cp, tp)
+    fsdp: DeviceMesh = attrs.field(repr=False)  # (dp_replicate, dp_shard_cp, tp)
+    moe: DeviceMesh = attrs.field(repr=False)  # (dp_replicate, ep_shard, ep, tp)
     expert_fsdp: DeviceMesh = attrs.field(repr=False)  # 1-D: dp_replicate x ep_shard
+    tokens: DeviceMesh = attrs.field(repr=False)  # 1-D: the token ranks (every axis but tp)
     explicit_axes: frozenset[str] = frozenset(AXES)
 
     @classmethod
@@ -133,6 +162,7 @@ class ParallelMesh:
         dp_shard: int = -1,
         cp: int = 1,
         ep: int = 1,
+        tp: int = 1,
         device_type: str | None = None,
     ) -> ParallelMesh:
         """Build the meshes for the current process group (gloo, NCCL or fake)."""
@@ -143,7 +173,12 @@ class ParallelMesh:
                 "`torchrun`."
             )
         degrees = MeshDegrees.resolve(
-            dist.get_world_size(), dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, ep=ep
+            dist.get_world_size(),
+            dp_replicate=dp_replicate,
+            dp_shard=dp_shard,
+            cp=cp,
+            ep=ep,
+            tp=tp,
         )
         device_type = device_type or _default_device_type()
         root = init_device_mesh(device_type, (degrees.world_size,), mesh_dim_names=("world",))
@@ -166,6 +201,7 @@ class ParallelMesh:
             dp_shard=sizes.get("dp_shard", 1),
             cp=sizes.get("cp", 1),
             ep=ep,
+            tp=sizes.get("tp", 1),
         )
         root = mesh if mesh.ndim == 1 else mesh._flatten("moetx_world")
         explicit = frozenset(names) | ({"ep", "ep_shard"} if ep > 1 else frozenset())
@@ -181,18 +217,30 @@ class ParallelMesh:
                 0, sizes, names, backend_override=_same_timeout(device_type, names)
             )
 
-        dense = carve((d.dp_replicate, d.dp_shard, d.cp), DEVICE_MESH_DIMS)
-        fsdp = carve((d.dp_replicate, d.dp_shard_cp), ("dp_replicate", "dp_shard_cp"))
-        moe = carve((d.dp_replicate, d.ep_shard, d.ep), ("dp_replicate", "ep_shard", "ep"))
+        # tp is the innermost axis: its ranks are neighbours (the fastest links on a GPU node).
+        dense = carve((d.dp_replicate, d.dp_shard, d.cp, d.tp), DEVICE_MESH_DIMS)
+        fsdp = carve((d.dp_replicate, d.dp_shard_cp, d.tp), ("dp_replicate", "dp_shard_cp", "tp"))
+        moe = carve(
+            (d.dp_replicate, d.ep_shard, d.ep, d.tp), ("dp_replicate", "ep_shard", "ep", "tp")
+        )
         if d.dp_replicate == 1:
             expert_fsdp = moe["ep_shard"]
         else:
-            expert_fsdp = moe["dp_replicate", "ep_shard"]._flatten("ep_fsdp")
-        return cls(d, device_type, root, dense, fsdp, moe, expert_fsdp, explicit)
+            expert_fsdp = moe["dp_replicate", "ep_shard"]._flatten(
+                "ep_fsdp", backend_override=_timeout_options(device_type)
+            )
+        tokens = (
+            root
+            if d.tp == 1
+            else fsdp["dp_replicate", "dp_shard_cp"]._flatten(
+                "tokens", backend_override=_timeout_options(device_type)
+            )
+        )
+        return cls(d, device_type, root, dense, fsdp, moe, expert_fsdp, tokens, explicit)
 
     def __getitem__(self, axis: str) -> DeviceMesh:
         """The 1-D mesh of one axis (its degree may be 1)."""
-        if axis in ("dp_shard", "cp"):
+        if axis in ("dp_shard", "cp", "tp"):
             return self.dense[axis]
         if axis == "dp_replicate":
             return self.fsdp[axis]
@@ -229,7 +277,7 @@ class ParallelMesh:
         Counted over dp_replicate x dp_shard (cp ranks of one group share rows and split the
         sequence; ep borrows its ranks from these, so it adds nothing), in `[0, data_size)`.
         """
-        replica, shard, _ = self.dense.get_coordinate() or (0, 0, 0)
+        replica, shard, _, _ = self.dense.get_coordinate() or (0, 0, 0, 0)
         return replica * self.degrees.dp_shard + shard
 
     @property
@@ -239,7 +287,9 @@ class ParallelMesh:
 
     def dense_fsdp_mesh(self) -> DeviceMesh:
         """Mesh FSDP shards dense parameters over: dp_shard x cp, with dp_replicate for HSDP."""
-        return self.fsdp if self.degrees.dp_replicate > 1 else self.fsdp["dp_shard_cp"]
+        if self.degrees.dp_replicate > 1:
+            return self.fsdp["dp_replicate", "dp_shard_cp"]
+        return self.fsdp["dp_shard_cp"]
 
     def expert_fsdp_mesh(self) -> DeviceMesh:
         """1-D mesh FSDP shards expert parameters over: every rank holding the same experts.
@@ -254,7 +304,7 @@ class ParallelMesh:
         d = self.degrees
         return (
             f"ParallelMesh(dp_replicate={d.dp_replicate}, dp_shard={d.dp_shard}, cp={d.cp}, "
-            f"ep={d.ep}, device_type={self.device_type!r})"
+            f"ep={d.ep}{f', tp={d.tp}' if d.tp > 1 else ''}, device_type={self.device_type!r})"
         )
 
 
@@ -264,6 +314,16 @@ def _same_timeout(device_type: str, names: tuple[str, ...]) -> dict[str, Any] | 
     Without them `_unflatten` creates groups with torch's built-in default (30 min on gloo),
     whatever timeout `init_process_group` was given: a rank that failed would leave its peers
     blocked in an expert all-to-all for half an hour instead of the configured timeout.
+    """
+    opts = _timeout_options(device_type)
+    return None if opts is None else {name: opts for name in names}
+
+
+def _timeout_options(device_type: str) -> Any:
+    """Backend options carrying the default group's timeout (None: fake backend or unknown).
+
+    For every group moetx creates: `_unflatten` (via `_same_timeout`) and `_flatten` take
+    torch's 30-minute default otherwise (TORCH-CPU-NOTES §9).
     """
     backend = dist.get_backend()
     try:
@@ -278,7 +338,7 @@ def _same_timeout(device_type: str, names: tuple[str, ...]) -> dict[str, Any] | 
     else:
         return None
     opts._timeout = timeout
-    return {name: opts for name in names}
+    return opts
 
 
 def _default_device_type() -> str:
@@ -286,12 +346,30 @@ def _default_device_type() -> str:
     return "cuda" if backend == "nccl" else "cpu"
 
 
+#: `(default group, ParallelMesh.from_device_mesh(m))` per DeviceMesh `m` given to
+#: `as_parallel_mesh`. Each conversion carves new sub-meshes (about 8 gloo groups, 35 fds and
+#: hidden collectives), so a loop passing a DeviceMesh to `shard_sequence` ran out of file
+#: descriptors. An entry lives as long as its mesh; the ParallelMesh refers to that mesh, so in
+#: practice for the process (one per distinct mesh: equal meshes, same ranks and names, share
+#: one). An entry made under another default group (destroyed and created again) is rebuilt.
+_FROM_DEVICE_MESH: weakref.WeakKeyDictionary[DeviceMesh, tuple[Any, ParallelMesh]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def as_parallel_mesh(mesh: ParallelMesh | DeviceMesh) -> ParallelMesh:
-    """Accept a `ParallelMesh` or a named `DeviceMesh`; anything else is a `TypeError`."""
+    """Accept a `ParallelMesh` or a named `DeviceMesh`; anything else is a `TypeError`.
+
+    A DeviceMesh is converted once (collectively, on first use) and the result reused.
+    """
     if isinstance(mesh, ParallelMesh):
         return mesh
     if isinstance(mesh, DeviceMesh):
-        return ParallelMesh.from_device_mesh(mesh)
+        world, entry = dist.group.WORLD, _FROM_DEVICE_MESH.get(mesh)
+        if entry is None or entry[0] is not world:
+            _FROM_DEVICE_MESH.pop(mesh, None)  # keyed by this mesh from now on, not a stale twin
+            entry = _FROM_DEVICE_MESH[mesh] = (world, ParallelMesh.from_device_mesh(mesh))
+        return entry[1]
     raise TypeError(
         f"`mesh` must be a `moetx.ParallelMesh` or a `DeviceMesh` (got `{type(mesh).__name__}`).\n"
         "  fix: `mesh = moetx.ParallelMesh.build(ep=2)` inside an initialised process group."

@@ -1,6 +1,6 @@
 """Layer 4, the passes: one subpackage per parallelism, each owning its helpers.
 
-`context_parallel` (with its attention kernels), `expert_parallel` (with its token dispatchers),
+`tensor_parallel` (with what it shards), `context_parallel` (with its attention kernels), `expert_parallel` (with its token dispatchers),
 `activation_checkpoint` (with its recompute contexts and caches), `fsdp`; `load_sync` is the
 routing-load counter reduction CP and FSDP share. Each pass registers its `Pipeline.parse` name.
 """
@@ -9,5 +9,6 @@ from moetx.passes.activation_checkpoint import ActivationCheckpoint
 from moetx.passes.context_parallel import ContextParallel
 from moetx.passes.expert_parallel import ExpertParallel
 from moetx.passes.fsdp import FSDP
+from moetx.passes.tensor_parallel import TensorParallel
 
-__all__ = ["FSDP", "ActivationCheckpoint", "ContextParallel", "ExpertParallel"]
+__all__ = ["FSDP", "ActivationCheckpoint", "ContextParallel", "ExpertParallel", "TensorParallel"]

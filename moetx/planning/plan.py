@@ -138,12 +138,19 @@ def _planning_mesh(mesh: MeshDegrees | ParallelMesh | DeviceMesh) -> Iterator[Pa
                 "  fix: plan outside any process group (a fake one is used), or pass the "
                 "`ParallelMesh` you train with."
             )
-        yield ParallelMesh.build(dp_replicate=d.dp_replicate, dp_shard=d.dp_shard, cp=d.cp, ep=d.ep)
+        yield ParallelMesh.build(
+            dp_replicate=d.dp_replicate, dp_shard=d.dp_shard, cp=d.cp, ep=d.ep, tp=d.tp
+        )
         return
 
     with fake_world(d.world_size, 0):
         yield ParallelMesh.build(
-            dp_replicate=d.dp_replicate, dp_shard=d.dp_shard, cp=d.cp, ep=d.ep, device_type="cpu"
+            dp_replicate=d.dp_replicate,
+            dp_shard=d.dp_shard,
+            cp=d.cp,
+            ep=d.ep,
+            tp=d.tp,
+            device_type="cpu",
         )
 
 
@@ -303,6 +310,9 @@ def _resident(model: nn.Module, mesh: ParallelMesh) -> tuple[int, int]:
     ep = find_applied(applied_passes(model), "ep")
     experts = set(ep.facts.get("expert_params", ())) if ep is not None else set()
     ep_degree = ep.facts.get("degree", 1) if ep is not None else 1
+    tp = find_applied(applied_passes(model), "tp")
+    tp_degree = tp.facts.get("degree", 1) if tp is not None else 1
+    tp_sharded = set(tp.facts.get("params", ())) if tp is not None else set()
     s = discover(model)
     fp32: set[int] = set()
     if fsdp.param_dtype not in (None, "float32"):  # type: ignore[attr-defined]
@@ -315,7 +325,9 @@ def _resident(model: nn.Module, mesh: ParallelMesh) -> tuple[int, int]:
     sizes = {True: mesh.expert_fsdp_mesh().size(), False: mesh.degrees.dp_shard_cp}
     total = expert_total = 0
     for name, p in model.named_parameters():
-        numel = p.numel() // (ep_degree if name in experts else 1)
+        numel = p.numel() // (
+            ep_degree if name in experts else tp_degree if name in tp_sharded else 1
+        )
         dtype = torch.float32 if id(p) in fp32 else (compute or p.dtype)
         gathered = numel * torch.empty((), dtype=dtype).element_size()
         # FSDP2's int: after forward, keep a copy resharded over groups of that size (1/raf per

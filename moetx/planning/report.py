@@ -171,7 +171,7 @@ def render(p: Plan, *, markdown: bool) -> str:
     head = (
         f"plan: {p.pipeline!r}\n"
         f"mesh: world {p.world_size} = dp_replicate {d.dp_replicate} × dp_shard {d.dp_shard} × "
-        f"cp {d.cp}; ep {d.ep} (ep_shard {d.ep_shard})\n"
+        f"cp {d.cp}{f' × tp {d.tp}' if d.tp > 1 else ''}; ep {d.ep} (ep_shard {d.ep_shard})\n"
         f"model: {p.model}, {p.num_parameters:,} parameters"
     )
     totals = sorted({r.total for r in p.ranks})

@@ -7,12 +7,14 @@ in `moetx.testing.strategies` (imported on demand, so hypothesis stays a test-on
 from moetx.core.errors import ProcessGroupExistsError, WorldSizeError
 from moetx.planning import LiveActivationMeter, fake_world
 from moetx.testing.parity import (
+    ModelSnapshot,
     clean_fqn,
     compare,
     full_tensor,
     gradients,
     missing_gradients,
     parameters,
+    snapshot,
 )
 from moetx.testing.profiles import examples, load_profile
 from moetx.testing.ranks import (
@@ -28,6 +30,7 @@ from moetx.testing.ranks import (
 __all__ = [
     "BodyNotPicklableError",
     "LiveActivationMeter",
+    "ModelSnapshot",
     "PoolStats",
     "ProcessGroupExistsError",
     "RankError",
@@ -44,5 +47,6 @@ __all__ = [
     "load_profile",
     "missing_gradients",
     "parameters",
+    "snapshot",
     "warm_up",
 ]

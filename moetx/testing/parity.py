@@ -41,12 +41,14 @@ from torch.distributed.fsdp._common_utils import FSDP_PREFIX
 from torch.distributed.tensor import DTensor
 
 __all__ = [
+    "ModelSnapshot",
     "clean_fqn",
     "compare",
     "full_tensor",
     "gradients",
     "missing_gradients",
     "parameters",
+    "snapshot",
 ]
 
 # torch.compile's OptimizedModule stores the module as `_orig_mod`; torch has no constant for it.
@@ -107,6 +109,95 @@ def missing_gradients(model: nn.Module) -> list[str]:
 def parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Return the full value of every parameter, by original FQN."""
     return {clean_fqn(name): full_tensor(p) for name, p in model.named_parameters()}
+
+
+#: Per-module hook dicts a snapshot records (their handle ids, in order).
+HOOK_DICTS: tuple[str, ...] = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _local_copy(t: torch.Tensor) -> torch.Tensor:
+    t = t.to_local() if isinstance(t, DTensor) else t
+    return t.detach().clone()
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device):
+        return False
+    return a.is_meta or torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def _state(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {
+        "parameter": {
+            n: (id(p), type(p), p.requires_grad, _local_copy(p))
+            for n, p in model.named_parameters(remove_duplicate=False)
+        },
+        "buffer": {
+            n: (id(b), type(b), _local_copy(b))
+            for n, b in model.named_buffers(remove_duplicate=False)
+        },
+        "module": {
+            n: (type(m), tuple(sorted(m.__dict__)), *(tuple(getattr(m, h, {})) for h in HOOK_DICTS))
+            for n, m in model.named_modules(remove_duplicate=False)
+        },
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _same_tensor(a, b)
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+class ModelSnapshot:
+    """What `snapshot` saw of a model; `changes(model)` lists what differs now (see there)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._state = _state(model)
+
+    def changes(self, model: nn.Module) -> list[str]:
+        """One line per difference between the snapshot and `model` now; empty: untouched."""
+        now = _state(model)
+        out: list[str] = []
+        for kind, before in self._state.items():
+            after = now[kind]
+            out += [f"{kind} `{n}` removed" for n in before.keys() - after.keys()]
+            out += [f"{kind} `{n}` added" for n in after.keys() - before.keys()]
+            out += [
+                f"{kind} `{n}` changed"
+                for n in before.keys() & after.keys()
+                if not _same(before[n], after[n])
+            ]
+        return sorted(out)
+
+
+def snapshot(model: nn.Module) -> ModelSnapshot:
+    """Record everything a refused `apply` must leave as it was, to check it afterwards.
+
+    Covers each parameter and buffer (object identity, type, `requires_grad`, local values),
+    each module (class, `__dict__` keys, so moetx's record and failure mark, and the ids of its
+    forward, backward and state-dict hooks). Local values only: no collective.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Linear(2, 2)
+        >>> before = snapshot(model)
+        >>> _ = model.register_forward_hook(lambda *args: None)
+        >>> before.changes(model)
+        ['module `` changed']
+    """
+    return ModelSnapshot(model)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

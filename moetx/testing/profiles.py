@@ -1,4 +1,4 @@
-"""Hypothesis profiles for moetx tests (dev/ci/full) and `examples`, which scales example counts.
+"""Hypothesis profiles for moetx tests (dev/ci/full/nightly) and `examples`, which scales counts.
 
 Pure-Python properties use the profile's `max_examples`; multi-rank properties cost milliseconds to
 seconds per example, so they set their own count and scale it with the profile:
@@ -12,7 +12,14 @@ import os
 __all__ = ["PROFILES", "examples", "load_profile"]
 
 # Profile -> (max_examples for pure-Python properties, scale for `examples`).
-PROFILES: dict[str, tuple[int, float]] = {"dev": (10, 0.2), "ci": (100, 1.0), "full": (500, 5.0)}
+PROFILES: dict[str, tuple[int, float]] = {
+    "dev": (10, 0.2),
+    "ci": (100, 1.0),
+    "full": (500, 5.0),
+    "nightly": (500, 5.0),
+}
+#: Profiles that draw fresh random examples each run (the others repeat the same ones).
+RANDOMIZED: frozenset[str] = frozenset({"nightly"})
 DEFAULT_PROFILE = "ci"
 ENV_VAR = "HYPOTHESIS_PROFILE"
 
@@ -20,8 +27,11 @@ ENV_VAR = "HYPOTHESIS_PROFILE"
 def load_profile(name: str | None = None) -> str:
     """Register the moetx profiles and load one: `name`, else `$HYPOTHESIS_PROFILE`, else `ci`.
 
-    All profiles use `deadline=None` (first torch calls are slow), `derandomize=True`,
-    `print_blob=True`, and suppress the `too_slow` and `data_too_large` health checks.
+    All profiles use `deadline=None` (first torch calls are slow), `print_blob=True`, and
+    suppress the `too_slow` and `data_too_large` health checks. All but `nightly` use
+    `derandomize=True`, so a run repeats the previous one; `nightly` has `full`'s budget with
+    fresh random examples each run (a scheduled job sees new cases over time; `print_blob`
+    prints how to reproduce a failure).
 
     Returns:
         The name of the loaded profile.
@@ -36,7 +46,7 @@ def load_profile(name: str | None = None) -> str:
             profile,
             max_examples=max_examples,
             deadline=None,
-            derandomize=True,
+            derandomize=profile not in RANDOMIZED,
             print_blob=True,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )
@@ -50,8 +60,8 @@ def load_profile(name: str | None = None) -> str:
 def examples(n_ci: int) -> int:
     """Scale an example count chosen for the `ci` profile to the loaded profile.
 
-    `dev` gives `max(2, n_ci // 5)`, `ci` gives `n_ci`, `full` gives `5 * n_ci`; any other profile
-    gives `n_ci`.
+    `dev` gives `max(2, n_ci // 5)`, `ci` gives `n_ci`, `full` and `nightly` give `5 * n_ci`; any
+    other profile gives `n_ci`.
 
     Example:
         >>> examples(15)  # under the ci profile

@@ -177,8 +177,11 @@ class RankPool:
 
     Args:
         world_size: Number of ranks.
-        timeout: Seconds a `run` may take before the ranks are killed; also the gloo timeout.
+        timeout: Seconds a `run` may take before the ranks are killed; also the gloo timeout
+            unless `pg_timeout` is given.
         grace: Seconds to wait for the other ranks once one has raised or died.
+        pg_timeout: The gloo timeout (`init_process_group(timeout=...)`) when it should differ
+            from `timeout`, e.g. shorter, to see a stalled collective fail inside a body.
 
     Raises:
         WorldSizeError: `world_size` is below 1.
@@ -189,11 +192,19 @@ class RankPool:
         ...     pool.run(all_reduce_rank)
     """
 
-    def __init__(self, world_size: int, *, timeout: float = 60.0, grace: float = 3.0) -> None:
+    def __init__(
+        self,
+        world_size: int,
+        *,
+        timeout: float = 60.0,
+        grace: float = 3.0,
+        pg_timeout: float | None = None,
+    ) -> None:
         if world_size < 1:
             raise WorldSizeError(f"`world_size` ({world_size}) must be at least 1.")
         self.world_size = world_size
         self.timeout = timeout
+        self.pg_timeout = timeout if pg_timeout is None else pg_timeout
         self.grace = grace
         self.stats = PoolStats()
         self._tmpdir = tempfile.mkdtemp(prefix=f"moetx-ranks{world_size}-")
@@ -227,7 +238,7 @@ class RankPool:
         gen = self.stats.starts
         self._ranks = [
             RankProcess(
-                ctx, r, self.world_size, store, self.timeout,
+                ctx, r, self.world_size, store, self.pg_timeout,
                 os.path.join(self._tmpdir, f"rank{r}-gen{gen}"),
             )
             for r in range(self.world_size)

@@ -18,6 +18,7 @@ from moetx import (
     MeshDegrees,
     Pass,
     Pipeline,
+    TensorParallel,
 )
 from moetx.models import MoEConfig
 
@@ -36,6 +37,7 @@ def _builtin_pass_strategies(*, mixed_precision: bool = True) -> dict[str, st.Se
             param_dtype=st.sampled_from([None, "bfloat16"] if mixed_precision else [None]),
         ),
     }
+    out["tp"] = st.just(TensorParallel())
     out["cp"] = st.builds(
         ContextParallel, comm=st.sampled_from(["allgather", "p2p"]), load_balance=st.booleans()
     )

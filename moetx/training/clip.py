@@ -7,6 +7,10 @@ expert shards on (ep_shard, ep), and plain tensors replicated on every rank. tor
 expert-parallel group got its own "global" norm (NeMo Automodel#3816). Here each gradient
 contributes exactly once: the sum of |g|^p of the local shards is all-reduced over the mesh
 axes the tensor is sharded along, and never over the axes it is replicated along.
+
+NaN travels as an explicit flag beside each partial sum: gloo's MAX all-reduce drops a NaN that
+sits on a rank other than 0 (TORCH-CPU-NOTES §9), so reducing the values alone let every rank
+agree on a finite inf-norm while a gradient was NaN, and the NaN reached the optimizer.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ def clip_grad_norm_(
         parameters: A module (its parameters), a tensor, or an iterable of tensors. Tensors
             without a gradient are skipped; shared tensors count once.
         max_norm: Largest allowed norm.
-        norm_type: p of the p-norm; `float("inf")` for the max-norm.
+        norm_type: p of the p-norm; `float("inf")` for the max-norm; 0 counts the gradients
+            with a nonzero entry, as torch's does.
         error_if_nonfinite: Raise if the total norm is NaN or infinite (gradients unchanged).
 
     Returns:
@@ -89,21 +94,25 @@ def grad_norm(grads: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
 
     Args:
         grads: Gradient tensors (not parameters).
-        norm_type: p of the p-norm; `float("inf")` for the max-norm.
+        norm_type: p of the p-norm; `float("inf")` for the max-norm; 0 for torch's count of
+            tensors with a nonzero entry.
 
     Returns:
         A plain 0-dim float32 tensor, equal on every rank.
 
     Raises:
-        ValueError: `norm_type` is not positive.
+        ValueError: `norm_type` is negative (or NaN).
     """
     p = float(norm_type)
-    if not (p > 0):
-        raise ValueError(f"`norm_type` ({norm_type}) must be positive (or inf).")
+    if not (p >= 0):
+        raise ValueError(f"`norm_type` ({norm_type}) must be 0, positive or inf.")
+    if p == 0:
+        return _nonzero_count(grads)
     is_inf = math.isinf(p)
     op = dist.ReduceOp.MAX if is_inf else dist.ReduceOp.SUM
-    # Local sums of |g|^p (max |g| for inf), one per set of groups to reduce over. Dicts keep
-    # the order of first appearance, the same on every rank, so the collectives line up.
+    # Local sums of |g|^p (max |g| for inf), one per set of groups to reduce over, each as
+    # `[value without NaN, NaN flag]`. Dicts keep the order of first appearance, the same on
+    # every rank, so the collectives line up.
     sums: dict[tuple[int, ...], Tensor] = {}
     groups_of: dict[tuple[int, ...], tuple[dist.ProcessGroup, ...]] = {}
     for g in grads:
@@ -115,7 +124,8 @@ def grad_norm(grads: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
             value = torch.zeros((), dtype=torch.float32, device=local.device)
         key = tuple(id(group) for group in groups)
         groups_of[key] = groups
-        sums[key] = _combine(sums[key], value, is_inf) if key in sums else value
+        flagged = _with_nan_flag(value)
+        sums[key] = _combine(sums[key], flagged, is_inf) if key in sums else flagged
     total: Tensor | None = None
     for key, value in sums.items():
         for group in groups_of[key]:
@@ -123,7 +133,39 @@ def grad_norm(grads: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
         total = value if total is None else _combine(total, value, is_inf)
     if total is None:
         return torch.zeros((), dtype=torch.float32)
-    return total if is_inf else total.pow(1.0 / p)
+    norm = total[0] if is_inf else total[0].pow(1.0 / p)
+    return torch.where(total[1] > 0, torch.full_like(norm, math.nan), norm)
+
+
+def _nonzero_count(grads: Iterable[Tensor]) -> Tensor:
+    """torch's `norm_type=0`: how many gradients have a nonzero (or NaN) entry anywhere.
+
+    torch takes the 0-"norm" of each tensor (its nonzero count) and then of those counts, so
+    the result counts tensors, not entries. Here each tensor's local counts are summed over
+    the groups it is sharded over first, so a gradient counts once whichever ranks hold its
+    nonzero entries. One all-reduce per distinct set of groups, as for the other norms.
+    """
+    counts: dict[tuple[int, ...], list[Tensor]] = {}
+    groups_of: dict[tuple[int, ...], tuple[dist.ProcessGroup, ...]] = {}
+    for g in grads:
+        local, groups = _local_and_groups(g)
+        key = tuple(id(group) for group in groups)
+        groups_of[key] = groups
+        counts.setdefault(key, []).append(torch.count_nonzero(local).to(torch.float32))
+    total: Tensor | None = None
+    for key, values in counts.items():
+        per_tensor = torch.stack(values)
+        for group in groups_of[key]:
+            dist.all_reduce(per_tensor, op=dist.ReduceOp.SUM, group=group)
+        found = (per_tensor > 0).sum().to(torch.float32)
+        total = found if total is None else total + found
+    return torch.zeros((), dtype=torch.float32) if total is None else total
+
+
+def _with_nan_flag(value: Tensor) -> Tensor:
+    """`[value, 0]`, or `[0, 1]` when `value` is NaN: flags survive MAX and SUM on any backend."""
+    nan = torch.isnan(value)
+    return torch.stack([torch.where(nan, torch.zeros_like(value), value), nan.to(value.dtype)])
 
 
 def _combine(a: Tensor, b: Tensor, is_inf: bool) -> Tensor:

@@ -3,13 +3,17 @@
 FSDP reduces gradients itself; without it nothing does, and ranks silently drift apart. This is
 the reduction FSDP would do, by hand because no torch API covers DTensor expert shards and plain
 dense parameters at once (DDP refuses DTensor parameters): dense gradients are averaged over
-every rank (the world: dp x cp), expert shards (`Shard(0)` DTensors on `ep`, whose gradients
-already hold every token of their ep group) are summed over the ranks that hold the same experts
-(dp_replicate x ep_shard: the expert-FSDP mesh) and divided by the world size, as FSDP's divide
-factor does. Dense gradients travel in one flat all-reduce per dtype.
+token rank (dp x cp: the world without tp, whose ranks hold the same tokens), tensor-parallel
+shards with them (each token rank holds its own copy of the same shard); expert shards
+(`Shard(0)` DTensors on `ep`, whose gradients already hold every token of their ep group) are
+summed over the ranks that hold the same experts (dp_replicate x ep_shard: the expert-FSDP mesh)
+and divided by the number of token ranks, as FSDP's divide factor does. Dense gradients travel
+in one flat all-reduce per dtype.
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -45,20 +49,29 @@ def sync_gradients(model: nn.Module, mesh: ParallelMesh | DeviceMesh) -> None:
         )
     ep = find_applied(record, "ep")
     experts = set(ep.facts.get("expert_params", ())) if ep is not None else set()
-    world = pmesh.world_size
+    tp = find_applied(record, "tp")
+    tp_axis = tp.facts.get("axis", "tp") if tp is not None else "tp"
+    world = pmesh.degrees.token_ranks
     dense: dict[torch.dtype, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        if isinstance(p.grad, DTensor):
-            if name not in experts:
+        if isinstance(p.grad, DTensor) and name not in experts:
+            if p.grad.device_mesh.mesh_dim_names != (tp_axis,):
                 raise GradientSyncError(
-                    f"`{name}` is a DTensor that `ExpertParallel` did not create; "
-                    "`sync_gradients` only knows expert shards and plain parameters.\n"
+                    f"`{name}` is a DTensor that neither `ExpertParallel` nor `TensorParallel` "
+                    "created; `sync_gradients` only knows their shards and plain parameters.\n"
                     "  fix: apply `FSDP()`, which reduces any DTensor parameter."
                 )
+            # A tensor-parallel shard (or tp-replicated norm weight): its peers on the other
+            # token ranks hold the same shard, so it averages like a dense gradient. A pending
+            # (Partial) tp sum is settled first.
+            if any(pl.is_partial() for pl in p.grad.placements):
+                p.grad = p.grad.redistribute(p.grad.device_mesh, cast(DTensor, p).placements)
+            dense.setdefault(p.grad.dtype, []).append(p.grad.to_local())
+        elif isinstance(p.grad, DTensor):
             local = p.grad.to_local()
             replicas = pmesh.expert_fsdp_mesh()
             if replicas.size() > 1:
@@ -70,7 +83,7 @@ def sync_gradients(model: nn.Module, mesh: ParallelMesh | DeviceMesh) -> None:
         return
     for grads in dense.values():
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=pmesh.root.get_group())
+        dist.all_reduce(flat, group=pmesh.tokens.get_group())
         flat.div_(world)
         offset = 0
         for g in grads:

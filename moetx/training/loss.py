@@ -29,9 +29,9 @@ class TokenCount:
     def __init__(self, labels: Tensor, mesh: ParallelMesh, ignore_index: int) -> None:
         self.local = (labels != ignore_index).sum().to(torch.float64)
         self._total = self.local.clone()
-        # Every rank holds different tokens (dp ranks different rows, cp ranks different
-        # chunks; ep and the expert meshes borrow these ranks), so the count spans the world.
-        self._work = dist.all_reduce(self._total, group=mesh.root.get_group(), async_op=True)
+        # The token ranks hold different tokens (dp ranks different rows, cp ranks different
+        # chunks; ep borrows these ranks); tp ranks share theirs, so they are left out.
+        self._work = dist.all_reduce(self._total, group=mesh.tokens.get_group(), async_op=True)
 
     def total(self) -> Tensor:
         """Scored tokens over every rank (waits for the all-reduce)."""
@@ -83,4 +83,4 @@ def token_mean_loss(
         reduction="sum",
     )
     total = count.total().clamp(min=1).to(summed.dtype)
-    return summed * (pmesh.world_size / total)
+    return summed * (pmesh.degrees.token_ranks / total)

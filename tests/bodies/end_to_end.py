@@ -24,7 +24,7 @@ from moetx.core.record import applied_passes, check_not_failed
 from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh
 from moetx.models import MoETransformer
 from moetx.structure.discovery import discover
-from moetx.testing.parity import clean_fqn, gradients, parameters
+from moetx.testing.parity import clean_fqn, gradients, parameters, snapshot
 from moetx.testing.ranks import cached
 from moetx.testing.train import TrainSpec, build_model, global_batches, mesh_for
 from moetx.training.accumulate import no_sync
@@ -367,6 +367,7 @@ def _snapshot(model: nn.Module) -> dict[str, Any]:
         "params": {n: (id(p), local(p)) for n, p in model.named_parameters()},
         "classes": {n: type(m) for n, m in model.named_modules()},
         "record": applied_passes(model),
+        "snapshot": snapshot(model),
     }
 
 
@@ -386,6 +387,7 @@ def _untouched(model: nn.Module, before: dict[str, Any]) -> dict[str, bool]:
         "same_classes": after["classes"] == before["classes"],
         "same_record": after["record"] == before["record"],
         "not_marked_failed": not_failed,
+        "changes": before["snapshot"].changes(model),
     }
 
 

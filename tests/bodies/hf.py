@@ -23,7 +23,7 @@ __all__ = ["eval_batch", "hf_rank_train", "hf_round_trip"]
 
 
 def _rows(spec: HFSpec, degrees: MeshDegrees) -> slice:
-    data_index = dist.get_rank() // degrees.cp
+    data_index = mesh_for(degrees).data_rank
     return slice(data_index * spec.rows_per_rank, (data_index + 1) * spec.rows_per_rank)
 
 

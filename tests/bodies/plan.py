@@ -27,7 +27,7 @@ def _batch(spec: TrainSpec, pipeline: Pipeline | Pass, degrees: MeshDegrees) -> 
     from moetx.passes import ContextParallel
 
     ids, labels = global_batches(spec, degrees.dp_replicate * degrees.dp_shard)[0]
-    index = dist.get_rank() // degrees.cp
+    index = mesh_for(degrees).data_rank
     rows = slice(index * spec.rows_per_rank, (index + 1) * spec.rows_per_rank)
     passes = pipeline.passes if isinstance(pipeline, Pipeline) else (pipeline,)
     cp = next((p for p in passes if isinstance(p, ContextParallel)), None)

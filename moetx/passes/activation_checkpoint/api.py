@@ -13,9 +13,11 @@ from torch.utils.checkpoint import checkpoint
 
 from moetx.core.algebra import Pass, register_pass
 from moetx.core.errors import ActivationCheckpointError, NoMoELayersError, PassPreconditionError
+from moetx.core.options import at_least, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
 from moetx.passes.activation_checkpoint.contexts import SAVED_OPS, BlockState, RouterScope
+from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.structure.discovery import Block, discover
 from moetx.structure.swap import swap_class
 
@@ -35,11 +37,6 @@ MODES: tuple[str, ...] = ("full", "router", "selective")
 """Values `ActivationCheckpoint.mode` accepts."""
 
 _STATE_ATTR = "_moetx_activation_checkpoint"
-
-
-def _valid_every(_: Any, attr: attrs.Attribute, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{attr.name}` ({value!r}) must be a positive integer.")
 
 
 @register_pass("ac")
@@ -96,7 +93,8 @@ class ActivationCheckpoint(Pass):
     Stage `ac`: after `cp` and `ep`, before `fsdp`. `apply` consumes its input: the model is
     changed in place and returned.
 
-    Preconditions (typed `MoetxError`s, raised before anything changes): the model's blocks are
+    Preconditions (typed `MoetxError`s, raised before anything changes): the model holds no
+    parallelism from outside moetx (`PassPreconditionError`); its blocks are
     discoverable (`UnknownModelStructureError`); `every` is at most the number of blocks
     (`PassPreconditionError`); `mode="router"` needs an MoE layer with a router
     (`NoMoELayersError`).
@@ -117,11 +115,12 @@ class ActivationCheckpoint(Pass):
 
     placement: ClassVar[Placement] = Placement.builtin("ac")
 
-    mode: str = attrs.field(default="router", validator=attrs.validators.in_(MODES))
-    every: int = attrs.field(default=1, validator=_valid_every)
+    mode: str = option("router", one_of(*MODES))
+    every: int = option(1, at_least(1))
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Raise if blocks are missing, `every` skips them all, or router mode has no router."""
+        refuse_foreign_parallelism(model, record, by="ActivationCheckpoint")
         structure = discover(model)
         name = type(model).__name__
         if not structure.blocks:

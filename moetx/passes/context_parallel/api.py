@@ -19,6 +19,7 @@ from moetx.core.errors import (
     SequenceDivisibilityError,
     UnsupportedAttentionError,
 )
+from moetx.core.options import axis_name, flag, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
 from moetx.mesh.parallel_mesh import ParallelMesh, as_parallel_mesh
@@ -28,6 +29,8 @@ from moetx.passes.context_parallel.attention import (
     sequence_index,
 )
 from moetx.passes.context_parallel.hf import hf_attention_problems, install_hf
+from moetx.passes.context_parallel.hooks import InputGuard, StatsReducer
+from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.passes.load_sync import install_load_sync
 from moetx.structure.discovery import ModelStructure, discover
 from moetx.structure.hf import hf_model_type
@@ -70,14 +73,17 @@ class ContextParallel(Pass):
     Hugging Face transformers models are handled unmodified through transformers' attention
     registry, selected for this model only (`moetx.passes.context_parallel.hf`: GQA, MLA,
     sliding windows, attention sinks; their batches follow the recipe in README's training
-    loop, `shift_labels=`; their routers' aux loss is reduced over cp by `hf_aux`). Each
-    `MoEBlock` gets a `stats_reducer` that sums its sequence-wise aux-loss statistics over the
-    cp group (the score sums through an autograd-aware all-gather), so each rank's aux loss is
-    the whole sequences' aux loss and its gradient, averaged over the cp ranks as FSDP does,
-    is the single-process one. (The aux-loss-free `expert_load` counters still count local
-    tokens: sum them over dp x cp before `update_routing_bias_`, as its docstring says.) The
-    root module gets a forward pre-hook that refuses calls without `position_ids` (a forgotten
-    `shard_sequence` would otherwise attend silently across unrelated chunks). With degree 1
+    loop; their routers' aux loss is reduced over cp by `hf_aux`). Each `MoEBlock` gets a
+    `stats_reducer` that sums its sequence-wise aux-loss statistics over the cp group (the
+    score sums through an autograd-aware all-gather), so each rank's aux loss is the whole
+    sequences' aux loss and its gradient, averaged over the cp ranks as FSDP does, is the
+    single-process one. (The aux-loss-free `expert_load` counters still count local tokens:
+    sum them over dp x cp before `update_routing_bias_`, as its docstring says.) The root
+    module gets a forward pre-hook that refuses calls without `position_ids` (a forgotten
+    `shard_sequence` would otherwise attend silently across unrelated chunks) and, with one
+    all-gather of two integers per forward, local shapes that differ across the cp ranks
+    (`ContextParallelInputError`) or an odd local length under `load_balance`
+    (`SequenceDivisibilityError`), on every rank alike. With degree 1
     nothing is installed.
 
     Stage `cp`: first, before `ep`, `ac` and `fsdp`. `apply` consumes its input: it mutates the
@@ -85,6 +91,8 @@ class ContextParallel(Pass):
 
     Preconditions (checked before anything changes, each a typed `MoetxError`):
         - the mesh has `axis` (`MeshAxisError`);
+        - the model holds no parallelism from outside moetx: no torch `fully_shard` unit, no
+          DTensor parameter (`PassPreconditionError`);
         - every block's attention has a parameter-free `core` child declaring `is_causal = True`
           (moetx's `CausalAttentionCore` contract), and no attention-like module lies outside
           the blocks (`UnsupportedAttentionError`, naming every offending block; never a
@@ -113,17 +121,16 @@ class ContextParallel(Pass):
 
     placement: ClassVar[Placement] = Placement.builtin("cp")
 
-    axis: str = attrs.field(
-        default="cp", validator=[attrs.validators.instance_of(str), attrs.validators.min_len(1)]
-    )
-    comm: str = attrs.field(default="allgather", validator=attrs.validators.in_(COMMS))
-    load_balance: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    axis: str = option("cp", axis_name())
+    comm: str = option("allgather", one_of(*COMMS))
+    load_balance: bool = option(True, flag())
 
     # ------------------------------------------------------------------------------ the pass
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Raise if the mesh lacks the axis or any part of the model cannot be context-parallel."""
         mesh.require(self.axis, by="ContextParallel")
+        refuse_foreign_parallelism(model, record, by="ContextParallel")
         structure = discover(model)
         hf = hf_model_type(model) is not None
         problems = [
@@ -132,8 +139,8 @@ class ContextParallel(Pass):
         ]
         if problems:
             fix = (
-                "use a model whose every layer is full causal attention (for a sliding window "
-                "longer than your sequences, set `config.sliding_window = None`)"
+                "use a model whose layers are full or sliding-window causal attention, "
+                "without attention dropout (`attention_dropout=0.0`)"
                 if hf
                 else "give every attention a parameter-free causal `core(q, k, v)` child (see "
                 "`moetx.models.CausalAttentionCore`)"
@@ -173,21 +180,25 @@ class ContextParallel(Pass):
         cp_mesh = mesh[self.axis]
         structure = discover(model)
         # Routing-load counters must count every rank's tokens, not this chunk's (_load_sync).
-        install_load_sync(model, mesh.root.get_group())
+        install_load_sync(model, mesh.tokens.get_group())
         if hf_model_type(model) is not None:
             hook = install_hf(
                 model, structure, cp_mesh, self.comm, self.load_balance, mesh.root.get_group()
             )
             model.__dict__[_GUARD_ATTR] = hook
+            # Then the shape checks every CP model gets (equal local shapes, even lengths).
+            model.register_forward_pre_hook(
+                InputGuard(cp_mesh, self.load_balance), with_kwargs=True
+            )
             return model
         for block in structure.blocks:
             block.attention.core = ContextParallelAttentionCore(
                 cp_mesh, self.comm, self.load_balance
             )
             if block.moe is not None and block.moe.stats_reducer_attr is not None:
-                setattr(block.moe.module, block.moe.stats_reducer_attr, _StatsReducer(cp_mesh))
+                setattr(block.moe.module, block.moe.stats_reducer_attr, StatsReducer(cp_mesh))
         model.__dict__[_GUARD_ATTR] = model.register_forward_pre_hook(
-            _require_positions, with_kwargs=True
+            InputGuard(cp_mesh, self.load_balance), with_kwargs=True
         )
         return model
 
@@ -347,42 +358,3 @@ def _stray_attention_problems(model: nn.Module, structure: ModelStructure) -> li
             + " cannot be made context-parallel: moetx handles only each block's `self_attn`."
         )
     return problems
-
-
-# ---------------------------------------------------------------------- installed at apply
-
-
-class _StatsReducer:
-    """`moetx.models.StatsReducer` over the cp group: whole-sequence aux-loss statistics.
-
-    Counts are summed without autograd (they are integers). Score sums are all-gathered with
-    an autograd-aware collective and summed, so the backward sums every rank's gradient of
-    the (identical) whole-sequence aux loss into each rank's local scores: averaged over the
-    cp ranks (FSDP's mean over dp_shard x cp), that is the single-process gradient.
-    """
-
-    def __init__(self, mesh: DeviceMesh) -> None:
-        self.mesh = mesh
-
-    def __call__(
-        self, counts: Tensor, prob_sums: Tensor, seq_len: int
-    ) -> tuple[Tensor, Tensor, int]:
-        group, degree = self.mesh.get_group(), self.mesh.size()
-        counts = funcol.all_reduce(counts, "sum", group)
-        gathered = funcol.all_gather_single_autograd(prob_sums.contiguous(), 0, group)
-        return counts, gathered.view(degree, *prob_sums.shape).sum(0), seq_len * degree
-
-    def __repr__(self) -> str:
-        return f"_StatsReducer(degree={self.mesh.size()})"
-
-
-def _require_positions(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    # `MoETransformer.forward(input_ids, labels=None, position_ids=None)`, HF's keyword name.
-    positions = kwargs.get("position_ids", args[2] if len(args) > 2 else None)
-    if positions is None:
-        raise ContextParallelInputError(
-            f"`{type(module).__name__}` is context-parallel and was called without "
-            "`position_ids`.\n"
-            "  fix: `ids, labels, positions = cp.shard_sequence(mesh, ids, labels)`, then "
-            "`model(ids, labels=labels, position_ids=positions)`."
-        )

@@ -14,10 +14,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from moetx.core.algebra import Pass, register_pass
-from moetx.core.errors import ExpertDivisibilityError, NoMoELayersError
+from moetx.core.errors import ExpertDivisibilityError, MeshAxisError, NoMoELayersError
+from moetx.core.options import axis_name, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
 from moetx.passes.expert_parallel.dispatch import DISPATCHERS, make_dispatcher
+from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.structure.discovery import MOE_NAMES, ROUTER_NAMES, MoELayer, discover
 from moetx.structure.swap import swap_class
 from moetx.structure.tensors import to_local
@@ -71,7 +73,9 @@ class ExpertParallel(Pass):
     then wrap). `apply` consumes its input: it mutates the model in place and returns it.
 
     Preconditions (checked before anything changes, each a typed `MoetxError`):
-        - the mesh has `axis` (`MeshAxisError`);
+        - `axis` is `"ep"`, and the mesh has it (`MeshAxisError`);
+        - the model holds no parallelism from outside moetx: no torch `fully_shard` unit, no
+          DTensor parameter moetx did not place (`PassPreconditionError`);
         - the model has at least one MoE layer (`NoMoELayersError`);
         - every MoE layer's expert count is divisible by the degree (`ExpertDivisibilityError`).
 
@@ -91,15 +95,21 @@ class ExpertParallel(Pass):
 
     placement: ClassVar[Placement] = Placement.builtin("ep")
 
-    axis: str = attrs.field(
-        default="ep",
-        validator=[attrs.validators.instance_of(str), attrs.validators.min_len(1)],
-    )
-    dispatcher: str = attrs.field(default="all_to_all", validator=attrs.validators.in_(DISPATCHERS))
+    axis: str = option("ep", axis_name())
+    dispatcher: str = option("all_to_all", one_of(*DISPATCHERS))
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Raise if the mesh lacks the axis, the model has no MoE layer, or E % degree != 0."""
+        refuse_foreign_parallelism(model, record, by="ExpertParallel")
         mesh.require(self.axis, by="ExpertParallel")
+        if self.axis != "ep":
+            raise MeshAxisError(
+                f"`{self!r}` names the mesh axis `{self.axis}`, but moetx lays experts out on "
+                "the `ep` axis only (FSDP shards them over `ep_shard`, the ranks left in each "
+                "expert group, which is carved from it).\n"
+                "  fix: use `ExpertParallel()` and set the degree with "
+                "`ParallelMesh.build(ep=...)`."
+            )
         layers = self._moe_layers(model)
         degree = mesh.degree(self.axis)
         bad = [layer for layer in layers if layer.num_experts % degree]

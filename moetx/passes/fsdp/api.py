@@ -25,9 +25,11 @@ from torch.distributed.tensor import DTensor, Shard
 
 from moetx.core.algebra import Pass, register_pass
 from moetx.core.errors import PassPreconditionError
+from moetx.core.options import Rule, flag, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied, find_applied
 from moetx.mesh.parallel_mesh import ParallelMesh
+from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.passes.load_sync import install_load_sync
 from moetx.structure.discovery import ModelStructure, discover
 
@@ -35,22 +37,36 @@ DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 #: Module roles that may be kept in fp32 under a low-precision `param_dtype`.
 FP32_ROLES: tuple[str, ...] = ("router", "lm_head")
 
-_optional_dtype = attrs.validators.optional(attrs.validators.in_(DTYPES))
+_dtype = one_of(None, *DTYPES)
 
 
-def _roles(value: Any) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
+def _roles(value: Any) -> Any:
+    # A single role may be given as a str; anything else but a list is left for the rule.
+    return (
+        (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) else value
+    )
 
 
-def _check_roles(_: Any, attr: attrs.Attribute, value: tuple[str, ...]) -> None:
-    bad = [r for r in value if r not in FP32_ROLES]
-    if bad:
-        raise ValueError(f"`{attr.name}` entries must be in {FP32_ROLES} (got {bad[0]!r}).")
+_ROLES = Rule(
+    f"a tuple of roles from {FP32_ROLES}",
+    lambda v: isinstance(v, tuple) and all(isinstance(r, str) and r in FP32_ROLES for r in v),
+)
 
 
-def _check_reshard(_: Any, attr: attrs.Attribute, value: object) -> None:
-    if not isinstance(value, (bool, int)) or (not isinstance(value, bool) and value < 1):
-        raise ValueError(f"`{attr.name}` must be a bool or a positive int (got {value!r}).")
+def _reshard_hint(value: object) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return (
+            f"The int {value} is no group size: FSDP2 would take 1 as False (keep parameters "
+            "gathered) although `1 == True` in Python, so write True or False."
+        )
+    return None
+
+
+_RESHARD = Rule(
+    "True, False or an int >= 2 (the size of the group to reshard to after forward)",
+    lambda v: isinstance(v, bool) or (isinstance(v, int) and v >= 2),
+    _reshard_hint,
+)
 
 
 @register_pass("fsdp")
@@ -77,6 +93,15 @@ class FSDP(Pass):
     balancing) are summed over every data and context-parallel rank after each forward. `apply` consumes its input (FSDP2
     swaps module classes in place).
 
+    Preconditions (checked before anything changes, each a `PassPreconditionError`): the
+    blocks are discoverable; the model holds no parallelism from outside moetx (no torch
+    `fully_shard` unit, no DTensor parameter but the experts `ExpertParallel` sharded); an int
+    `reshard_after_forward` divides every unit's shard group (FSDP2's rule); every unit's
+    parameters share one dtype (FSDP2 only checks that at the first forward); an
+    `output_dtype` reaches no unit that does not cast its inputs back (without `param_dtype`,
+    or the tied lm head in the root: both failed at the first forward); with
+    `wrap_root=False`, every parameter lands in a unit and the embeddings are not tied.
+
     Args:
         param_dtype: Dtype parameters are all-gathered in for compute (None: keep).
         reduce_dtype: Dtype gradients are reduced in (None: `param_dtype`).
@@ -84,7 +109,9 @@ class FSDP(Pass):
         fp32_modules: Roles kept in fp32 under a low `param_dtype`: "router", "lm_head".
         reshard_after_forward: FSDP2's option: free gathered params after forward (True),
             keep them (False; more memory, less communication), or reshard to a smaller
-            group of this size (int).
+            group of this size (an int >= 2 that divides every unit's shard group; checked
+            per unit mesh). The ints 0 and 1 are refused: `1 == True` in Python, but FSDP2
+            reads the int 1 as False.
         cpu_offload: Keep sharded parameters, gradients and optimizer state on the CPU.
         wrap_root: Also make the root module an FSDP unit (otherwise only the final norm).
 
@@ -95,15 +122,13 @@ class FSDP(Pass):
 
     placement = Placement.builtin("fsdp")
 
-    param_dtype: str | None = attrs.field(default=None, validator=_optional_dtype)
-    reduce_dtype: str | None = attrs.field(default=None, validator=_optional_dtype)
-    output_dtype: str | None = attrs.field(default=None, validator=_optional_dtype)
-    fp32_modules: tuple[str, ...] = attrs.field(
-        default=("router",), converter=_roles, validator=_check_roles
-    )
-    reshard_after_forward: bool | int = attrs.field(default=True, validator=_check_reshard)
-    cpu_offload: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-    wrap_root: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    param_dtype: str | None = option(None, _dtype)
+    reduce_dtype: str | None = option(None, _dtype)
+    output_dtype: str | None = option(None, _dtype)
+    fp32_modules: tuple[str, ...] = option(("router",), _ROLES, converter=_roles)
+    reshard_after_forward: bool | int = option(True, _RESHARD)
+    cpu_offload: bool = option(False, flag())
+    wrap_root: bool = option(True, flag())
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Blocks must be discoverable; every parameter must land in some unit."""
@@ -114,7 +139,13 @@ class FSDP(Pass):
                 "unit per block."
             )
         mesh.require("dp_shard_cp", by="FSDP")
+        refuse_foreign_parallelism(model, record, by="FSDP")
+        experts_sharded = self._experts_sharded(mesh, record)
+        self._check_reshard_sizes(mesh, experts_sharded)
+        self._check_unit_dtypes(model, structure, experts_sharded)
+        self._check_output_dtype(model, structure)
         if not self.wrap_root:
+            self._check_tied(model, structure)
             covered = self._unit_params(model, structure)
             left = [n for n, p in model.named_parameters() if id(p) not in covered]
             if left:
@@ -123,6 +154,118 @@ class FSDP(Pass):
                     f"FSDP unit (first: `{left[0]}`); their gradients would never be averaged.\n"
                     "  fix: keep `wrap_root=True`, or shard the outer model yourself."
                 )
+
+    @staticmethod
+    def _experts_sharded(mesh: ParallelMesh, record: tuple[Applied, ...]) -> bool:
+        """Whether routed experts become their own units (a recorded ep of degree > 1)."""
+        ep = find_applied(record, "ep")
+        return ep is not None and mesh.degree(getattr(ep.pass_, "axis", "ep")) > 1
+
+    def _check_reshard_sizes(self, mesh: ParallelMesh, experts_sharded: bool) -> None:
+        # FSDP2's rule (fsdp/_fully_shard/_fsdp_init.py, _get_post_forward_mesh_info): an int
+        # must divide the unit's shard-group size; checked here, per unit mesh, not mid-apply.
+        n = self.reshard_after_forward
+        if isinstance(n, bool):
+            return
+        d = mesh.degrees
+        groups = [("dense parameters", d.dp_shard_cp, "dp_shard × cp")]
+        if experts_sharded:
+            groups.append(
+                ("routed experts", d.dp_replicate * d.ep_shard, "dp_replicate × ep_shard")
+            )
+        sizes = [size for _, size, _ in groups]
+        valid = tuple(k for k in range(2, min(sizes) + 1) if all(s % k == 0 for s in sizes))
+        for what, size, axes in groups:
+            if size % n:
+                ranks = f"{size} rank" + ("s" if size != 1 else "")
+                raise PassPreconditionError(
+                    f"`{self!r}` cannot reshard the {what} to groups of {n}: their FSDP units "
+                    f"shard over {ranks} ({axes}), and FSDP2 needs a group size that divides it.\n"
+                    "  fix: use reshard_after_forward=True or False"
+                    + (f", or one of {valid}." if valid else ".")
+                )
+
+    def _check_unit_dtypes(
+        self, model: nn.Module, s: ModelStructure, experts_sharded: bool
+    ) -> None:
+        # FSDP2 needs one original dtype per unit, and checks it only at the first forward.
+        unit_of: dict[int, str] = {}
+        module_fqn = {id(m): n for n, m in model.named_modules()}
+
+        def claim(module: nn.Module | None) -> None:
+            if module is not None:
+                for p in module.parameters():
+                    unit_of.setdefault(id(p), module_fqn.get(id(module), ""))
+
+        for block in s.blocks:
+            if block.moe is not None and experts_sharded:
+                claim(block.moe.experts)
+            if block.moe is not None and "router" in self.fp32_modules and self.param_dtype:
+                claim(block.moe.router)
+            claim(block.module)
+        if not s.tied_embeddings:
+            claim(s.embedding)
+            claim(s.lm_head)
+        claim(model if self.wrap_root else s.final_norm)
+        units: dict[str, list[tuple[str, torch.dtype]]] = {}
+        for name, p in model.named_parameters():
+            if id(p) in unit_of:
+                units.setdefault(unit_of[id(p)], []).append((name, p.dtype))
+        for unit, params in units.items():
+            dtypes = sorted({str(dt) for _, dt in params})
+            if len(dtypes) > 1:
+                odd = next(name for name, dt in params if dt != params[0][1])
+                where = f"`{unit}`" if unit else f"the root `{type(model).__name__}`"
+                raise PassPreconditionError(
+                    f"`FSDP` would make {where} one FSDP unit with parameters of several dtypes "
+                    f"({', '.join(dtypes)}: e.g. `{odd}`), which FSDP2 refuses.\n"
+                    "  fix: give every parameter one dtype (`model.to(torch.float32)`) and set "
+                    "the compute dtype with `FSDP(param_dtype=...)`; to keep fp32 routers in a "
+                    "low-precision model, use `FSDP(param_dtype='bfloat16')`, which makes each "
+                    "router its own fp32 unit."
+                )
+
+    def _check_output_dtype(self, model: nn.Module, s: ModelStructure) -> None:
+        # FSDP2 casts a unit's outputs to `output_dtype`, and its inputs to `param_dtype` only
+        # when that is set: where nothing casts back, the first forward fails in a matmul.
+        out = getattr(torch, self.output_dtype) if self.output_dtype else None
+        if out is None:
+            return
+        if self.param_dtype is None:
+            weights = sorted({str(p.dtype) for p in model.parameters() if p.dtype != out})
+            if weights:
+                raise PassPreconditionError(
+                    f"`{self!r}` casts every unit's output to {out}, but without `param_dtype` "
+                    f"no unit casts its inputs back, so the next one would get {out} "
+                    f"activations for {', '.join(weights)} weights (FSDP2 fails at the first "
+                    "forward).\n"
+                    "  fix: set `param_dtype` too (each unit then casts its inputs to it), or "
+                    "leave `output_dtype` out."
+                )
+        elif s.tied_embeddings and self.output_dtype != self.param_dtype:
+            raise PassPreconditionError(
+                f"`{self!r}` would feed {out} block outputs to the tied lm head, which computes "
+                f"in the root unit with {getattr(torch, self.param_dtype)} weights and no input "
+                "cast (FSDP2 fails at the first forward).\n"
+                "  fix: leave `output_dtype` out or equal to `param_dtype`, or build the model "
+                "with untied embeddings (`tie_embeddings=False`)."
+            )
+
+    def _check_tied(self, model: nn.Module, structure: ModelStructure) -> None:
+        if not structure.tied_embeddings or structure.embedding is None:
+            return
+        tied = {id(p) for p in structure.embedding.parameters()}
+        names = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in tied]
+        if names:
+            also = ", ".join(f"`{n}`" for n in names[1:])
+            raise PassPreconditionError(
+                f"`FSDP(wrap_root=False)` cannot shard the tied weight `{names[0]}` (also "
+                f"{also}): tied weights belong to the root unit, so without it this weight "
+                "would stay a plain per-rank tensor whose gradient is never averaged, and the "
+                "ranks would diverge after the first step.\n"
+                "  fix: keep `wrap_root=True`, or build the model with untied embeddings "
+                "(`tie_embeddings=False`)."
+            )
 
     def _unit_params(self, model: nn.Module, s: ModelStructure) -> set[int]:
         mods: list[nn.Module] = [b.module for b in s.blocks]
@@ -176,7 +319,7 @@ class FSDP(Pass):
                     s.lm_head, mesh=dense, mp_policy=self._policy(fp32=fp32), **self._common()
                 )
         # Routing-load counters must hold global counts, not this rank's (see _load_sync).
-        install_load_sync(model, mesh.root.get_group())
+        install_load_sync(model, mesh.tokens.get_group())
         if self.wrap_root:
             fully_shard(model, mesh=dense, mp_policy=self._policy(), **self._common())
         elif s.final_norm is not None:
@@ -208,8 +351,9 @@ class FSDP(Pass):
         )
         unit = typing.cast(FSDPModule, experts)
         # Expert grads arrive summed over every rank's tokens (the all-to-all backward returns
-        # them to the owner); the global-mean loss needs a division by the whole world.
-        unit.set_gradient_divide_factor(float(mesh.world_size))
+        # them to the owner); the global-mean loss needs a division by every token rank (the
+        # world; tp ranks hold the same tokens and run their own copy of the experts).
+        unit.set_gradient_divide_factor(float(mesh.degrees.token_ranks))
         if shards > 1 and dist.get_backend(emesh.get_group()) == "gloo":
             # gloo has no PREMUL_SUM, which the divide factor uses; not on size-1 meshes,
             # where torch 2.13 would divide twice (notes §4.2).
