@@ -61,6 +61,13 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
         "same global batch.",
     ),
     (
+        "hf_context_parallel.py",
+        ["--seq", "1024", "2048", "4096", "--steps", "5"],
+        "Context parallel on a Hugging Face Qwen3-MoE: saved activation bytes and step time",
+        "Per-rank bytes saved for backward and training-step time of the unmodified HF model, "
+        "cp=1 vs cp=2, both comm modes.",
+    ),
+    (
         "checkpoint_integrity.py",
         [],
         "Checkpoints: the cost of integrity hashes",

@@ -137,7 +137,7 @@ def test_matches_one_process_cp4(pool4, comm: str):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_math_block_kernel_matches_cpu_flash(causal: bool):
     """The float32 math block kernel (used off CPU) equals the CPU flash kernel, fwd and bwd."""
-    from moetx.passes.context_parallel.attention import (
+    from moetx.passes.context_parallel.blocks import (
         _attend,
         _attend_backward,
         _attend_backward_math,

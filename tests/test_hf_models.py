@@ -19,14 +19,9 @@ import torch.distributed.checkpoint as dcp
 
 import moetx.structure.hf
 from moetx import FSDP, ActivationCheckpoint, ExpertParallel, ParallelMesh
-from moetx.core.errors import (
-    NoMoELayersError,
-    UnknownModelStructureError,
-    UnsupportedAttentionError,
-)
+from moetx.core.errors import NoMoELayersError, UnknownModelStructureError
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig, MoETransformer
-from moetx.passes.context_parallel.api import ContextParallel
 from moetx.structure.discovery import discover
 from moetx.structure.hf import hf_structure
 from moetx.testing import compare, fake_world, gradients
@@ -192,24 +187,6 @@ def test_dense_hf_model_has_no_moe_layers_for_expert_parallel():
         mesh = ParallelMesh.build(ep=2)
         with pytest.raises(NoMoELayersError, match=r"^`LlamaForCausalLM` has no MoE layers"):
             ExpertParallel().apply(model, mesh)
-
-
-def test_context_parallel_refuses_hf_attention_at_check_time():
-    """HF attention has no `core` seam: CP names every block and changes nothing."""
-    model = build_model(HFSpec(family="qwen3_moe"))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with fake_world(2):
-        mesh = ParallelMesh.build(cp=2)
-        with pytest.raises(UnsupportedAttentionError) as info:
-            (ContextParallel() | FSDP()).apply(model, mesh)
-    lines = str(info.value).splitlines()
-    assert lines[:2] == [
-        f"`model.layers.{i}.self_attn` (`Qwen3MoeAttention`) in block `model.layers.{i}` cannot "
-        "be made context-parallel: it has no `core` child computing `core(q, k, v)`."
-        for i in range(2)
-    ]
-    assert type(model).__name__ == "Qwen3MoeForCausalLM"
-    compare(before, model.state_dict(), atol=0, rtol=0, what="state dict after the refusal")
 
 
 # ------------------------------------------------------------------- checkpointing, 1 process

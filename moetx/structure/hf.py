@@ -16,8 +16,8 @@ discovery and adds what only knowing HF can check:
 - **Errors name the HF model type**, and what moetx looked for.
 
 Dense HF models (Llama, ...) are discovered as dense: `ExpertParallel` raises `NoMoELayersError`.
-HF attention has no `core` child, so `ContextParallel` refuses HF models at check time
-(`UnsupportedAttentionError`, naming every block).
+`ContextParallel` shards HF attention through transformers' attention registry
+(`moetx.passes.context_parallel.hf`).
 
 transformers is never imported here: HF models are recognised by their classes' modules, so
 registering the adapter costs nothing when transformers is absent.

@@ -28,10 +28,12 @@ from moetx.passes.context_parallel.attention import (
     ContextParallelAttentionCore,
     sequence_index,
 )
+from moetx.passes.context_parallel.hf import hf_attention_problems, install_hf
 from moetx.passes.context_parallel.hooks import InputGuard, StatsReducer
 from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.passes.load_sync import install_load_sync
 from moetx.structure.discovery import ModelStructure, discover
+from moetx.structure.hf import hf_model_type
 
 __all__ = ["ContextParallel", "ContextParallelInputError", "is_context_parallel"]
 
@@ -67,12 +69,16 @@ class ContextParallel(Pass):
     given. `comm="allgather"` all-gathers K/V in one autograd-aware collective (fast; each
     rank keeps the whole K/V for backward); `comm="p2p"` passes K/V blocks round a ring, the
     next in flight while one is computed, with its own ring backward (each rank keeps only its
-    K/V). GQA works in both (`moetx.passes.context_parallel.attention` has the details). Each `MoEBlock` gets a `stats_reducer` that sums
-    its sequence-wise aux-loss statistics over the cp group (the score sums through an
-    autograd-aware all-gather), so each rank's aux loss is the whole sequences' aux loss and
-    its gradient, averaged over the cp ranks as FSDP does, is the single-process one. (The
-    aux-loss-free `expert_load` counters still count local tokens: sum them over dp x cp before
-    `update_routing_bias_`, as its docstring says.) The root
+    K/V). GQA works in both (`moetx.passes.context_parallel.attention` has the details).
+    Hugging Face transformers models are handled unmodified through transformers' attention
+    registry, selected for this model only (`moetx.passes.context_parallel.hf`: GQA, MLA,
+    sliding windows, attention sinks; their batches follow the recipe in README's training
+    loop; their routers' aux loss is reduced over cp by `hf_aux`). Each `MoEBlock` gets a
+    `stats_reducer` that sums its sequence-wise aux-loss statistics over the cp group (the
+    score sums through an autograd-aware all-gather), so each rank's aux loss is the whole
+    sequences' aux loss and its gradient, averaged over the cp ranks as FSDP does, is the
+    single-process one. (The aux-loss-free `expert_load` counters still count local tokens:
+    sum them over dp x cp before `update_routing_bias_`, as its docstring says.) The root
     module gets a forward pre-hook that refuses calls without `position_ids` (a forgotten
     `shard_sequence` would otherwise attend silently across unrelated chunks) and, with one
     all-gather of two integers per forward, local shapes that differ across the cp ranks
@@ -126,14 +132,24 @@ class ContextParallel(Pass):
         mesh.require(self.axis, by="ContextParallel")
         refuse_foreign_parallelism(model, record, by="ContextParallel")
         structure = discover(model)
-        problems = _attention_problems(model, structure)
+        hf = hf_model_type(model) is not None
+        problems = [
+            *(hf_attention_problems(model, structure) if hf else _core_problems(structure)),
+            *_stray_attention_problems(model, structure),
+        ]
         if problems:
+            fix = (
+                "use a model whose layers are full or sliding-window causal attention, "
+                "without attention dropout (`attention_dropout=0.0`)"
+                if hf
+                else "give every attention a parameter-free causal `core(q, k, v)` child (see "
+                "`moetx.models.CausalAttentionCore`)"
+            )
             raise UnsupportedAttentionError(
                 "\n".join(problems) + "\n"
                 "  why: an attention left as it is would attend to 1/cp of each sequence "
                 "(Automodel#3507), so moetx refuses instead of skipping it.\n"
-                "  fix: give every attention a parameter-free causal `core(q, k, v)` child (see "
-                "`moetx.models.CausalAttentionCore`), or leave `ContextParallel` out."
+                f"  fix: {fix}, or leave `ContextParallel` out."
             )
         mtp = [b.fqn for b in structure.blocks if b.is_mtp]
         if mtp:
@@ -144,8 +160,10 @@ class ContextParallel(Pass):
                 "  fix: build the model without the MTP head (`num_mtp_layers=0`), or train it "
                 "without context parallelism."
             )
+        # HF routers' aux loss is computed in `...ForCausalLM.forward` from every layer's router
+        # logits, not in the MoE layers: a hook on the model reduces it (`hf_aux`).
         hookless = [m.fqn for m in structure.moe_layers() if m.stats_reducer_attr is None]
-        if hookless:
+        if hookless and not hf:
             raise PassPreconditionError(
                 f"MoE layer `{hookless[0]}` has no `stats_reducer` hook, so `ContextParallel` "
                 "cannot reduce its aux-loss statistics over the cp group "
@@ -163,6 +181,16 @@ class ContextParallel(Pass):
         structure = discover(model)
         # Routing-load counters must count every rank's tokens, not this chunk's (_load_sync).
         install_load_sync(model, mesh.tokens.get_group())
+        if hf_model_type(model) is not None:
+            hook = install_hf(
+                model, structure, cp_mesh, self.comm, self.load_balance, mesh.root.get_group()
+            )
+            model.__dict__[_GUARD_ATTR] = hook
+            # Then the shape checks every CP model gets (equal local shapes, even lengths).
+            model.register_forward_pre_hook(
+                InputGuard(cp_mesh, self.load_balance), with_kwargs=True
+            )
+            return model
         for block in structure.blocks:
             block.attention.core = ContextParallelAttentionCore(
                 cp_mesh, self.comm, self.load_balance
@@ -290,7 +318,7 @@ def _attention_like(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention) or "attention" in name or "attn" in name
 
 
-def _attention_problems(model: nn.Module, structure: ModelStructure) -> list[str]:
+def _core_problems(structure: ModelStructure) -> list[str]:
     problems = []
     for b in structure.blocks:
         where = f"`{b.attention_fqn}` (`{type(b.attention).__name__}`) in block `{b.fqn}`"
@@ -312,6 +340,11 @@ def _attention_problems(model: nn.Module, structure: ModelStructure) -> list[str
                 f"(`{type(core).__name__}`) holds parameters or buffers, which replacing it "
                 "would drop."
             )
+    return problems
+
+
+def _stray_attention_problems(model: nn.Module, structure: ModelStructure) -> list[str]:
+    problems = []
     # Attention modules outside the blocks' `self_attn` would be skipped silently.
     covered = tuple(f"{b.attention_fqn}." for b in structure.blocks)
     attention_fqns = {b.attention_fqn for b in structure.blocks}
