@@ -35,9 +35,16 @@ from moetx.passes.tensor_parallel import tp_targets
 from moetx.testing import examples, fake_world
 from moetx.testing.hf import HFSpec
 from moetx.testing.hf import build_model as hf_build_model
-from moetx.testing.train import TrainSpec, assert_training_parity, rank_train
+from moetx.testing.train import (
+    TrainSpec,
+    assert_matches_reference,
+    assert_training_parity,
+    rank_train,
+)
 from tests.bodies import tensor_parallel as bodies
 from tests.bodies.hf import hf_rank_train
+from tests.bodies.hf_context_parallel import hf_cp_rank_train
+from tests.test_hf_context_parallel import reference as hf_cp_reference
 from tests.test_hf_models import assert_training_parity as assert_hf_training_parity
 from tests.test_plan import UNEVEN
 from tests.test_plan import _check_against_ranks as check_plan_against_ranks
@@ -368,3 +375,14 @@ def test_plan_command_line_knows_tp(capsys):
     assert plan_cli(["--world", "4", "--tp", "2", "--pipeline", "tp|fsdp"]) == 0
     out = capsys.readouterr().out
     assert "× tp 2" in out and "dp_shard_cp=2 × tp=2" in out
+
+
+def test_hf_tensor_and_context_parallel_together(pool4):
+    """TP | CP | EP | FSDP at tp 2 x cp 2 on HF Qwen3-MoE (heads split, sequences split, HF's
+    attention registry): every gradient each step and the final parameters."""
+    pytest.importorskip("transformers")
+    spec = HFSpec(family="qwen3_moe", overrides=(("num_key_value_heads", 2),))
+    pipeline = TP | ContextParallel(comm="p2p") | ExpertParallel() | FSDP()
+    degrees = MeshDegrees(dp_shard=1, cp=2, ep=2, tp=2)
+    results = pool4.run(hf_cp_rank_train, spec, pipeline, degrees)
+    assert_matches_reference(results, hf_cp_reference(spec, 1), atol=1e-5, rtol=1e-4)

@@ -77,7 +77,7 @@ def rank_batches(
     must catch: a chunk's last token is scored on the wrong token, and one target is lost).
     """
     data_ranks = degrees.dp_replicate * degrees.dp_shard
-    index = dist.get_rank() // degrees.cp
+    index = mesh.data_rank
     rows = slice(index * spec.rows_per_rank, (index + 1) * spec.rows_per_rank)
     out = []
     for ids, labels in masked_batches(spec, data_ranks * spec.rows_per_rank):
@@ -87,9 +87,9 @@ def rank_batches(
         else:
             ids_l, shifted_l, pos = cp.shard_sequence(mesh, ids[rows], shift_labels(labels[rows]))
             shifted = cast(torch.Tensor, shifted_l)
-        count = (shifted != IGNORE).sum()
-        dist.all_reduce(count)  # targets of the global batch; FSDP averages over every rank
-        out.append((ids_l, shifted, pos, count / dist.get_world_size()))
+        # HF divides its CE sum by this; FSDP averages over the token ranks (tp ranks share tokens)
+        count = moetx.count_tokens(shifted, mesh).total().item()
+        out.append((ids_l, shifted, pos, count / mesh.degrees.token_ranks))
     return out
 
 
