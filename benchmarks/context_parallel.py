@@ -16,13 +16,18 @@ markdown table. Timings on a shared 2-core machine are noisy; bytes are determin
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
 
 from moetx.testing.ranks import RankPool
 from tests.bodies.context_parallel import BenchCase, bench_attention
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cp_table(make_case: Callable[..., Any], body: Callable[..., Any]) -> None:
+    """Parse `--seq/--steps/--warmup`, run `body(make_case(seq_len, cp, comm))` on 2 ranks for
+    cp=1 and cp=2 (both comm modes), and print the markdown table (shared with the HF one)."""
+    parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").strip())
     parser.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -36,8 +41,8 @@ def main() -> None:
         for seq in args.seq:
             base: tuple[float, float] | None = None
             for cp, comm in ((1, "-"), (2, "allgather"), (2, "p2p")):
-                case = BenchCase(seq_len=seq, cp=cp, comm=comm)
-                results = pool.run(bench_attention, case, warmup=args.warmup, steps=args.steps)
+                case = make_case(seq_len=seq, cp=cp, comm=comm)
+                results = pool.run(body, case, warmup=args.warmup, steps=args.steps)
                 saved = max(r["saved_bytes"] for r in results) / 2**20
                 step = 1e3 * max(r["time"] for r in results)
                 base = base or (saved, step)
@@ -46,6 +51,11 @@ def main() -> None:
                     f"{step:.1f} | {step / base[1]:.2f} |",
                     flush=True,
                 )
+
+
+def main() -> None:
+    """The attention-layer table."""
+    cp_table(BenchCase, bench_attention)
 
 
 if __name__ == "__main__":

@@ -15,39 +15,15 @@ markdown table. Timings on a shared 2-core machine are noisy; bytes are determin
 
 from __future__ import annotations
 
-import argparse
-
+from benchmarks.context_parallel import cp_table
 from moetx.testing import hf, ranks
-from moetx.testing.ranks import RankPool
 from tests.bodies.hf_bench import HFBenchCase, bench_hf_step
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=1)
-    args = parser.parse_args()
+    """The HF Qwen3-MoE table."""
     ranks.PRELOAD = (*ranks.PRELOAD, *hf.PRELOAD)  # import transformers once, in the forkserver
-    print(
-        "| seq len | cp | comm | saved MiB / rank | saved vs cp=1 | step ms (slowest rank) | "
-        "step vs cp=1 |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    with RankPool(2, timeout=600) as pool:
-        for seq in args.seq:
-            base: tuple[float, float] | None = None
-            for cp, comm in ((1, "-"), (2, "allgather"), (2, "p2p")):
-                case = HFBenchCase(seq_len=seq, cp=cp, comm=comm)
-                results = pool.run(bench_hf_step, case, warmup=args.warmup, steps=args.steps)
-                saved = max(r["saved_bytes"] for r in results) / 2**20
-                step = 1e3 * max(r["time"] for r in results)
-                base = base or (saved, step)
-                print(
-                    f"| {seq} | {cp} | `{comm}` | {saved:.1f} | {saved / base[0]:.2f} | "
-                    f"{step:.1f} | {step / base[1]:.2f} |",
-                    flush=True,
-                )
+    cp_table(HFBenchCase, bench_hf_step)
 
 
 if __name__ == "__main__":
