@@ -34,7 +34,18 @@ from moetx.core.errors import (
 )
 from moetx.mesh import MeshDegrees, ParallelMesh
 from moetx.passes import FSDP, ActivationCheckpoint, ContextParallel, ExpertParallel
-from moetx.planning import ParamGroup, Plan, RankBytes
+from moetx.planning import (
+    AutoPlan,
+    Candidate,
+    CostModel,
+    NoFittingPlanError,
+    ParamGroup,
+    Plan,
+    Prediction,
+    RankBytes,
+    autoplan,
+    predict,
+)
 from moetx.training import (
     RankBatch,
     TokenCount,
@@ -60,10 +71,13 @@ __all__ = [
     "ActivationCheckpoint",
     "ActivationCheckpointError",
     "Applied",
+    "AutoPlan",
     "BatchError",
+    "Candidate",
     "CheckpointError",
     "ContextParallel",
     "ContextParallelInputError",
+    "CostModel",
     "DuplicatePassError",
     "ExpertDivisibilityError",
     "ExpertParallel",
@@ -73,6 +87,7 @@ __all__ = [
     "MeshError",
     "ModelConfigError",
     "MoetxError",
+    "NoFittingPlanError",
     "NoMoELayersError",
     "ParallelMesh",
     "ParamGroup",
@@ -85,6 +100,7 @@ __all__ = [
     "PipelineOrderError",
     "Placement",
     "Plan",
+    "Prediction",
     "RankBatch",
     "RankBytes",
     "SequenceDivisibilityError",
@@ -93,6 +109,7 @@ __all__ = [
     "UnsupportedAttentionError",
     "__version__",
     "applied_passes",
+    "autoplan",
     "clip_grad_norm_",
     "count_tokens",
     "data_sampler",
@@ -100,6 +117,7 @@ __all__ = [
     "grad_norm",
     "load_checkpoint",
     "no_sync",
+    "predict",
     "save_checkpoint",
     "shard_batch",
     "shift_labels",

@@ -4,18 +4,29 @@
 what it returns and how it reads, `meter` measures activation bytes of a forward.
 """
 
+from moetx.planning.autoplan import AutoPlan, Candidate, CostModel, NoFittingPlanError, autoplan
 from moetx.planning.fake_world import fake_world
 from moetx.planning.meter import LiveActivationMeter
 from moetx.planning.plan import plan
+from moetx.planning.predict import Prediction, predict
+from moetx.planning.predict_comm import Traffic
 from moetx.planning.report import ParamGroup, Plan, RankBytes, human_bytes, render
 
 __all__ = [
+    "AutoPlan",
+    "Candidate",
+    "CostModel",
     "LiveActivationMeter",
+    "NoFittingPlanError",
     "ParamGroup",
     "Plan",
+    "Prediction",
     "RankBytes",
+    "Traffic",
+    "autoplan",
     "fake_world",
     "human_bytes",
     "plan",
+    "predict",
     "render",
 ]
