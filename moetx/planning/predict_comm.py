@@ -6,9 +6,9 @@ all-reduce of `b` bytes `2(w-1)/w·b`, an all-to-all the rows addressed to other
 collectives are the ones the passes issue (see their docstrings), per step = one forward and
 one backward of one micro-batch:
 
-- `FSDP`: per unit, one all-gather in forward and one in backward (not for the root, which FSDP2
-  keeps gathered; none in backward with `reshard_after_forward=False`), one reduce-scatter of
-  the gradients, and with HSDP an all-reduce over the replicas; FSDP2's padded shards.
+- `FSDP`: per unit (the root too, in torch 2.13), one all-gather in forward and one in backward
+  (none in backward with `reshard_after_forward=False`), one reduce-scatter of the gradients,
+  and with HSDP an all-reduce over the replicas; FSDP2's padded shards.
 - `ExpertParallel` (all-to-all dispatcher): per MoE layer in forward the int64 count exchange,
   the dispatch and the combine; in backward the two reversed; checkpointing in `full`/`router`
   mode reissues the forward three in backward (`selective` saves them).
@@ -74,7 +74,7 @@ def _fsdp(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[Traff
         axis = "ep_fsdp" if unit.name.startswith("expert") else "dp_shard_cp"
         w = unit.mesh_size
         if w > 1:
-            gathers = 1 + (regather and not unit.root)
+            gathers = 1 + regather
             row = out.setdefault(("fsdp_all_gather", axis), [0, 0])
             row[0] += gathers
             row[1] += gathers * (w - 1) * unit.shard_bytes
