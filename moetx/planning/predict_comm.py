@@ -12,12 +12,15 @@ one backward of one micro-batch:
 - `ExpertParallel` (all-to-all dispatcher): per MoE layer in forward the int64 count exchange,
   the dispatch and the combine; in backward the two reversed; checkpointing in `full`/`router`
   mode reissues the forward three in backward (`selective` saves them).
+- no `FSDP`: `moetx.sync_gradients`, one all-reduce of the dense gradients over the world and
+  one per expert parameter over dp_replicate × ep_shard.
 - `ContextParallel` (allgather): per attention layer one all-gather of the stacked K/V, its
   reduce-scatter in backward, and a second all-gather under `full`/`router` checkpointing.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import attrs
@@ -88,6 +91,32 @@ def _fsdp(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[Traff
             row[0] += 1
             row[1] += 2 * (r - 1) * unit.trained * unit.reduce_itemsize // r
     return [Traffic(k, a, c, b) for (k, a), (c, b) in out.items()]
+
+
+def _grad_sync(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[Traffic]:
+    """`moetx.sync_gradients` (pipelines without FSDP): one flat all-reduce of the dense
+    gradients over the world, and one per expert parameter over the ranks holding it."""
+    if find_pass(pipeline, "fsdp") is not None:
+        return []
+    ep = find_pass(pipeline, "ep") is not None and d.ep > 1
+    world, replicas = d.world_size, d.dp_replicate * d.ep_shard
+    dense = experts = calls = 0
+    for p in shapes.params:
+        if not p.trainable:
+            continue
+        numel = math.prod(p.shape)
+        if p.role == "expert" and ep:
+            if replicas > 1:
+                calls += 1
+                experts += 2 * (replicas - 1) * (numel // d.ep * p.itemsize) // replicas
+        else:
+            dense += numel * p.itemsize
+    out = []
+    if world > 1 and dense:
+        out.append(Traffic("grad_all_reduce", "world", 1, 2 * (world - 1) * dense // world))
+    if calls:
+        out.append(Traffic("grad_all_reduce", "ep_fsdp", calls, experts))
+    return out
 
 
 def _ep(
@@ -172,6 +201,7 @@ def predict_comm(
     tokens = micro_batch * (seq // degrees.cp)
     return tuple(
         _fsdp(shapes, degrees, pipeline)
+        + _grad_sync(shapes, degrees, pipeline)
         + _ep(shapes, degrees, pipeline, tokens, routing, ep_rank)
         + _cp(shapes, degrees, pipeline, micro_batch, seq)
     )

@@ -15,6 +15,7 @@ from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh
 from moetx.planning.meter import LiveActivationMeter
 from moetx.structure.discovery import discover
 from moetx.testing.train import TrainSpec, build_model, mesh_for
+from moetx.training.grad_sync import sync_gradients
 from tests.bodies.plan import _batch
 
 
@@ -47,6 +48,7 @@ class CountingMode(TorchDispatchMode):
         self.axes = axes
         self.log: defaultdict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         self.c10d: defaultdict[str, int] = defaultdict(int)
+        self.all_reduce: str | None = None  # what all-reduces are, when the caller knows
 
     def _add(self, kind: str, pg: Any, sent: int) -> None:
         row = self.log[(kind, self.axes.get(pg.group_name, pg.group_name))]
@@ -67,7 +69,11 @@ class CountingMode(TorchDispatchMode):
         elif ns == "c10d" and name == "allreduce_":
             pg = _unbox(args[1])
             w = pg.size()
-            kind = "load_sync_all_reduce" if self.axes.get(pg.group_name) == "world" else "hsdp_all_reduce"
+            kind = self.all_reduce or (
+                "load_sync_all_reduce"
+                if self.axes.get(pg.group_name) == "world"
+                else "hsdp_all_reduce"
+            )
             self._add(kind, pg, 2 * (w - 1) * sum(_nbytes(t) for t in args[0]) // w)
         elif ns == "_c10d_functional" and name == "all_to_all_single":
             x, pg = args[0], _resolve_process_group(args[3])
@@ -126,6 +132,9 @@ def measure_step(
         else:
             out, activations = model(**batch), -1
         out.loss.backward()
+        if not any(p.placement.stage == "fsdp" for p in pipeline):
+            log.all_reduce = "grad_all_reduce"
+            sync_gradients(model, mesh)
     for h in handles:
         h.remove()
     ep_group = mesh["ep"].get_group()
@@ -137,8 +146,3 @@ def measure_step(
         "ep_ranks": dist.get_process_group_ranks(ep_group),
         "ep_rank": dist.get_rank(ep_group),
     }
-
-
-def peak_activations(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> int:
-    """Bytes forward leaves alive on this rank (for pipelines without FSDP)."""
-    return int(measure_step(spec, pipeline, degrees, meter=True)["activations"])
