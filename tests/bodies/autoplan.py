@@ -110,15 +110,17 @@ def measure_step(
     model = pipeline.apply(build_model(spec), mesh)
     batch = _batch(spec, pipeline, degrees)
     structure = discover(model)
-    ep_degree, num_experts = degrees.ep, 0
+    ep_degree = degrees.ep
     sent: dict[int, list[int]] = {}
     handles = []
     for layer, moe in enumerate(structure.moe_layers()):
-        num_experts = moe.num_experts
+        per_rank = moe.num_experts // ep_degree
 
-        def hook(module: Any, args: Any, out: Any, layer: int = layer) -> None:
+        def hook(
+            module: Any, args: Any, out: Any, layer: int = layer, per_rank: int = per_rank
+        ) -> None:
             if layer not in sent:  # the forward's routing, not a recomputation's
-                owner = out[0].reshape(-1) // (num_experts // ep_degree)
+                owner = out[0].reshape(-1) // per_rank
                 sent[layer] = torch.bincount(owner, minlength=ep_degree).tolist()
 
         handles.append(moe.router.register_forward_hook(hook))
