@@ -95,6 +95,7 @@ class AutoPlan:
 
     Attributes:
         fits: Candidates within the budget, ranked by cost, then memory.
+        misses: The fully predicted candidates over the budget, smallest memory first.
         closest: The smallest-memory candidate that was fully predicted (None if every
             candidate's parameter state alone exceeded the budget; see `smallest_state`).
         smallest_state: The smallest parameter + gradient + AdamW bytes of any candidate.
@@ -107,6 +108,7 @@ class AutoPlan:
 
     fits: tuple[Candidate, ...]
     closest: Candidate | None
+    misses: tuple[Candidate, ...]
     smallest_state: int
     budget: int
     considered: int
@@ -282,7 +284,7 @@ def autoplan(
         return found
 
     fits: list[Candidate] = []
-    closest: Candidate | None = None
+    misses: list[Candidate] = []
     considered = pruned = 0
     refused: dict[str, str] = {}
     smallest = None
@@ -304,14 +306,13 @@ def autoplan(
                 refused.setdefault(type(e).__name__, str(e).splitlines()[0])
                 continue
             c = Candidate(pipeline, degrees, p, cost.cost(p))
-            if p.memory <= memory_per_rank:
-                fits.append(c)
-            elif closest is None or p.memory < closest.prediction.memory:
-                closest = c
+            (fits if p.memory <= memory_per_rank else misses).append(c)
     fits.sort(key=lambda c: (c.cost, c.prediction.memory))
+    misses.sort(key=lambda c: (c.prediction.memory, c.cost))
     return AutoPlan(
         fits=tuple(fits),
-        closest=closest,
+        closest=misses[0] if misses else None,
+        misses=tuple(misses),
         smallest_state=smallest or 0,
         budget=memory_per_rank,
         considered=considered,

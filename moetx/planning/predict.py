@@ -97,7 +97,15 @@ def activation_bytes(
 
 def _transient(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) -> int:
     units = fsdp_units(shapes, degrees, pipeline)
-    gathered = sorted((u.mesh_size * u.shard_bytes for u in units if u.mesh_size > 1), reverse=True)
+    gathered = sorted(
+        (
+            u.mesh_size * u.shard_bytes
+            for u in units
+            if u.mesh_size > 1
+            for _ in range(min(u.count, 2))
+        ),
+        reverse=True,
+    )
     return sum(gathered[:2])
 
 

@@ -74,22 +74,22 @@ def _fsdp(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[Traff
     regather = getattr(fsdp, "reshard_after_forward", True) is not False
     out: dict[tuple[str, str], list[int]] = {}
     for unit in fsdp_units(shapes, d, pipeline):
-        axis = "ep_fsdp" if unit.name.startswith("expert") else "dp_shard_cp"
-        w = unit.mesh_size
+        axis = "ep_fsdp" if unit.name == "expert" else "dp_shard_cp"
+        w, n = unit.mesh_size, unit.count
         if w > 1:
             gathers = 1 + regather
             row = out.setdefault(("fsdp_all_gather", axis), [0, 0])
-            row[0] += gathers
-            row[1] += gathers * (w - 1) * unit.shard_bytes
+            row[0] += n * gathers
+            row[1] += n * gathers * (w - 1) * unit.shard_bytes
             if unit.trained:
                 row = out.setdefault(("fsdp_reduce_scatter", axis), [0, 0])
-                row[0] += 1
-                row[1] += (w - 1) * unit.trained * unit.reduce_itemsize
+                row[0] += n
+                row[1] += n * (w - 1) * unit.trained * unit.reduce_itemsize
         r = unit.replicate
         if r > 1 and unit.trained:
             row = out.setdefault(("hsdp_all_reduce", "dp_replicate"), [0, 0])
-            row[0] += 1
-            row[1] += 2 * (r - 1) * unit.trained * unit.reduce_itemsize // r
+            row[0] += n
+            row[1] += n * (2 * (r - 1) * unit.trained * unit.reduce_itemsize // r)
     return [Traffic(k, a, c, b) for (k, a), (c, b) in out.items()]
 
 
@@ -101,16 +101,16 @@ def _grad_sync(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[
     ep = find_pass(pipeline, "ep") is not None and d.ep > 1
     world, replicas = d.world_size, d.dp_replicate * d.ep_shard
     dense = experts = calls = 0
-    for p in shapes.params:
+    for p, count in shapes.grouped:
         if not p.trainable:
             continue
         numel = math.prod(p.shape)
         if p.role == "expert" and ep:
             if replicas > 1:
-                calls += 1
-                experts += 2 * (replicas - 1) * (numel // d.ep * p.itemsize) // replicas
+                calls += count
+                experts += count * (2 * (replicas - 1) * (numel // d.ep * p.itemsize) // replicas)
         else:
-            dense += numel * p.itemsize
+            dense += count * numel * p.itemsize
     out = []
     if world > 1 and dense:
         out.append(Traffic("grad_all_reduce", "world", 1, 2 * (world - 1) * dense // world))

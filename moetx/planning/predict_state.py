@@ -68,6 +68,16 @@ class ModelShapes:
     tied_embeddings: bool
     routing_bias: bool
     config: MoEConfig | None = attrs.field(default=None, eq=False)
+    #: `params` with identical (shape, itemsize, trainable, role) counted once: what the
+    #: byte counts need (DeepSeek-V3 has ~1000 parameters but ~30 distinct ones).
+    grouped: tuple[tuple[ParamInfo, int], ...] = attrs.field(default=(), eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        counts: dict[tuple[object, ...], list[object]] = {}
+        for p in self.params:
+            key = (p.shape, p.itemsize, p.trainable, p.role)
+            counts.setdefault(key, [p, 0])[1] += 1  # type: ignore[operator]
+        object.__setattr__(self, "grouped", tuple((p, n) for p, n in counts.values()))
 
     @classmethod
     def of(cls, model: nn.Module | MoEConfig) -> ModelShapes:
@@ -141,6 +151,7 @@ class FSDPUnit:
     reduce_itemsize: int
     replicate: int = 1  # HSDP replicas: gradients all-reduced over them after the reduce-scatter
     root: bool = False
+    count: int = 1  # identical units (e.g. the same block repeated) described once
 
     @property
     def shard_bytes(self) -> int:
@@ -177,13 +188,13 @@ def state_bytes(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) -
     """Rank 0's parameter, gradient and AdamW bytes (the largest rank: it holds full chunks)."""
     ep = find_pass(pipeline, "ep") is not None and degrees.ep > 1
     fsdp = find_pass(pipeline, "fsdp") is not None
-    total = RankBytes(0, 0, 0)
-    for p in shapes.params:
-        local, _ = _local_shape(p, degrees, ep, fsdp)
-        n = math.prod(local) * p.itemsize
-        trained = n if p.trainable else 0
-        total = total + RankBytes(n, trained, 2 * trained)
-    return total
+    params = trained = 0
+    for p, count in shapes.grouped:
+        local, _ = _local_shape(p, degrees, ep, fsdp)  # type: ignore[arg-type]
+        n = count * math.prod(local) * p.itemsize  # type: ignore[attr-defined]
+        params += n
+        trained += n if p.trainable else 0  # type: ignore[attr-defined]
+    return RankBytes(params, trained, 2 * trained)
 
 
 def fsdp_units(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) -> list[FSDPUnit]:
@@ -210,26 +221,28 @@ def fsdp_units(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) ->
         if role == "router" and "router" not in fp32_roles:
             role = "block"
         units.setdefault((role, p.block), []).append((p, numel))
-    out = []
+    out: dict[tuple[object, ...], FSDPUnit] = {}
     for (role, block), members in sorted(units.items(), key=lambda kv: ROLES.index(kv[0][0])):
         fp32 = role in fp32_roles
         itemsize = 4 if fp32 else size(param_dtype, members[0][0].itemsize)
         reduce = 4 if fp32 else size(reduce_dtype, itemsize)
         expert = role == "expert"
         mesh = degrees.dp_replicate * degrees.ep_shard if expert else degrees.dp_shard_cp
-        out.append(
-            FSDPUnit(
-                name=f"{role}[{block}]" if block >= 0 else role,
-                mesh_size=mesh,
-                numels=tuple(n for _, n in members),
-                trained=sum(n for p, n in members if p.trainable),
-                itemsize=itemsize,
-                reduce_itemsize=reduce,
-                replicate=1 if expert else degrees.dp_replicate,
-                root=role == "root",
-            )
+        unit = FSDPUnit(
+            name=role,
+            mesh_size=mesh,
+            numels=tuple(n for _, n in members),
+            trained=sum(n for p, n in members if p.trainable),
+            itemsize=itemsize,
+            reduce_itemsize=reduce,
+            replicate=1 if expert else degrees.dp_replicate,
+            root=role == "root",
         )
-    return out
+        key = attrs.astuple(unit, recurse=False)
+        if key in out:
+            unit = attrs.evolve(out[key], count=out[key].count + 1)
+        out[key] = unit
+    return list(out.values())
 
 
 def iter_blocks(shapes: ModelShapes) -> Iterator[tuple[int, str]]:
