@@ -222,7 +222,7 @@ def fsdp_units(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) ->
             role = "block"
         units.setdefault((role, p.block), []).append((p, numel))
     out: dict[tuple[object, ...], FSDPUnit] = {}
-    for (role, block), members in sorted(units.items(), key=lambda kv: ROLES.index(kv[0][0])):
+    for (role, _block), members in sorted(units.items(), key=lambda kv: ROLES.index(kv[0][0])):
         fp32 = role in fp32_roles
         itemsize = 4 if fp32 else size(param_dtype, members[0][0].itemsize)
         reduce = 4 if fp32 else size(reduce_dtype, itemsize)
