@@ -28,7 +28,7 @@ from moetx.core.errors import MoetxError
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.passes import FSDP, ActivationCheckpoint, ContextParallel, ExpertParallel
-from moetx.planning.predict import Prediction, predict
+from moetx.planning.predict import Prediction, human_flops, predict
 from moetx.planning.predict_activations import BlockTrace, trace_blocks
 from moetx.planning.predict_comm import Traffic
 from moetx.planning.predict_state import ModelShapes, state_bytes
@@ -152,7 +152,7 @@ class AutoPlan:
         """A markdown table of the `top` candidates."""
         rows = [
             "| # | pipeline | dp_rep | dp_shard | cp | ep | memory | activations | bytes/token "
-            "| sent/step (worst) | TFLOP/step (worst) |",
+            "| sent/step (worst) | FLOP/step (worst) |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for i, c in enumerate(self.fits[:top], 1):
@@ -161,8 +161,8 @@ class AutoPlan:
                 f"| {i} | `{c.pipeline!r}` | {d.dp_replicate} | {d.dp_shard} | {d.cp} | {d.ep} "
                 f"| {human_bytes(p.memory)} | {human_bytes(p.activations)} "
                 f"| {p.bytes_per_token:,.0f} | {human_bytes(p.bytes_moved)} "
-                f"({human_bytes(p.bytes_moved_worst)}) | {p.flops / 1e12:.1f} "
-                f"({p.flops_worst / 1e12:.1f}) |"
+                f"({human_bytes(p.bytes_moved_worst)}) | {human_flops(p.flops)} "
+                f"({human_flops(p.flops_worst)}) |"
             )
         return "\n".join(rows)
 

@@ -21,7 +21,7 @@ from moetx.planning.predict_state import (
 )
 from moetx.planning.report import RankBytes, human_bytes
 
-__all__ = ["Prediction", "activation_bytes", "predict"]
+__all__ = ["Prediction", "activation_bytes", "human_flops", "predict"]
 
 #: (cp pass, cp degree, ac pass or None) -> trace; the planner's cache.
 Tracer = Callable[[Pass | None, int, Pass | None], BlockTrace]
@@ -76,8 +76,16 @@ class Prediction:
             f"memory {human_bytes(self.memory)} (state {human_bytes(self.state.total)}, "
             f"activations {human_bytes(self.activations)}, FSDP buffers "
             f"{human_bytes(self.fsdp_transient)}); sends {human_bytes(self.bytes_moved)}/step "
-            f"({comm}); {self.flops / 1e12:.2f} TFLOP/step (worst rank {self.flops_worst / 1e12:.2f})"
+            f"({comm}); {human_flops(self.flops)}/step (worst rank {human_flops(self.flops_worst)})"
         )
+
+
+def human_flops(n: int) -> str:
+    """`n` FLOPs with a decimal prefix (PFLOP, TFLOP, GFLOP, MFLOP), three significant digits."""
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} FLOP"
 
 
 def activation_bytes(

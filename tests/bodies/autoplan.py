@@ -18,10 +18,23 @@ from moetx.testing.train import TrainSpec, build_model, mesh_for
 from moetx.training.grad_sync import sync_gradients
 from tests.bodies.plan import _batch
 
+#: The axis a kind of collective is reported under when one group is several axes (e.g. the
+#: world is also dp_shard_cp when dp_replicate is 1).
+PREFER = {
+    "fsdp_all_gather": ("dp_shard_cp", "ep_fsdp"),
+    "fsdp_reduce_scatter": ("dp_shard_cp", "ep_fsdp"),
+    "grad_all_reduce": ("world", "ep_fsdp"),
+    "hsdp_all_reduce": ("dp_replicate",),
+    "load_sync_all_reduce": ("world",),
+    "ep_all_to_all": ("ep",),
+    "cp_all_gather": ("cp",),
+    "cp_reduce_scatter": ("cp",),
+}
 
-def _axes(mesh: ParallelMesh) -> dict[str, str]:
-    """Process-group name -> the axis the planner reports it under (first name wins)."""
-    names: dict[str, str] = {}
+
+def _axes(mesh: ParallelMesh) -> dict[str, list[str]]:
+    """Process-group name -> the axes whose group it is."""
+    names: dict[str, list[str]] = {}
     for axis, dm in (
         ("dp_shard_cp", mesh["dp_shard_cp"]),
         ("ep_fsdp", mesh.expert_fsdp_mesh()),
@@ -30,7 +43,7 @@ def _axes(mesh: ParallelMesh) -> dict[str, str]:
         ("dp_replicate", mesh["dp_replicate"]),
         ("world", mesh.root),
     ):
-        names.setdefault(dm.get_group().group_name, axis)
+        names.setdefault(dm.get_group().group_name, []).append(axis)
     return names
 
 
@@ -43,7 +56,7 @@ class CountingMode(TorchDispatchMode):
     functional ones (`_c10d_functional.*`) that EP and CP issue.
     """
 
-    def __init__(self, axes: dict[str, str]) -> None:
+    def __init__(self, axes: dict[str, list[str]]) -> None:
         super().__init__()
         self.axes = axes
         self.log: defaultdict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
@@ -51,7 +64,9 @@ class CountingMode(TorchDispatchMode):
         self.all_reduce: str | None = None  # what all-reduces are, when the caller knows
 
     def _add(self, kind: str, pg: Any, sent: int) -> None:
-        row = self.log[(kind, self.axes.get(pg.group_name, pg.group_name))]
+        axes = self.axes.get(pg.group_name, [pg.group_name])
+        axis = next((a for a in PREFER[kind] if a in axes), axes[0])
+        row = self.log[(kind, axis)]
         row[0] += 1
         row[1] += sent
 
