@@ -157,8 +157,9 @@ class AutoPlan:
         ]
         for i, c in enumerate(self.fits[:top], 1):
             d, p = c.degrees, c.prediction
+            pipe = repr(c.pipeline).replace("|", "\\|")  # a `|` would end the table cell
             rows.append(
-                f"| {i} | `{c.pipeline!r}` | {d.dp_replicate} | {d.dp_shard} | {d.cp} | {d.ep} "
+                f"| {i} | `{pipe}` | {d.dp_replicate} | {d.dp_shard} | {d.cp} | {d.ep} "
                 f"| {human_bytes(p.memory)} | {human_bytes(p.activations)} "
                 f"| {p.bytes_per_token:,.0f} | {human_bytes(p.bytes_moved)} "
                 f"({human_bytes(p.bytes_moved_worst)}) | {human_flops(p.flops)} "
