@@ -1,7 +1,9 @@
 """Layer 6, planning: what a pipeline will do before it runs (bytes per rank, placements).
 
 `plan` applies the pipeline for real on `meta` under a fake world (`fake_world`), `report` holds
-what it returns and how it reads, `meter` measures activation bytes of a forward.
+what it returns and how it reads, `meter` measures activation bytes of a forward. `autoplan`
+chooses degrees and a pipeline for a memory budget from `predict` (state bytes from shapes,
+activations from meta traces, collectives and FLOPs per rank).
 """
 
 from moetx.planning.autoplan import AutoPlan, Candidate, CostModel, NoFittingPlanError, autoplan

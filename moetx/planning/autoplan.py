@@ -257,6 +257,15 @@ def autoplan(
     Returns:
         An `AutoPlan`: `.best` is the top `Candidate` (`.pipeline`, `.degrees`,
         `.prediction`), `.fits` all that fit, `.miss()` why nothing fits.
+
+    Raises:
+        ValueError: A pass or checkpointing mode outside `PASSES` / `AC_MODES`.
+
+    Example:
+        >>> from moetx.models import MoEConfig
+        >>> result = autoplan(MoEConfig(), world=2, memory_per_rank=2**20, seq=8, ac_modes=["full"])
+        >>> result.best.degrees.world_size, result.best.prediction.memory <= 2**20
+        (2, True)
     """
     start = time.perf_counter()
     allowed = frozenset(passes_allowed)
