@@ -315,6 +315,14 @@ def test_cli_prints_the_ranking_and_the_miss(capsys: pytest.CaptureFixture[str])
     assert "Unknown pass" in capsys.readouterr().err
 
 
+def test_a_module_predicts_as_its_config():
+    """A module (traced whole, on a meta copy) predicts what its config (traced shallow) does."""
+    pipeline = Pipeline((ActivationCheckpoint(mode="full"),))
+    from_config = predict(CONFIG, MeshDegrees(), pipeline, seq=8, micro_batch=2)
+    from_module = predict(build_model(SPEC), MeshDegrees(), pipeline, seq=8, micro_batch=2)
+    assert from_config == from_module
+
+
 def test_public_names():
     """`autoplan` and its result types are exported from `moetx`."""
     assert moetx.autoplan is autoplan and moetx.predict is predict
