@@ -96,6 +96,24 @@ def test_state_bytes_equal_the_applied_plan(case, experts, mtp, frozen):
     assert got == p.ranks[0] and got.total == p.max_rank_bytes
 
 
+@pytest.mark.parametrize(
+    ("fsdp", "degrees"),
+    [
+        (FSDP(reshard_after_forward=False), MeshDegrees(dp_shard=2, ep=2)),
+        (FSDP(reshard_after_forward=False, param_dtype="bfloat16"), MeshDegrees(dp_shard=4, ep=2)),
+        (FSDP(reshard_after_forward=2), MeshDegrees(dp_shard=4, ep=2)),  # experts: 2 ranks
+    ],
+    ids=["false", "false-bf16", "int-2"],
+)
+def test_kept_gathered_parameters_equal_the_plan(fsdp: FSDP, degrees: MeshDegrees):
+    """What `reshard_after_forward=False | int` keeps gathered after forward is in the predicted
+    memory, equal to `Plan.resident_after_forward` (checked against real ranks in test_plan)."""
+    config = MoEConfig(num_experts=4, num_shared_experts=1)
+    pipeline = ExpertParallel() | fsdp
+    got = predict(config, degrees, pipeline, seq=8)
+    assert got.fsdp_resident == plan(pipeline, config, degrees).resident_after_forward > 0
+
+
 # --------------------------------------------------------------------------------- activations
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import attrs
@@ -36,6 +37,8 @@ class Prediction:
         activations: Bytes forward leaves resident for backward (traced; uniform routing).
         fsdp_transient: Gathered parameters of the two largest FSDP units (the one computing
             and the one prefetched): an estimate of FSDP2's peak all-gather buffers.
+        fsdp_resident: Gathered parameters `FSDP(reshard_after_forward=False | int)` keeps
+            from forward to backward (as `Plan.resident_after_forward`; 0 when it reshards).
         comm: Collective bytes sent per step, per kind and axis.
         tokens: Tokens this rank processes per step.
         flops: FLOPs per step (forward, backward, recomputation), uniform routing.
@@ -45,6 +48,7 @@ class Prediction:
     state: RankBytes
     activations: int
     fsdp_transient: int
+    fsdp_resident: int
     comm: tuple[Traffic, ...]
     tokens: int
     flops: int
@@ -53,7 +57,7 @@ class Prediction:
     @property
     def memory(self) -> int:
         """Predicted peak bytes per rank: state + activations + FSDP transient buffers."""
-        return self.state.total + self.activations + self.fsdp_transient
+        return self.state.total + self.activations + self.fsdp_transient + self.fsdp_resident
 
     @property
     def bytes_moved(self) -> int:
@@ -75,7 +79,7 @@ class Prediction:
         return (
             f"memory {human_bytes(self.memory)} (state {human_bytes(self.state.total)}, "
             f"activations {human_bytes(self.activations)}, FSDP buffers "
-            f"{human_bytes(self.fsdp_transient)}); sends {human_bytes(self.bytes_moved)}/step "
+            f"{human_bytes(self.fsdp_transient + self.fsdp_resident)}); sends {human_bytes(self.bytes_moved)}/step "
             f"({comm}); {human_flops(self.flops)}/step (worst rank {human_flops(self.flops_worst)})"
         )
 
@@ -115,6 +119,32 @@ def _transient(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) ->
         reverse=True,
     )
     return sum(gathered[:2])
+
+
+def _resident(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> int:
+    """What FSDP2 keeps gathered after forward (the rule `plan` checks against real ranks)."""
+    fsdp = find_pass(pipeline, "fsdp")
+    raf = getattr(fsdp, "reshard_after_forward", True)
+    if fsdp is None or raf is True:
+        return 0
+    ep = find_pass(pipeline, "ep") is not None and d.ep > 1
+    param_dtype = getattr(fsdp, "param_dtype", None)
+    low = param_dtype not in (None, "float32")
+    fp32 = set(getattr(fsdp, "fp32_modules", ())) if low else set()
+    total = 0
+    for p, count in shapes.grouped:
+        expert = p.role == "expert" and ep
+        numel = math.prod(p.shape) // (d.ep if expert else 1)
+        itemsize = 4 if p.role in fp32 else (2 if low else p.itemsize)
+        gathered = count * numel * itemsize
+        # FSDP2's int: after forward, keep a copy resharded over groups of that size (1/raf per
+        # rank); equal to the unit's shard-group size it is True, 1 is False.
+        group = d.dp_replicate * d.ep_shard if expert else d.dp_shard_cp
+        if raf is False or raf == 1:
+            total += gathered
+        elif raf != group:
+            total += gathered // int(raf)
+    return total
 
 
 def predict(
@@ -164,6 +194,7 @@ def predict(
         state=state_bytes(shapes, degrees, pipeline),
         activations=activation_bytes(none, with_ac, shapes, pipeline),
         fsdp_transient=_transient(shapes, degrees, pipeline),
+        fsdp_resident=_resident(shapes, degrees, pipeline),
         comm=predict_comm(
             shapes,
             degrees,
