@@ -306,6 +306,19 @@ def test_frontier_and_cost_model():
     assert "| 1 |" in r.table() and "candidates fit" in str(r)
 
 
+def test_fsdp_options_trade_memory_for_bytes():
+    """Offered `FSDP(reshard_after_forward=False)`, the planner sees it keep more and send less."""
+    keep = FSDP(reshard_after_forward=False)
+    r = autoplan(
+        CONFIG, world=4, memory_per_rank=2**30, seq=8, passes_allowed=("fsdp",),
+        fsdp_options=(FSDP(), keep),
+    )  # fmt: skip
+    by = {(c.degrees, c.pipeline): c.prediction for c in r.fits}
+    d = MeshDegrees(dp_shard=4)
+    lean, kept = by[(d, Pipeline((FSDP(),)))], by[(d, Pipeline((keep,)))]
+    assert kept.memory > lean.memory and kept.bytes_moved < lean.bytes_moved
+
+
 def test_deepseek_v3_at_256_and_1024_ranks_in_seconds():
     """The 685B DeepSeek-V3-shaped model plans at world 256 and 1024 quickly (CPU seconds; the
     wall time on a shared box is printed)."""

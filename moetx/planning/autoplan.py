@@ -213,16 +213,18 @@ def _ac_pass(mode: str) -> ActivationCheckpoint | None:
     return ActivationCheckpoint(mode=name, every=int(every or 1))
 
 
-def _pipelines(d: MeshDegrees, allowed: frozenset[str], modes: Sequence[str]) -> Iterator[Pipeline]:
-    fsdp_options = [True, False] if "fsdp" in allowed else [False]
-    for mode, fsdp in itertools.product(modes if "ac" in allowed else ["none"], fsdp_options):
-        if d.dp_replicate > 1 and not fsdp:
+def _pipelines(
+    d: MeshDegrees, allowed: frozenset[str], modes: Sequence[str], fsdps: Sequence[FSDP]
+) -> Iterator[Pipeline]:
+    options: list[FSDP | None] = [*fsdps, None] if "fsdp" in allowed else [None]
+    for mode, fsdp in itertools.product(modes if "ac" in allowed else ["none"], options):
+        if d.dp_replicate > 1 and fsdp is None:
             continue
         passes: list[Pass | None] = [
             ContextParallel() if d.cp > 1 else None,
             ExpertParallel() if d.ep > 1 else None,
             _ac_pass(mode),
-            FSDP() if fsdp else None,
+            fsdp,
         ]
         yield Pipeline(tuple(p for p in passes if p is not None))
 
@@ -238,6 +240,7 @@ def autoplan(
     ac_modes: Sequence[str] = AC_MODES,
     cost: CostModel | None = None,
     max_cp: int = 8,
+    fsdp_options: Sequence[FSDP] = (FSDP(),),
 ) -> AutoPlan:
     """Find the meshes and pipelines that fit `memory_per_rank`, ranked by `cost`.
 
@@ -253,6 +256,8 @@ def autoplan(
         ac_modes: Checkpointing choices among `AC_MODES` (`"full/2"`: every 2nd block).
         cost: The ranking `CostModel` (default: bytes sent per token).
         max_cp: The largest context-parallel degree tried.
+        fsdp_options: The `FSDP` configurations tried (e.g. add
+            `FSDP(reshard_after_forward=False)`: more memory, no backward all-gathers).
 
     Returns:
         An `AutoPlan`: `.best` is the top `Candidate` (`.pipeline`, `.degrees`,
@@ -301,7 +306,7 @@ def autoplan(
     for degrees in _degree_options(
         world, experts=shapes.num_experts, seq=seq, allowed=allowed, max_cp=max_cp
     ):
-        for pipeline in _pipelines(degrees, allowed, ac_modes):
+        for pipeline in _pipelines(degrees, allowed, ac_modes, fsdp_options):
             considered += 1
             state = state_bytes(shapes, degrees, pipeline).total
             smallest = state if smallest is None else min(smallest, state)
