@@ -26,6 +26,8 @@ from moetx import (
     Pipeline,
 )
 from moetx.__main__ import main
+from moetx.core.algebra import Pass
+from moetx.core.order import Placement
 from moetx.models import MoEConfig, MoETransformer
 from moetx.planning import LiveActivationMeter, autoplan, plan, predict
 from moetx.planning.predict_state import ModelShapes, state_bytes
@@ -344,6 +346,20 @@ def test_cli_prints_the_ranking_and_the_miss(capsys: pytest.CaptureFixture[str])
     assert "No mesh and pipeline fits 1.00 KiB per rank" in capsys.readouterr().out
     assert main(["autoplan", "--passes", "tp"]) == 2
     assert "Unknown pass" in capsys.readouterr().err
+
+
+def test_passes_it_does_not_model_are_refused():
+    """A pass outside cp / ep / ac / fsdp is refused, never silently mispredicted."""
+
+    @attrs.frozen(kw_only=True, repr=False)
+    class Compile(Pass):
+        placement = Placement("compile", after={"ac"}, before={"fsdp"})
+
+        def _apply(self, model, mesh, record):  # type: ignore[no-untyped-def]
+            return model
+
+    with pytest.raises(ValueError, match=r"^`predict` models the stages .* only, not Compile\(\)"):
+        predict(CONFIG, MeshDegrees(), Pipeline((Compile(),)), seq=8)
 
 
 def test_a_module_predicts_as_its_config():

@@ -24,6 +24,9 @@ from moetx.planning.report import RankBytes, human_bytes
 
 __all__ = ["Prediction", "activation_bytes", "human_flops", "predict"]
 
+#: The stages whose memory and collectives `predict` models (a new axis, e.g. tp, is refused).
+MODELLED: tuple[str, ...] = ("cp", "ep", "ac", "fsdp")
+
 #: (cp pass, cp degree, ac pass or None) -> trace; the planner's cache.
 Tracer = Callable[[Pass | None, int, Pass | None], BlockTrace]
 
@@ -160,6 +163,9 @@ def predict(
 ) -> Prediction:
     """Predict one rank's memory, communication and FLOPs for one training step.
 
+    Raises:
+        ValueError: A pass (or a mesh axis) the predictors do not model.
+
     Args:
         model: A `MoEConfig`, a module (any device; a meta copy is traced), or `ModelShapes`
             (whose `config` is traced).
@@ -173,6 +179,13 @@ def predict(
     """
     if isinstance(pipeline, Pass):
         pipeline = Pipeline() | pipeline
+    unknown = [p for p in pipeline if p.placement.stage not in MODELLED]
+    if unknown or getattr(degrees, "tp", 1) > 1:
+        what = repr(unknown[0]) if unknown else f"tp={degrees.tp}"  # type: ignore[attr-defined]
+        raise ValueError(
+            f"`predict` models the stages {MODELLED} only, not {what}: its bytes would be wrong.\n"
+            "  fix: use `Pipeline.plan` for parameter bytes of other passes."
+        )
     shapes = model if isinstance(model, ModelShapes) else ModelShapes.of(model)
     source: nn.Module | MoEConfig | None = (
         shapes.config if isinstance(model, ModelShapes) else model
