@@ -81,6 +81,13 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
         "Time to build the DeepSeek-V3-shaped model on `meta` and plan it at world size 256 on the "
         "fake backend.",
     ),
+    (
+        "autoplan_time.py",
+        [],
+        "Auto-planner time on the DeepSeek-V3-shaped model",
+        "Wall and CPU time of `moetx.autoplan` (80 GiB per rank, seq 4096) at world 256 and 1024: "
+        "enumerate meshes and pipelines, prune by state bytes, predict the rest.",
+    ),
 ]
 
 

@@ -1,12 +1,12 @@
-"""Command line: `python -m moetx demo|plan [...]` (also installed as `moetx`)."""
+"""Command line: `python -m moetx demo|plan|autoplan [...]` (also installed as `moetx`)."""
 
 from __future__ import annotations
 
 import sys
 
-from moetx.cli import demo, plan
+from moetx.cli import autoplan, demo, plan
 
-COMMANDS = {"demo": demo.main, "plan": plan.main}
+COMMANDS = {"demo": demo.main, "plan": plan.main, "autoplan": autoplan.main}
 
 
 def main(argv: list[str] | None = None) -> int:

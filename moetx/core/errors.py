@@ -121,3 +121,7 @@ class PassOptionError(MoetxError, ValueError, TypeError):
     def __init__(self, message: str, problems: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.problems = problems or (message.splitlines()[0],)
+
+
+class PlanningError(MoetxError, ValueError):
+    """`predict` / `autoplan` got something they do not model (an unknown pass, mode or axis)."""

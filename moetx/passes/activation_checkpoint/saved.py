@@ -69,7 +69,11 @@ def _storage_key(t: object) -> int | None:
         storage = t.untyped_storage()
     except (RuntimeError, NotImplementedError):  # wrapper subclasses (DTensor) have none
         return None
-    return storage.data_ptr() if storage.nbytes() else None
+    if not storage.nbytes():
+        return None
+    # Meta storages all have address 0; the storage object's own identity tells them apart
+    # (the planner traces checkpointed blocks on `meta`: moetx.planning.predict_activations).
+    return storage._cdata if t.is_meta else storage.data_ptr()
 
 
 def _written(op: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[torch.Tensor]:

@@ -1,0 +1,52 @@
+"""Wall and CPU time of `moetx.autoplan` for the DeepSeek-V3-shaped model at world 256 and 1024.
+
+Every legal mesh (dp_replicate × dp_shard × cp, ep dividing dp_shard × cp and the 256 experts)
+and pipeline (cp and ep when their degree is above 1; no checkpointing, router, selective, full
+and full on every 2nd block; FSDP or not) is enumerated, pruned by parameter-state bytes, and
+the rest predicted (activations from meta traces cached per cp degree and checkpointing mode).
+80 GiB per rank, sequences of 4096 tokens, one per data rank. Context parallelism refuses the
+model's MTP head, so its candidates are counted but left out.
+
+Run: `python -m benchmarks.autoplan_time`. Prints a markdown table (median of 3 runs each).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from moetx import autoplan
+from moetx.models import MoEConfig
+
+WORLDS = (256, 1024)
+
+
+def main() -> None:
+    config = MoEConfig.deepseek_v3_shaped()
+    print(
+        "| world | candidates | pruned by state | fit 80 GiB | wall s (median of 3) | CPU s "
+        "| best | its memory GiB | its bytes/token |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for world in WORLDS:
+        walls, cpus, result = [], [], None
+        for _ in range(3):
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = autoplan(config, world=world, memory_per_rank=80 * 2**30, seq=4096)
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+        assert result is not None
+        best = result.best
+        d = best.degrees
+        pipe = repr(best.pipeline).replace("|", "\\|")  # a `|` would end the table cell
+        where = f"dp_replicate={d.dp_replicate} dp_shard={d.dp_shard} cp={d.cp} ep={d.ep}"
+        print(
+            f"| {world} | {result.considered} | {result.pruned} | {len(result.fits)} "
+            f"| {statistics.median(walls):.1f} | {statistics.median(cpus):.1f} "
+            f"| `{pipe}` on {where} | {best.prediction.memory / 2**30:.1f} "
+            f"| {best.prediction.bytes_per_token:,.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

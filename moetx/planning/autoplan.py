@@ -1,0 +1,337 @@
+"""`autoplan`: the meshes and pipelines that fit a memory budget, ranked by bytes moved per token.
+
+1. Enumerate legal degrees (`_degree_options`: every factorisation of the world into
+   dp_replicate × dp_shard × cp with ep dividing dp_shard × cp and the expert count; a future
+   `tp` axis is one more factor in `_factorisations`) and, for each, the pipelines the allowed
+   passes make (cp and ep whenever their degree is above 1; each allowed checkpointing mode).
+2. Prune by parameter + gradient + AdamW bytes (`predict_state`, no tracing) before anything else.
+3. Predict activations (one meta trace per cp degree and checkpointing mode, cached), FSDP
+   buffers, communication and FLOPs (`predict`) for the rest.
+4. Rank what fits by `CostModel.cost`: by default bytes sent per token per rank; give bandwidths
+   and a latency to rank by modelled seconds per token instead. Ties go to less memory.
+
+When nothing fits, the result says so (`AutoPlan.fits` is empty; `AutoPlan.best` raises
+`NoFittingPlanError` naming the smallest candidate and by how much it misses).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Mapping, Sequence
+
+import attrs
+from torch import nn
+
+from moetx.core.algebra import Pass, Pipeline
+from moetx.core.errors import MoetxError, PlanningError
+from moetx.mesh.parallel_mesh import MeshDegrees
+from moetx.models import MoEConfig
+from moetx.passes import FSDP, ActivationCheckpoint, ContextParallel, ExpertParallel
+from moetx.planning.predict import Prediction, human_flops, predict
+from moetx.planning.predict_activations import BlockTrace, trace_blocks
+from moetx.planning.predict_comm import Traffic
+from moetx.planning.predict_state import ModelShapes, state_bytes
+from moetx.planning.report import human_bytes
+
+__all__ = ["AC_MODES", "AutoPlan", "Candidate", "CostModel", "NoFittingPlanError", "autoplan"]
+
+#: Checkpointing choices: none, a mode on every block, or a mode on every 2nd block.
+AC_MODES: tuple[str, ...] = ("none", "router", "selective", "full", "full/2")
+PASSES: tuple[str, ...] = ("cp", "ep", "ac", "fsdp")
+
+
+class NoFittingPlanError(MoetxError, ValueError):
+    """No candidate fits the memory budget."""
+
+
+@attrs.frozen(kw_only=True)
+class CostModel:
+    """Seconds per step of a rank's collectives: `latency · calls + bytes / bandwidth`.
+
+    The default (bandwidth 1 B/s everywhere, no latency) makes the cost the bytes sent, so the
+    planner ranks by bytes moved per token. `bandwidth` may map axes (`dp_shard_cp`, `ep_fsdp`,
+    `dp_replicate`, `ep`, `cp`) to bytes/s, with `"*"` for the others.
+    """
+
+    bandwidth: float | Mapping[str, float] = 1.0
+    latency: float = 0.0
+
+    def seconds(self, comm: Sequence[Traffic]) -> float:
+        """Modelled communication time of one step."""
+        total = 0.0
+        for t in comm:
+            bw = self.bandwidth
+            if isinstance(bw, Mapping):
+                bw = bw.get(t.axis, bw.get("*", 1.0))
+            total += t.calls * self.latency + t.bytes / bw
+        return total
+
+    def cost(self, p: Prediction) -> float:
+        """The ranking cost: modelled communication per token."""
+        return self.seconds(p.comm) / max(p.tokens, 1)
+
+
+@attrs.frozen
+class Candidate:
+    """A ready `(pipeline, degrees)` and what it is predicted to cost."""
+
+    pipeline: Pipeline
+    degrees: MeshDegrees
+    prediction: Prediction
+    cost: float
+
+    def __str__(self) -> str:
+        d = self.degrees
+        return (
+            f"{self.pipeline!r} on dp_replicate={d.dp_replicate} dp_shard={d.dp_shard} "
+            f"cp={d.cp} ep={d.ep}: {self.prediction}"
+        )
+
+
+@attrs.frozen
+class AutoPlan:
+    """The candidates that fit (best first), and the closest miss when none does.
+
+    Attributes:
+        fits: Candidates within the budget, ranked by cost, then memory.
+        misses: The fully predicted candidates over the budget, smallest memory first.
+        closest: The smallest-memory candidate that was fully predicted (None if every
+            candidate's parameter state alone exceeded the budget; see `smallest_state`).
+        smallest_state: The smallest parameter + gradient + AdamW bytes of any candidate.
+        budget: The memory per rank asked for.
+        considered: Candidates enumerated; `pruned` of them by their state bytes alone.
+        refused: Why some passes refused the model (one line per error kind; e.g. CP and an
+            MTP head): those candidates are left out.
+        seconds: Wall time.
+    """
+
+    fits: tuple[Candidate, ...]
+    closest: Candidate | None
+    misses: tuple[Candidate, ...]
+    smallest_state: int
+    budget: int
+    considered: int
+    pruned: int
+    refused: tuple[str, ...] = ()
+    seconds: float = attrs.field(default=0.0, eq=False)
+
+    @property
+    def best(self) -> Candidate:
+        """The top candidate; raises `NoFittingPlanError` when nothing fits."""
+        if self.fits:
+            return self.fits[0]
+        raise NoFittingPlanError(self.miss())
+
+    def miss(self) -> str:
+        """Why nothing fits: the smallest candidate and by how much it misses."""
+        if self.closest is not None:
+            over = self.closest.prediction.memory - self.budget
+            return (
+                f"No mesh and pipeline fits {human_bytes(self.budget)} per rank "
+                f"({self.considered} candidates); the smallest needs "
+                f"{human_bytes(self.closest.prediction.memory)} (+{human_bytes(over)}): "
+                f"{self.closest}"
+            )
+        over = self.smallest_state - self.budget
+        return (
+            f"No mesh and pipeline fits {human_bytes(self.budget)} per rank "
+            f"({self.considered} candidates); parameters, gradients and AdamW state alone need "
+            f"at least {human_bytes(self.smallest_state)} (+{human_bytes(over)})."
+        )
+
+    def frontier(self) -> tuple[Candidate, ...]:
+        """The fitting candidates no other beats on both memory and cost, by memory."""
+        out: list[Candidate] = []
+        for c in sorted(self.fits, key=lambda c: (c.prediction.memory, c.cost)):
+            if not out or c.cost < out[-1].cost:
+                out.append(c)
+        return tuple(out)
+
+    def table(self, top: int = 10) -> str:
+        """A markdown table of the `top` candidates."""
+        rows = [
+            "| # | pipeline | dp_rep | dp_shard | cp | ep | memory | activations | bytes/token "
+            "| sent/step (worst) | FLOP/step (worst) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for i, c in enumerate(self.fits[:top], 1):
+            d, p = c.degrees, c.prediction
+            pipe = repr(c.pipeline).replace("|", "\\|")  # a `|` would end the table cell
+            rows.append(
+                f"| {i} | `{pipe}` | {d.dp_replicate} | {d.dp_shard} | {d.cp} | {d.ep} "
+                f"| {human_bytes(p.memory)} | {human_bytes(p.activations)} "
+                f"| {p.bytes_per_token:,.0f} | {human_bytes(p.bytes_moved)} "
+                f"({human_bytes(p.bytes_moved_worst)}) | {human_flops(p.flops)} "
+                f"({human_flops(p.flops_worst)}) |"
+            )
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        head = (
+            f"autoplan: {len(self.fits)} of {self.considered} candidates fit "
+            f"{human_bytes(self.budget)} per rank ({self.pruned} pruned by state bytes; "
+            f"{self.seconds:.1f} s)"
+        )
+        notes = "".join(f"\nleft out: {r}" for r in self.refused)
+        body = self.table() if self.fits else self.miss()
+        return f"{head}\n{body}{notes}"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _factorisations(world: int, axes: int) -> Iterator[tuple[int, ...]]:
+    """Ordered tuples of `axes` positive ints whose product is `world` (add `tp` as one more)."""
+    if axes == 1:
+        yield (world,)
+        return
+    for d in _divisors(world):
+        for rest in _factorisations(world // d, axes - 1):
+            yield (d, *rest)
+
+
+def _degree_options(
+    world: int, *, experts: int, seq: int, allowed: frozenset[str], max_cp: int
+) -> Iterator[MeshDegrees]:
+    for dp_replicate, cp, dp_shard in _factorisations(world, 3):
+        if dp_replicate > 1 and "fsdp" not in allowed:
+            continue  # without FSDP, replicas and shards are the same data parallelism
+        if cp > 1 and ("cp" not in allowed or cp > max_cp or seq % (2 * cp)):
+            continue
+        for ep in _divisors(dp_shard * cp):
+            if ep > 1 and ("ep" not in allowed or not experts or experts % ep):
+                continue
+            yield MeshDegrees(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, ep=ep)
+
+
+def _ac_pass(mode: str) -> ActivationCheckpoint | None:
+    if mode == "none":
+        return None
+    name, _, every = mode.partition("/")
+    return ActivationCheckpoint(mode=name, every=int(every or 1))
+
+
+def _pipelines(
+    d: MeshDegrees, allowed: frozenset[str], modes: Sequence[str], fsdps: Sequence[FSDP]
+) -> Iterator[Pipeline]:
+    options: list[FSDP | None] = [*fsdps, None] if "fsdp" in allowed else [None]
+    for mode, fsdp in itertools.product(modes if "ac" in allowed else ["none"], options):
+        if d.dp_replicate > 1 and fsdp is None:
+            continue
+        passes: list[Pass | None] = [
+            ContextParallel() if d.cp > 1 else None,
+            ExpertParallel() if d.ep > 1 else None,
+            _ac_pass(mode),
+            fsdp,
+        ]
+        yield Pipeline(tuple(p for p in passes if p is not None))
+
+
+def autoplan(
+    model: nn.Module | MoEConfig,
+    *,
+    world: int,
+    memory_per_rank: int,
+    seq: int,
+    micro_batch: int = 1,
+    passes_allowed: Sequence[str] = PASSES,
+    ac_modes: Sequence[str] = AC_MODES,
+    cost: CostModel | None = None,
+    max_cp: int = 8,
+    fsdp_options: Sequence[FSDP] = (FSDP(),),
+) -> AutoPlan:
+    """Find the meshes and pipelines that fit `memory_per_rank`, ranked by `cost`.
+
+    Args:
+        model: A `MoEConfig` or a module (any device; only shapes are read, and a meta copy is
+            traced).
+        world: Number of ranks.
+        memory_per_rank: Bytes each rank may use (parameters, gradients, AdamW state,
+            activations and FSDP's gathered buffers).
+        seq: Sequence length (global; context parallelism splits it).
+        micro_batch: Rows per data rank per step.
+        passes_allowed: Stages the planner may use, among `("cp", "ep", "ac", "fsdp")`.
+        ac_modes: Checkpointing choices among `AC_MODES` (`"full/2"`: every 2nd block).
+        cost: The ranking `CostModel` (default: bytes sent per token).
+        max_cp: The largest context-parallel degree tried.
+        fsdp_options: The `FSDP` configurations tried (e.g. add
+            `FSDP(reshard_after_forward=False)`: more memory, no backward all-gathers).
+
+    Returns:
+        An `AutoPlan`: `.best` is the top `Candidate` (`.pipeline`, `.degrees`,
+        `.prediction`), `.fits` all that fit, `.miss()` why nothing fits.
+
+    Raises:
+        ValueError: A pass or checkpointing mode outside `PASSES` / `AC_MODES`.
+
+    Example:
+        >>> from moetx.models import MoEConfig
+        >>> result = autoplan(MoEConfig(), world=2, memory_per_rank=2**20, seq=8, ac_modes=["full"])
+        >>> result.best.degrees.world_size, result.best.prediction.memory <= 2**20
+        (2, True)
+    """
+    start = time.perf_counter()
+    allowed = frozenset(passes_allowed)
+    bad = sorted(allowed - set(PASSES)) + sorted(set(ac_modes) - set(AC_MODES))
+    if bad:
+        raise PlanningError(
+            f"Unknown pass or checkpointing mode ({bad[0]!r}); use {PASSES} and {AC_MODES}."
+        )
+    cost = cost or CostModel()
+    shapes = ModelShapes.of(model)
+    source = model
+    traces: dict[tuple[int, Pass | None], BlockTrace | MoetxError] = {}
+
+    def tracer(cp: Pass | None, degree: int, ac: Pass | None) -> BlockTrace:
+        key = (degree, attrs.evolve(ac, every=1) if isinstance(ac, ActivationCheckpoint) else ac)
+        if key not in traces:
+            try:
+                traces[key] = trace_blocks(
+                    source, micro_batch=micro_batch, seq=seq, ac=key[1], cp=cp, cp_degree=degree
+                )
+            except MoetxError as e:  # a pass refuses this model (e.g. CP with an MTP head)
+                traces[key] = e
+        found = traces[key]
+        if isinstance(found, MoetxError):
+            raise found
+        return found
+
+    fits: list[Candidate] = []
+    misses: list[Candidate] = []
+    considered = pruned = 0
+    refused: dict[str, str] = {}
+    smallest = None
+    for degrees in _degree_options(
+        world, experts=shapes.num_experts, seq=seq, allowed=allowed, max_cp=max_cp
+    ):
+        for pipeline in _pipelines(degrees, allowed, ac_modes, fsdp_options):
+            considered += 1
+            state = state_bytes(shapes, degrees, pipeline).total
+            smallest = state if smallest is None else min(smallest, state)
+            if state > memory_per_rank:
+                pruned += 1
+                continue
+            try:
+                p = predict(
+                    shapes, degrees, pipeline, seq=seq, micro_batch=micro_batch, tracer=tracer
+                )
+            except MoetxError as e:
+                refused.setdefault(type(e).__name__, str(e).splitlines()[0])
+                continue
+            c = Candidate(pipeline, degrees, p, cost.cost(p))
+            (fits if p.memory <= memory_per_rank else misses).append(c)
+    fits.sort(key=lambda c: (c.cost, c.prediction.memory))
+    misses.sort(key=lambda c: (c.prediction.memory, c.cost))
+    return AutoPlan(
+        fits=tuple(fits),
+        closest=misses[0] if misses else None,
+        misses=tuple(misses),
+        smallest_state=smallest or 0,
+        budget=memory_per_rank,
+        considered=considered,
+        pruned=pruned,
+        refused=tuple(refused.values()),
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,268 @@
+"""Activation bytes and forward FLOPs per rank, traced on `meta`: the model's own forward, not a formula.
+
+`trace_blocks` runs one forward of a (shallow copy of the) model on the `meta` device under
+`_TracingMeter`, a `LiveActivationMeter` that also
+
+- tags every op output with the transformer block that made it (forward hooks), so the bytes a
+  forward leaves alive split into "outside blocks" (embedding, final norm, logits' loss) and per
+  block kind (dense, MoE, MTP), checkpointed or not, and a model of any depth is then the sum;
+- routes tokens uniformly: on `meta` the router's choices have no values, so the experts'
+  `bincount` answers `T·k / E` tokens per expert (the expected load of a balanced router) and
+  the host copy of those counts (`.tolist()`) gets them; every other op runs as on a device;
+- runs attention through the flash kernel's meta function (saves the output and the
+  log-sum-exp, as the CPU and GPU flash kernels do; on `meta` SDPA would pick the math path);
+- counts forward FLOPs with `torch.utils.flop_counter`'s formulas (matmuls, attention).
+
+With `ContextParallel` the trace runs on a fake world of cp ranks, on the rank's local sequence,
+with the pass applied, so what CP attention keeps (the gathered K/V) is in the count. Meta ops
+take microseconds whatever their size, so a DeepSeek-V3 block traces at full width and length.
+The bytes match `LiveActivationMeter` on a real CPU forward (tests: within 0.1% on small models).
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections import defaultdict
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import flop_registry
+
+from moetx.core.algebra import Pass, Pipeline
+from moetx.mesh.parallel_mesh import ParallelMesh
+from moetx.models import MoEConfig
+from moetx.passes import ActivationCheckpoint
+from moetx.planning.fake_world import fake_world
+from moetx.planning.meter import LiveActivationMeter, _storages
+from moetx.planning.plan import _meta_model
+from moetx.structure.discovery import discover
+
+__all__ = ["BlockTrace", "trace_blocks"]
+
+aten = torch.ops.aten
+_OUTSIDE = -1
+
+
+@attrs.frozen
+class BlockTrace:
+    """What one traced forward left alive, per block kind, and its forward FLOPs.
+
+    Attributes:
+        outside: Bytes made outside every block (embeddings, final norm, loss), kept after
+            forward; the logits and the loss value excluded.
+        blocks: Bytes kept per block kind (`dense`, `moe`, `mtp`).
+        flops_outside: Forward FLOPs outside blocks (lm head, embeddings).
+        flops: Forward FLOPs per block kind.
+        expert_flops: The part of a MoE block's FLOPs spent in routed experts (scales with load).
+    """
+
+    outside: int
+    blocks: dict[str, int]
+    flops_outside: int
+    flops: dict[str, int]
+    expert_flops: int
+
+
+class _Flash(TorchFunctionMode):
+    """SDPA on meta tensors through the CPU flash kernel's meta function (what a device runs)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and args[0].is_meta:
+            q, k, v = args[:3]
+            causal, scale = kwargs.get("is_causal", False), kwargs.get("scale")
+            return aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, causal, scale=scale
+            )[0]
+        return func(*args, **kwargs)
+
+
+def _attention_flops(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int:
+    b, h, s, d = q.shape
+    full = 4 * b * h * s * k.shape[-2] * d
+    return full // 2 if causal and s == k.shape[-2] else full
+
+
+class _TracingMeter(LiveActivationMeter):
+    """`LiveActivationMeter` + block tags, uniform routing on meta, and a FLOP count."""
+
+    def __init__(self, exclude: Any = ()) -> None:
+        super().__init__(exclude)
+        self.block = _OUTSIDE
+        self.in_experts = False
+        self.tags: dict[int, int] = {}
+        self._refs: dict[int, weakref.ref[torch.UntypedStorage]] = {}
+        self.flops: defaultdict[int, int] = defaultdict(int)
+        self.expert_flops = 0
+        self._counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is aten.bincount.default and args[0].is_meta:
+            length = int(kwargs.get("minlength", args[2] if len(args) > 2 else 0))
+            base, extra = divmod(args[0].numel(), max(length, 1))
+            counts = torch.tensor([base + (i < extra) for i in range(length)], dtype=torch.int64)
+            out = torch.empty(length, dtype=torch.int64, device="meta")
+            self._counts[id(out)] = (out, counts)
+            return out
+        if func is aten._to_copy.default and args[0].is_meta and id(args[0]) in self._counts:
+            out, counts = self._counts[id(args[0])]
+            if out is args[0] and str(kwargs.get("device", "meta")) == "cpu":
+                return counts
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        flops = 0
+        if func._overloadpacket in flop_registry:
+            flops = int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
+        elif func is aten._scaled_dot_product_flash_attention_for_cpu.default:
+            flops = _attention_flops(args[0], args[1], bool(kwargs.get("is_causal", args[4])))
+        if flops:
+            self.flops[self.block] += flops
+            if self.in_experts:
+                self.expert_flops += flops
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                for s in _storages(t):
+                    self._tag(s)
+        return out
+
+    def _tag(self, storage: torch.UntypedStorage) -> None:
+        # Keyed by id, so a storage that died and whose id was reused gets the new tag.
+        ref = self._refs.get(id(storage))
+        if ref is None or ref() is not storage:
+            self._refs[id(storage)] = weakref.ref(storage)
+            self.tags[id(storage)] = self.block
+
+
+def _shallow(config: MoEConfig) -> MoEConfig:
+    """The config with at most two blocks of a kind (MTP kept): the first of each kind is then
+    followed by a block, as almost every block of the real model is (which keeps its output)."""
+    moe = min(config.num_moe_layers, 2)
+    dense = min(config.num_dense_layers, 1 if moe else 2)
+    return attrs.evolve(config, num_dense_layers=dense, num_layers=dense + moe)
+
+
+def _hook(meter: _TracingMeter, index: int) -> list[Any]:
+    stack: list[int] = []
+
+    def pre(module: nn.Module, args: Any) -> None:
+        stack.append(meter.block)
+        meter.block = index
+
+    def post(module: nn.Module, args: Any, out: Any) -> None:
+        meter.block = stack.pop()
+
+    return [pre, post]
+
+
+def trace_blocks(
+    model: nn.Module | MoEConfig,
+    *,
+    micro_batch: int,
+    seq: int,
+    ac: Pass | None = None,
+    cp: Pass | None = None,
+    cp_degree: int = 1,
+) -> BlockTrace:
+    """Trace one forward on `meta` (see the module docstring) and split what it keeps per block.
+
+    Args:
+        model: A `MoEConfig` (traced with at most one dense and one MoE block), or a
+            `MoETransformer`-like module (a meta copy of the whole model is traced).
+        micro_batch: Rows per rank.
+        seq: Global sequence length (each rank holds `seq / cp_degree` of it under CP).
+        ac: The `ActivationCheckpoint` pass, applied to every block (None: no checkpointing).
+        cp: The `ContextParallel` pass (None: none).
+        cp_degree: Its degree.
+
+    Returns:
+        A `BlockTrace`.
+    """
+    # The meter collects garbage before counting; freezing the objects that exist now (torch's
+    # own, the caller's) makes each collection scan only what the trace made.
+    gc.freeze()
+    try:
+        return _trace(model, micro_batch, seq, ac, cp, cp_degree)
+    finally:
+        gc.unfreeze()
+
+
+def _trace(
+    model: nn.Module | MoEConfig,
+    micro_batch: int,
+    seq: int,
+    ac: Pass | None,
+    cp: Pass | None,
+    cp_degree: int,
+) -> BlockTrace:
+    meta = _meta_model(_shallow(model) if isinstance(model, MoEConfig) else model)
+    degree = cp_degree if cp is not None else 1
+    local = seq // degree
+    with fake_world(degree, 0):
+        mesh = ParallelMesh.build(dp_shard=1, cp=degree, device_type="cpu")
+        passes = [p for p in (cp if degree > 1 else None, ac) if p is not None]
+        if passes:
+            every = attrs.evolve(ac, every=1) if isinstance(ac, ActivationCheckpoint) else None
+            passes = [every if p is ac and every is not None else p for p in passes]
+            meta = Pipeline(tuple(passes)).apply(meta, mesh)
+        structure = discover(meta)
+        ids = torch.zeros(micro_batch, local, dtype=torch.int64, device="meta")
+        positions = torch.arange(local, device="meta").expand(micro_batch, local)
+        labels = torch.zeros(micro_batch, local, dtype=torch.int64, device="meta")
+        meter = _TracingMeter(exclude=[meta, ids, positions, labels])
+        handles, kinds = [], {}
+        for i, block in enumerate(structure.blocks):
+            kinds[i] = "mtp" if block.is_mtp else "moe" if block.moe is not None else "dense"
+            pre, post = _hook(meter, i)
+            handles += [block.module.register_forward_pre_hook(pre)]
+            handles += [block.module.register_forward_hook(post)]
+            if block.moe is not None:
+                handles += _expert_hooks(meter, block.moe.experts)
+        try:
+            with _Flash(), meter:
+                out = meta(ids, labels=labels, position_ids=positions)
+            kept = meter.live_storages(exclude=[out.logits, out.loss])
+        finally:
+            for h in handles:
+                h.remove()
+    per_index: defaultdict[int, int] = defaultdict(int)
+    for s in kept:
+        per_index[meter.tags.get(id(s), _OUTSIDE)] += s.nbytes()
+    blocks: dict[str, int] = {}
+    flops: dict[str, int] = {}
+    for i, kind in kinds.items():  # one block of each kind is representative
+        blocks.setdefault(kind, per_index[i])
+        flops.setdefault(kind, meter.flops[i])
+    with_experts = sum(1 for b in structure.blocks if b.moe is not None)
+    return BlockTrace(
+        outside=per_index[_OUTSIDE],
+        blocks=blocks,
+        flops_outside=meter.flops[_OUTSIDE],
+        flops=flops,
+        expert_flops=meter.expert_flops // max(with_experts, 1),
+    )
+
+
+def _expert_hooks(meter: _TracingMeter, experts: nn.Module) -> list[Any]:
+    def pre(module: nn.Module, args: Any) -> None:
+        meter.in_experts = True
+
+    def post(module: nn.Module, args: Any, out: Any) -> None:
+        meter.in_experts = False
+
+    return [experts.register_forward_pre_hook(pre), experts.register_forward_hook(post)]
+
+
+def total_flops(trace: BlockTrace, kinds: list[str]) -> int:
+    """Forward FLOPs of a model whose blocks have `kinds`."""
+    return trace.flops_outside + sum(trace.flops.get(k, 0) for k in kinds)

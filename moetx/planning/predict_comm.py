@@ -1,0 +1,234 @@
+"""Communication bytes per step and FLOPs per rank, from the model's shapes and the passes' collectives.
+
+Bytes are what leaves one rank (the ring/wire convention): an all-gather of a `b`-byte shard
+over `w` ranks sends `(w-1)·b`, a reduce-scatter of a `w·b`-byte input `(w-1)·b`, a ring
+all-reduce of `b` bytes `2(w-1)/w·b`, an all-to-all the rows addressed to other ranks. The
+collectives are the ones the passes issue (see their docstrings), per step = one forward and
+one backward of one micro-batch:
+
+- `FSDP`: per unit (the root too, in torch 2.13), one all-gather in forward and one in backward
+  (none in backward with `reshard_after_forward=False`), one reduce-scatter of the gradients,
+  and with HSDP an all-reduce over the replicas; FSDP2's padded shards.
+- `ExpertParallel` (all-to-all dispatcher): per MoE layer in forward the int64 count exchange,
+  the dispatch and the combine; in backward the two reversed; checkpointing in `full`/`router`
+  mode reissues the forward three in backward (`selective` saves them).
+- no `FSDP`: `moetx.sync_gradients`, one all-reduce of the dense gradients over the world and
+  one per expert parameter over dp_replicate × ep_shard.
+- `ContextParallel` (allgather): per attention layer one all-gather of the stacked K/V, its
+  reduce-scatter in backward, and a second all-gather under `full`/`router` checkpointing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import attrs
+
+from moetx.core.algebra import Pipeline
+from moetx.mesh.parallel_mesh import MeshDegrees
+from moetx.planning.predict_activations import BlockTrace
+from moetx.planning.predict_state import ModelShapes, find_pass, fsdp_units, iter_blocks
+
+__all__ = ["Traffic", "predict_comm", "predict_flops", "recomputes_forward"]
+
+#: `routing[layer][src][dst]`: token copies ep rank `src` sends to ep rank `dst` in MoE layer
+#: `layer` (the MoE blocks in `discover` order).
+Routing = Sequence[Sequence[Sequence[int]]]
+
+
+@attrs.frozen
+class Traffic:
+    """One kind of collective on one mesh axis: calls and bytes sent per rank per step."""
+
+    kind: str
+    axis: str
+    calls: int
+    bytes: int
+    worst_bytes: int = attrs.field(default=-1)
+
+    def __attrs_post_init__(self) -> None:
+        if self.worst_bytes < 0:
+            object.__setattr__(self, "worst_bytes", self.bytes)
+
+
+def recomputes_forward(pipeline: Pipeline, block: int) -> bool:
+    """Whether block `block`'s forward reruns in backward (checkpointed in full/router mode)."""
+    ac = find_pass(pipeline, "ac")
+    if ac is None:
+        return False
+    every = getattr(ac, "every", 1)
+    return (block + 1) % every == 0 and getattr(ac, "mode", "full") != "selective"
+
+
+def _compute_itemsize(shapes: ModelShapes, pipeline: Pipeline) -> int:
+    fsdp = find_pass(pipeline, "fsdp")
+    dtype = getattr(fsdp, "param_dtype", None) if fsdp is not None else None
+    return {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype or "", shapes.compute_itemsize)
+
+
+def _fsdp(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[Traffic]:
+    fsdp = find_pass(pipeline, "fsdp")
+    if fsdp is None:
+        return []
+    regather = getattr(fsdp, "reshard_after_forward", True) is not False
+    out: dict[tuple[str, str], list[int]] = {}
+    for unit in fsdp_units(shapes, d, pipeline):
+        axis = "ep_fsdp" if unit.name == "expert" else "dp_shard_cp"
+        w, n = unit.mesh_size, unit.count
+        if w > 1:
+            gathers = 1 + regather
+            row = out.setdefault(("fsdp_all_gather", axis), [0, 0])
+            row[0] += n * gathers
+            row[1] += n * gathers * (w - 1) * unit.shard_bytes
+            if unit.trained:
+                row = out.setdefault(("fsdp_reduce_scatter", axis), [0, 0])
+                row[0] += n
+                row[1] += n * (w - 1) * unit.trained * unit.reduce_itemsize
+        r = unit.replicate
+        if r > 1 and unit.trained:
+            row = out.setdefault(("hsdp_all_reduce", "dp_replicate"), [0, 0])
+            row[0] += n
+            row[1] += n * (2 * (r - 1) * unit.trained * unit.reduce_itemsize // r)
+    return [Traffic(k, a, c, b) for (k, a), (c, b) in out.items()]
+
+
+def _grad_sync(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[Traffic]:
+    """`moetx.sync_gradients` (pipelines without FSDP): one flat all-reduce of the dense
+    gradients over the world, and one per expert parameter over the ranks holding it."""
+    if find_pass(pipeline, "fsdp") is not None:
+        return []
+    ep = find_pass(pipeline, "ep") is not None and d.ep > 1
+    world, replicas = d.world_size, d.dp_replicate * d.ep_shard
+    dense = experts = calls = 0
+    for p, count in shapes.grouped:
+        if not p.trainable:
+            continue
+        numel = math.prod(p.shape)
+        if p.role == "expert" and ep:
+            if replicas > 1:
+                calls += count
+                experts += count * (2 * (replicas - 1) * (numel // d.ep * p.itemsize) // replicas)
+        else:
+            dense += count * numel * p.itemsize
+    out = []
+    if world > 1 and dense:
+        out.append(Traffic("grad_all_reduce", "world", 1, 2 * (world - 1) * dense // world))
+    if calls:
+        out.append(Traffic("grad_all_reduce", "ep_fsdp", calls, experts))
+    return out
+
+
+def _ep(
+    shapes: ModelShapes,
+    d: MeshDegrees,
+    pipeline: Pipeline,
+    tokens: int,
+    routing: Routing | None,
+    ep_rank: int,
+) -> list[Traffic]:
+    ep = find_pass(pipeline, "ep")
+    if ep is None or d.ep == 1 or getattr(ep, "dispatcher", "all_to_all") != "all_to_all":
+        return []
+    e, k, row = (
+        shapes.num_experts,
+        shapes.top_k,
+        shapes.hidden_size * _compute_itemsize(shapes, pipeline),
+    )
+    copies = tokens * k
+    calls = total = worst = counts = 0
+    moe = [i for i, _ in iter_blocks(shapes) if i in shapes.moe_blocks]
+    for layer, block in enumerate(moe):
+        if routing is not None:
+            grid = routing[layer]
+            sent = sum(c for j, c in enumerate(grid[ep_rank]) if j != ep_rank)
+            received = sum(grid[j][ep_rank] for j in range(d.ep) if j != ep_rank)
+        else:
+            sent = received = copies * (d.ep - 1) // d.ep
+        worst_sent = copies
+        worst_received = (d.ep - 1) * tokens * min(k, e // d.ep)
+        again = recomputes_forward(pipeline, block)
+        fwd = 2 + again * 2  # forward (and recompute): dispatch + combine; backward: both reversed
+        calls += 3 + 2 + 3 * again
+        total += (fwd // 2) * (sent + received) * row + (sent + received) * row
+        worst += (fwd // 2) * (worst_sent + worst_received) * row + (
+            worst_sent + worst_received
+        ) * row
+        counts += (1 + again) * (d.ep - 1) * (e // d.ep) * 8
+    return [
+        Traffic("ep_all_to_all", "ep", calls, total + counts, worst + counts),
+    ]
+
+
+def _cp(
+    shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline, micro_batch: int, seq: int
+) -> list[Traffic]:
+    cp = find_pass(pipeline, "cp")
+    if cp is None or d.cp == 1:
+        return []
+    # The input guard all-gathers each rank's [rows, tokens] (two int64) once per forward.
+    guard = Traffic("cp_all_gather", "cp", 1, (d.cp - 1) * 2 * 8)
+    if getattr(cp, "comm", "allgather") != "allgather":
+        return [guard]
+    kv = 2 * micro_batch * shapes.kv_heads * (seq // d.cp) * shapes.head_dim
+    kv *= _compute_itemsize(shapes, pipeline)
+    gathers = sum(1 + recomputes_forward(pipeline, i) for i in range(shapes.num_blocks))
+    return [
+        Traffic("cp_all_gather", "cp", gathers + 1, gathers * (d.cp - 1) * kv + guard.bytes),
+        Traffic("cp_reduce_scatter", "cp", shapes.num_blocks, shapes.num_blocks * (d.cp - 1) * kv),
+    ]
+
+
+def predict_comm(
+    shapes: ModelShapes,
+    degrees: MeshDegrees,
+    pipeline: Pipeline,
+    *,
+    micro_batch: int,
+    seq: int,
+    routing: Routing | None = None,
+    ep_rank: int = 0,
+) -> tuple[Traffic, ...]:
+    """Collective bytes one rank sends in one training step (forward + backward), per kind and axis.
+
+    Args:
+        shapes: The model (`ModelShapes.of`).
+        degrees: The mesh.
+        pipeline: The passes.
+        micro_batch: Rows per data rank.
+        seq: Global sequence length (a cp rank holds `seq / cp`).
+        routing: The token copies each ep rank sends to each other per MoE layer
+            (`routing[layer][src][dst]`); None: a uniform router's expected load, with the
+            worst case (every copy remote, one rank receiving all it can) in `worst_bytes`.
+        ep_rank: The rank's position in its ep group (with `routing`).
+    """
+    tokens = micro_batch * (seq // degrees.cp)
+    return tuple(
+        _fsdp(shapes, degrees, pipeline)
+        + _grad_sync(shapes, degrees, pipeline)
+        + _ep(shapes, degrees, pipeline, tokens, routing, ep_rank)
+        + _cp(shapes, degrees, pipeline, micro_batch, seq)
+    )
+
+
+def predict_flops(
+    trace: BlockTrace, shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline
+) -> tuple[int, int]:
+    """(expected, worst) FLOPs per rank per step: forward, backward (2x), recomputation.
+
+    The trace's expert FLOPs are those of this rank's tokens under uniform routing, which is what
+    an ep rank computes on average; the worst rank receives `ep · min(k, E / ep) / k` times that.
+    """
+    forward = trace.flops_outside
+    recompute = 0
+    for i, kind in iter_blocks(shapes):
+        forward += trace.flops.get(kind, 0)
+        if recomputes_forward(pipeline, i):
+            recompute += trace.flops.get(kind, 0)
+    expected = 3 * forward + recompute
+    worst = expected
+    if find_pass(pipeline, "ep") is not None and degrees.ep > 1 and shapes.top_k:
+        ratio = degrees.ep * min(shapes.top_k, shapes.num_experts // degrees.ep) / shapes.top_k
+        layers = len(shapes.moe_blocks)
+        worst += int((ratio - 1) * 3 * trace.expert_flops * layers)
+    return expected, worst

@@ -1,0 +1,251 @@
+"""Per-rank parameter, gradient and AdamW bytes, and FSDP2's units, from shapes alone.
+
+`Pipeline.plan` applies a pipeline on `meta` and reads the placements back: exact, but seconds
+per candidate at DeepSeek-V3 scale. The auto-planner needs thousands of candidates, so this module
+reads the model once (`ModelShapes`: every parameter's shape, dtype and role) and applies the
+placement rules the passes use, with DTensor's and FSDP2's chunking (`torch.chunk`: the first
+ranks hold `ceil(n / w)` rows, padded so to every rank in the all-gather buffers):
+
+- dense parameters: FSDP-sharded on dim 0 over `dp_shard × cp` (replicated over dp_replicate);
+- routed experts under `ExpertParallel`: `E / ep` experts per rank, then FSDP-sharded over
+  `dp_replicate × ep_shard` on dim 0, or on dim 1 when the shards outnumber the local experts.
+
+Tests check the numbers against `plan` (which real gloo ranks check) on drawn meshes.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from collections.abc import Iterator
+
+import attrs
+import torch
+from torch import nn
+
+from moetx.core.algebra import Pass, Pipeline
+from moetx.mesh.parallel_mesh import MeshDegrees
+from moetx.models import MoEConfig, MoETransformer
+from moetx.planning.report import RankBytes
+from moetx.structure.discovery import discover
+
+__all__ = ["FSDPUnit", "ModelShapes", "ParamInfo", "find_pass", "fsdp_units", "state_bytes"]
+
+#: Roles a parameter can have, innermost FSDP unit first.
+ROLES = ("expert", "router", "block", "embedding", "lm_head", "root")
+
+
+@attrs.frozen
+class ParamInfo:
+    """One parameter, as the planner needs it."""
+
+    fqn: str
+    shape: tuple[int, ...]
+    itemsize: int
+    trainable: bool
+    role: str  # one of ROLES
+    block: int  # index in `discover(model).blocks`, -1 outside blocks
+
+
+@attrs.frozen
+class ModelShapes:
+    """Everything about a model the predictors read: parameters, routing and attention shapes.
+
+    Build with `ModelShapes.of(model_or_config)` (the model is built on, or copied to, nothing:
+    only `named_parameters` and `discover` are read).
+    """
+
+    params: tuple[ParamInfo, ...]
+    num_blocks: int
+    moe_blocks: tuple[int, ...]
+    mtp_blocks: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    kv_heads: int
+    head_dim: int
+    compute_itemsize: int
+    tied_embeddings: bool
+    routing_bias: bool
+    config: MoEConfig | None = attrs.field(default=None, eq=False)
+    #: `params` with identical (shape, itemsize, trainable, role) counted once: what the
+    #: byte counts need (DeepSeek-V3 has ~1000 parameters but ~30 distinct ones).
+    grouped: tuple[tuple[ParamInfo, int], ...] = attrs.field(default=(), eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        counts: dict[tuple[object, ...], list[object]] = {}
+        for p in self.params:
+            key = (p.shape, p.itemsize, p.trainable, p.role)
+            counts.setdefault(key, [p, 0])[1] += 1  # type: ignore[operator]
+        object.__setattr__(self, "grouped", tuple((p, n) for p, n in counts.values()))
+
+    @classmethod
+    def of(cls, model: nn.Module | MoEConfig) -> ModelShapes:
+        """Read the shapes of `model` (a module, any device) or of the model a config builds."""
+        config = model if isinstance(model, MoEConfig) else None
+        if isinstance(model, MoEConfig):
+            with torch.device("meta"):
+                model = MoETransformer(model)
+        s = discover(model)
+        role: dict[int, tuple[str, int]] = {}
+        for i, b in enumerate(s.blocks):
+            for p in b.module.parameters():
+                role.setdefault(id(p), ("block", i))
+            if b.moe is not None:
+                for p in b.moe.router.parameters():
+                    role[id(p)] = ("router", i)
+                for p in b.moe.experts.parameters():
+                    role[id(p)] = ("expert", i)
+        if not s.tied_embeddings:
+            for name, mod in (("embedding", s.embedding), ("lm_head", s.lm_head)):
+                for p in mod.parameters() if mod is not None else ():
+                    role.setdefault(id(p), (name, -1))
+        params = tuple(
+            ParamInfo(
+                n, tuple(p.shape), p.element_size(), p.requires_grad, *role.get(id(p), ("root", -1))
+            )
+            for n, p in model.named_parameters()
+        )
+        moe = [i for i, b in enumerate(s.blocks) if b.moe is not None]
+        first = s.blocks[moe[0]].moe if moe else None
+        attn = s.blocks[0].attention
+        kv_heads = int(getattr(attn, "num_kv_heads", getattr(attn, "num_key_value_heads", 1)))
+        head_dim = int(getattr(attn, "head_dim", 1))
+        dtype = next(p.dtype for p in model.parameters())
+        return cls(
+            params=params,
+            num_blocks=len(s.blocks),
+            moe_blocks=tuple(moe),
+            mtp_blocks=tuple(i for i, b in enumerate(s.blocks) if b.is_mtp),
+            num_experts=first.num_experts if first else 0,
+            top_k=first.top_k if first else 0,
+            hidden_size=int(typing.cast(torch.Tensor, s.embedding.weight).shape[1]),
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            compute_itemsize=torch.empty((), dtype=dtype).element_size(),
+            tied_embeddings=s.tied_embeddings,
+            routing_bias=bool(first is not None and first.counter_buffer_names),
+            config=config,
+        )
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count (tied parameters once)."""
+        return sum(math.prod(p.shape) for p in self.params)
+
+
+def find_pass(pipeline: Pipeline, stage: str) -> Pass | None:
+    """The pass of `pipeline` at `stage`, or None."""
+    return next((p for p in pipeline if p.placement.stage == stage), None)
+
+
+@attrs.frozen
+class FSDPUnit:
+    """One FSDP2 unit: its parameters' padded local shapes on one rank and its mesh size."""
+
+    name: str
+    mesh_size: int
+    numels: tuple[int, ...]  # padded local numel of each parameter (the all-gather input)
+    trained: int  # padded local numel of the trained ones (the reduce-scatter output)
+    itemsize: int  # all-gather dtype
+    reduce_itemsize: int
+    replicate: int = 1  # HSDP replicas: gradients all-reduced over them after the reduce-scatter
+    root: bool = False
+    count: int = 1  # identical units (e.g. the same block repeated) described once
+
+    @property
+    def shard_bytes(self) -> int:
+        """Bytes this rank contributes to the unit's all-gather."""
+        return sum(self.numels) * self.itemsize
+
+
+def _chunk(n: int, w: int, index: int = 0) -> int:
+    """Rows of `n` that coordinate `index` of `w` holds under `torch.chunk` (DTensor, FSDP2)."""
+    size = -(-n // w)
+    return max(0, min(size, n - index * size))
+
+
+def _local_shape(p: ParamInfo, d: MeshDegrees, ep: bool, fsdp: bool) -> tuple[tuple[int, ...], int]:
+    """Rank 0's local shape of `p`, and its padded FSDP shard numel (0 without FSDP)."""
+    shape = list(p.shape)
+    if p.role == "expert" and ep:
+        shape[0] //= d.ep
+        if not fsdp:
+            return tuple(shape), 0
+        w = d.dp_replicate * d.ep_shard
+        dim = 0 if len(shape) == 1 or shape[0] % w == 0 else 1
+    elif fsdp:
+        w, dim = d.dp_shard_cp, 0
+    else:
+        return tuple(shape), 0
+    padded = list(shape)
+    padded[dim] = -(-shape[dim] // w)
+    shape[dim] = _chunk(shape[dim], w)
+    return tuple(shape), math.prod(padded)
+
+
+def state_bytes(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) -> RankBytes:
+    """Rank 0's parameter, gradient and AdamW bytes (the largest rank: it holds full chunks)."""
+    ep = find_pass(pipeline, "ep") is not None and degrees.ep > 1
+    fsdp = find_pass(pipeline, "fsdp") is not None
+    params = trained = 0
+    for p, count in shapes.grouped:
+        local, _ = _local_shape(p, degrees, ep, fsdp)  # type: ignore[arg-type]
+        n = count * math.prod(local) * p.itemsize  # type: ignore[attr-defined]
+        params += n
+        trained += n if p.trainable else 0  # type: ignore[attr-defined]
+    return RankBytes(params, trained, 2 * trained)
+
+
+def fsdp_units(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) -> list[FSDPUnit]:
+    """The FSDP2 units `FSDP.apply` makes, innermost first (empty without `FSDP`)."""
+    fsdp = find_pass(pipeline, "fsdp")
+    if fsdp is None:
+        return []
+    ep = find_pass(pipeline, "ep") is not None and degrees.ep > 1
+    param_dtype = getattr(fsdp, "param_dtype", None)
+    reduce_dtype = getattr(fsdp, "reduce_dtype", None)
+    fp32_roles = (
+        set(getattr(fsdp, "fp32_modules", ())) if param_dtype not in (None, "float32") else set()
+    )
+
+    def size(name: str | None, default: int) -> int:
+        return torch.empty((), dtype=getattr(torch, name)).element_size() if name else default
+
+    units: dict[tuple[str, int], list[tuple[ParamInfo, int]]] = {}
+    for p in shapes.params:
+        _, numel = _local_shape(p, degrees, ep, True)
+        role = p.role
+        if role == "expert" and not ep:
+            role = "block"
+        if role == "router" and "router" not in fp32_roles:
+            role = "block"
+        units.setdefault((role, p.block), []).append((p, numel))
+    out: dict[tuple[object, ...], FSDPUnit] = {}
+    for (role, _block), members in sorted(units.items(), key=lambda kv: ROLES.index(kv[0][0])):
+        fp32 = role in fp32_roles
+        itemsize = 4 if fp32 else size(param_dtype, members[0][0].itemsize)
+        reduce = 4 if fp32 else size(reduce_dtype, itemsize)
+        expert = role == "expert"
+        mesh = degrees.dp_replicate * degrees.ep_shard if expert else degrees.dp_shard_cp
+        unit = FSDPUnit(
+            name=role,
+            mesh_size=mesh,
+            numels=tuple(n for _, n in members),
+            trained=sum(n for p, n in members if p.trainable),
+            itemsize=itemsize,
+            reduce_itemsize=reduce,
+            replicate=1 if expert else degrees.dp_replicate,
+            root=role == "root",
+        )
+        key = attrs.astuple(unit, recurse=False)
+        if key in out:
+            unit = attrs.evolve(out[key], count=out[key].count + 1)
+        out[key] = unit
+    return list(out.values())
+
+
+def iter_blocks(shapes: ModelShapes) -> Iterator[tuple[int, str]]:
+    """(block index, kind) with kind `dense`, `moe` or `mtp` (an MTP block, MoE or dense)."""
+    for i in range(shapes.num_blocks):
+        yield i, "mtp" if i in shapes.mtp_blocks else "moe" if i in shapes.moe_blocks else "dense"

@@ -1,0 +1,165 @@
+"""Rank bodies for the auto-planner tests: counted collective bytes, measured activations, routing."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moetx.core.algebra import Pipeline
+from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh
+from moetx.planning.meter import LiveActivationMeter
+from moetx.structure.discovery import discover
+from moetx.testing.train import TrainSpec, build_model, mesh_for
+from moetx.training.grad_sync import sync_gradients
+from tests.bodies.plan import _batch
+
+#: The axis a kind of collective is reported under when one group is several axes (e.g. the
+#: world is also dp_shard_cp when dp_replicate is 1).
+PREFER = {
+    "fsdp_all_gather": ("dp_shard_cp", "ep_fsdp"),
+    "fsdp_reduce_scatter": ("dp_shard_cp", "ep_fsdp"),
+    "grad_all_reduce": ("world", "ep_fsdp"),
+    "hsdp_all_reduce": ("dp_replicate",),
+    "load_sync_all_reduce": ("world",),
+    "ep_all_to_all": ("ep",),
+    "cp_all_gather": ("cp",),
+    "cp_reduce_scatter": ("cp",),
+}
+
+
+def _axes(mesh: ParallelMesh) -> dict[str, list[str]]:
+    """Process-group name -> the axes whose group it is."""
+    names: dict[str, list[str]] = {}
+    for axis, dm in (
+        ("dp_shard_cp", mesh["dp_shard_cp"]),
+        ("ep_fsdp", mesh.expert_fsdp_mesh()),
+        ("ep", mesh["ep"]),
+        ("cp", mesh["cp"]),
+        ("dp_replicate", mesh["dp_replicate"]),
+        ("world", mesh.root),
+    ):
+        names.setdefault(dm.get_group().group_name, []).append(axis)
+    return names
+
+
+class CountingMode(TorchDispatchMode):
+    """Counts every collective a step issues: calls and bytes this rank sends, per (kind, axis).
+
+    Bytes follow the planner's convention: all-gather `(w-1)·input`, reduce-scatter
+    `(w-1)/w·input`, ring all-reduce `2(w-1)/w·size`, all-to-all the rows sent to other ranks.
+    Sees FSDP2's c10d ops (`_allgather_base_`, `_reduce_scatter_base_`, `allreduce_`) and the
+    functional ones (`_c10d_functional.*`) that EP and CP issue.
+    """
+
+    def __init__(self, axes: dict[str, list[str]]) -> None:
+        super().__init__()
+        self.axes = axes
+        self.log: defaultdict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        self.c10d: defaultdict[str, int] = defaultdict(int)
+        self.all_reduce: str | None = None  # what all-reduces are, when the caller knows
+
+    def _add(self, kind: str, pg: Any, sent: int) -> None:
+        axes = self.axes.get(pg.group_name, [pg.group_name])
+        axis = next((a for a in PREFER[kind] if a in axes), axes[0])
+        row = self.log[(kind, axis)]
+        row[0] += 1
+        row[1] += sent
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        ns, name = func.namespace, func._overloadpacket.__name__
+        if ns == "c10d":
+            self.c10d[name] += 1
+        if ns == "c10d" and name == "_allgather_base_":
+            pg = _unbox(args[2])
+            self._add("fsdp_all_gather", pg, (pg.size() - 1) * _nbytes(args[1]))
+        elif ns == "c10d" and name == "_reduce_scatter_base_":
+            pg = _unbox(args[2])
+            self._add("fsdp_reduce_scatter", pg, (pg.size() - 1) * _nbytes(args[1]) // pg.size())
+        elif ns == "c10d" and name == "allreduce_":
+            pg = _unbox(args[1])
+            w = pg.size()
+            kind = self.all_reduce or (
+                "load_sync_all_reduce"
+                if self.axes.get(pg.group_name) == "world"
+                else "hsdp_all_reduce"
+            )
+            self._add(kind, pg, 2 * (w - 1) * sum(_nbytes(t) for t in args[0]) // w)
+        elif ns == "_c10d_functional" and name == "all_to_all_single":
+            x, pg = args[0], _resolve_process_group(args[3])
+            me, w = dist.get_rank(pg), pg.size()
+            splits = args[2] if args[2] is not None else [x.shape[0] // w] * w
+            row = _nbytes(x) // x.shape[0] if x.shape[0] else 0
+            self._add("ep_all_to_all", pg, sum(s for j, s in enumerate(splits) if j != me) * row)
+        elif ns == "_c10d_functional" and name == "all_gather_into_tensor":
+            pg = _resolve_process_group(args[2])
+            self._add("cp_all_gather", pg, (pg.size() - 1) * _nbytes(args[0]))
+        elif ns == "_c10d_functional" and name == "reduce_scatter_tensor":
+            pg = _resolve_process_group(args[3])
+            self._add("cp_reduce_scatter", pg, (pg.size() - 1) * _nbytes(args[0]) // pg.size())
+        return func(*args, **kwargs)
+
+
+def _unbox(pg: Any) -> dist.ProcessGroup:
+    return pg if isinstance(pg, dist.ProcessGroup) else dist.ProcessGroup.unbox(pg)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def measure_step(
+    spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, *, meter: bool
+) -> dict[str, Any]:
+    """One forward + backward: counted collectives, routing sent per ep rank, activation bytes.
+
+    `meter`: measure what forward leaves alive (only meaningful without FSDP, whose gathered
+    parameters the meter would also see).
+    """
+    mesh = mesh_for(degrees)
+    model = pipeline.apply(build_model(spec), mesh)
+    batch = _batch(spec, pipeline, degrees)
+    structure = discover(model)
+    ep_degree = degrees.ep
+    sent: dict[int, list[int]] = {}
+    handles = []
+    for layer, moe in enumerate(structure.moe_layers()):
+        per_rank = moe.num_experts // ep_degree
+
+        def hook(
+            module: Any, args: Any, out: Any, layer: int = layer, per_rank: int = per_rank
+        ) -> None:
+            if layer not in sent:  # the forward's routing, not a recomputation's
+                owner = out[0].reshape(-1) // per_rank
+                sent[layer] = torch.bincount(owner, minlength=ep_degree).tolist()
+
+        handles.append(moe.router.register_forward_hook(hook))
+    log = CountingMode(_axes(mesh))
+    live = LiveActivationMeter(exclude=[model, *batch.values()])
+    with log:
+        if meter:
+            with live:
+                out = model(**batch)
+            activations = live.live_bytes(exclude=[out.logits, out.loss])
+        else:
+            out, activations = model(**batch), -1
+        out.loss.backward()
+        if not any(p.placement.stage == "fsdp" for p in pipeline):
+            log.all_reduce = "grad_all_reduce"
+            sync_gradients(model, mesh)
+    for h in handles:
+        h.remove()
+    ep_group = mesh["ep"].get_group()
+    return {
+        "comm": {f"{k}[{a}]": tuple(v) for (k, a), v in log.log.items()},
+        "activations": activations,
+        "c10d": dict(log.c10d),
+        "sent": [sent[i] for i in sorted(sent)],
+        "ep_ranks": dist.get_process_group_ranks(ep_group),
+        "ep_rank": dist.get_rank(ep_group),
+    }

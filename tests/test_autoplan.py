@@ -1,0 +1,378 @@
+"""`autoplan` and `predict`: predictions proven on real gloo ranks, the top candidate trains like one
+process, a rejected one is over budget on the meter, and DeepSeek-V3 plans in seconds."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import time
+
+import attrs
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moetx
+from moetx import (
+    FSDP,
+    ActivationCheckpoint,
+    ContextParallel,
+    CostModel,
+    ExpertParallel,
+    MeshDegrees,
+    NoFittingPlanError,
+    ParallelMesh,
+    Pipeline,
+)
+from moetx.__main__ import main
+from moetx.core.algebra import Pass
+from moetx.core.order import Placement
+from moetx.models import MoEConfig, MoETransformer
+from moetx.planning import LiveActivationMeter, autoplan, plan, predict
+from moetx.planning.predict_state import ModelShapes, state_bytes
+from moetx.testing import RankPool, examples, fake_world
+from moetx.testing.strategies import mesh_degrees
+from moetx.testing.train import TrainSpec, assert_matches_reference, build_model, train
+from tests.bodies import training_loop
+from tests.bodies.autoplan import measure_step
+from tests.bodies.plan import held_bytes
+
+# Odd sizes (vocab 67, hidden 12, widths 6 / 10) split unevenly over 2 and 4 ranks. No routing
+# bias or aux loss: their small all-reduces are not predicted (README: Auto-planner).
+CONFIG = MoEConfig(
+    vocab_size=67, hidden_size=12, num_heads=2, num_kv_heads=1, num_layers=3, num_dense_layers=1,
+    num_experts=4, top_k=2, expert_hidden_size=6, num_shared_experts=1, dense_hidden_size=10,
+)  # fmt: skip
+SPEC = TrainSpec(config=CONFIG, steps=1, rows_per_rank=2, seq_len=8)
+MODES = ("none", "full", "router", "selective", "full/2")
+
+
+def _ac(mode: str) -> list[ActivationCheckpoint]:
+    if mode == "none":
+        return []
+    name, _, every = mode.partition("/")
+    return [ActivationCheckpoint(mode=name, every=int(every or 1))]
+
+
+@st.composite
+def cases(draw: st.DrawFn, *, world_size: int) -> tuple[Pipeline, MeshDegrees, str]:
+    """A legal mesh for `world_size` ranks and a pipeline for it (cp and ep when their degree is
+    above 1, ep sometimes at degree 1), with any checkpointing mode and FSDP or not."""
+    degrees = draw(mesh_degrees(world_size=world_size))
+    mode = draw(st.sampled_from(MODES))
+    passes = [ContextParallel()] * (degrees.cp > 1)
+    passes += [ExpertParallel()] * (degrees.ep > 1 or draw(st.booleans()))
+    passes += _ac(mode)
+    if draw(st.booleans()):
+        mixed = draw(st.booleans())  # bf16 all-gathers, fp32 reduce-scatters, an fp32 router unit
+        passes.append(FSDP(param_dtype="bfloat16", reduce_dtype="float32") if mixed else FSDP())
+    return Pipeline(tuple(passes)), degrees, mode
+
+
+def _spec(degrees: MeshDegrees, **config: int) -> TrainSpec:
+    mtp = config.pop("num_mtp_layers", 0) * (degrees.cp == 1)  # CP refuses an MTP head
+    return attrs.evolve(SPEC, config=attrs.evolve(CONFIG, num_mtp_layers=mtp, **config))
+
+
+# --------------------------------------------------------------------------- parameter state
+
+
+@settings(max_examples=examples(12), deadline=None)
+@given(
+    case=st.integers(2, 3).flatmap(lambda p: cases(world_size=2**p)),
+    experts=st.sampled_from([8, 16]),  # divisible by every ep degree drawn (up to 8)
+    mtp=st.integers(0, 1),
+    frozen=st.booleans(),
+)
+def test_state_bytes_equal_the_applied_plan(case, experts, mtp, frozen):
+    """Parameter, gradient and AdamW bytes from shapes alone equal `plan` (pipeline applied on
+    meta; `test_plan` checks it against real ranks) on the largest rank, exactly."""
+    pipeline, degrees, _ = case
+    spec = _spec(degrees, num_experts=experts, num_mtp_layers=mtp)
+    model = build_model(spec, meta=True)
+    if frozen:
+        model.get_submodule("model.embed_tokens").weight.requires_grad_(False)
+    got = state_bytes(ModelShapes.of(model), degrees, pipeline)
+    p = plan(pipeline, model, degrees)
+    assert got == p.ranks[0] and got.total == p.max_rank_bytes
+
+
+@pytest.mark.parametrize(
+    ("fsdp", "degrees"),
+    [
+        (FSDP(reshard_after_forward=False), MeshDegrees(dp_shard=2, ep=2)),
+        (FSDP(reshard_after_forward=False, param_dtype="bfloat16"), MeshDegrees(dp_shard=4, ep=2)),
+        (FSDP(reshard_after_forward=2), MeshDegrees(dp_shard=4, ep=2)),  # experts: 2 ranks
+    ],
+    ids=["false", "false-bf16", "int-2"],
+)
+def test_kept_gathered_parameters_equal_the_plan(fsdp: FSDP, degrees: MeshDegrees):
+    """What `reshard_after_forward=False | int` keeps gathered after forward is in the predicted
+    memory, equal to `Plan.resident_after_forward` (checked against real ranks in test_plan)."""
+    config = MoEConfig(num_experts=4, num_shared_experts=1)
+    pipeline = ExpertParallel() | fsdp
+    got = predict(config, degrees, pipeline, seq=8)
+    assert got.fsdp_resident == plan(pipeline, config, degrees).resident_after_forward > 0
+
+
+# --------------------------------------------------------------------------------- activations
+
+
+def _measured_activations(config: MoEConfig, mode: str, rows: int, seq: int) -> int:
+    torch.manual_seed(0)
+    model = MoETransformer(config)
+    if mode != "none":
+        with fake_world(1):
+            model = Pipeline(tuple(_ac(mode))).apply(model, ParallelMesh.build(device_type="cpu"))
+    ids = torch.randint(0, config.vocab_size, (rows, seq))
+    labels = torch.randint(0, config.vocab_size, (rows, seq))
+    gc.freeze()  # the meter collects garbage: scan only what this forward made
+    try:
+        with LiveActivationMeter(exclude=[model, ids, labels]) as live:
+            out = model(ids, labels=labels)
+        return live.live_bytes(exclude=[out.logits, out.loss])
+    finally:
+        gc.unfreeze()
+
+
+@settings(max_examples=examples(8), deadline=None)
+@given(
+    mode=st.sampled_from(MODES),
+    layers=st.integers(2, 4),  # full/2 needs two blocks
+    dense=st.integers(0, 1),
+    mtp=st.integers(0, 1),
+    rows=st.integers(1, 3),
+    seq=st.sampled_from([8, 16, 24]),
+    shared=st.integers(0, 1),
+    bias=st.booleans(),
+)
+def test_activation_bytes_match_the_meter_on_a_real_forward(
+    mode, layers, dense, mtp, rows, seq, shared, bias
+):
+    """The meta trace (one block per kind, summed over the real depth) is within 5% of
+    `LiveActivationMeter` on a real CPU forward, for every checkpointing mode."""
+    config = attrs.evolve(
+        CONFIG, num_layers=layers + dense, num_dense_layers=dense, num_mtp_layers=mtp,
+        num_shared_experts=shared, routing_bias=bias, aux_loss_coef=0.01 * bias,
+    )  # fmt: skip
+    pipeline = Pipeline(tuple(_ac(mode)))
+    predicted = predict(config, MeshDegrees(), pipeline, seq=seq, micro_batch=rows).activations
+    real = _measured_activations(config, mode, rows, seq)
+    print(f"activations {mode} predicted {predicted} measured {real}: {predicted / real - 1:+.4%}")
+    assert abs(predicted - real) <= 0.05 * real, (predicted, real)
+
+
+# ----------------------------------------------------------------- communication on real ranks
+
+
+def _routing(results: list[dict], rank: int) -> list[list[list[int]]]:
+    ranks = results[rank]["ep_ranks"]
+    layers = len(results[rank]["sent"])
+    return [[results[src]["sent"][layer] for src in ranks] for layer in range(layers)]
+
+
+@settings(max_examples=examples(8), deadline=None)
+@given(case=cases(world_size=4))
+def test_comm_bytes_equal_counted_bytes_on_real_ranks(pool4: RankPool, case):
+    """Every collective a step issues (FSDP all-gather / reduce-scatter / HSDP all-reduce,
+    gradient all-reduce without FSDP, EP all-to-all for the routing drawn, CP K/V all-gather /
+    reduce-scatter), counted on 4 gloo ranks, equals the prediction: calls and bytes, per kind
+    and axis, on every rank. Without FSDP (whose buffers the meter would see) and EP (whose
+    activations follow the routing drawn), activations are within 5% of each rank's meter."""
+    pipeline, degrees, _ = case
+    spec = _spec(degrees)
+    fsdp = any(isinstance(p, FSDP) for p in pipeline)
+    results = pool4.run(measure_step, spec, pipeline, degrees, meter=not fsdp)
+    for rank, got in enumerate(results):
+        routing = _routing(results, rank) if degrees.ep > 1 else None
+        p = predict(
+            spec.config, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank,
+            routing=routing, ep_rank=got["ep_rank"],
+        )  # fmt: skip
+        want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
+        counted = {k: v for k, v in got["comm"].items() if v[1] or k in want}
+        assert counted == want, f"rank {rank}"
+        if not fsdp and degrees.ep == 1:
+            real = got["activations"]
+            assert abs(p.activations - real) <= 0.05 * real, (rank, p.activations, real)
+
+
+def test_uniform_routing_is_between_best_and_worst():
+    """Without a routing the EP bytes are the uniform router's; the worst case is larger."""
+    degrees = MeshDegrees(dp_shard=4, ep=4)
+    p = predict(CONFIG, degrees, ExpertParallel() | FSDP(), seq=8, micro_batch=2)
+    (a2a,) = [t for t in p.comm if t.kind == "ep_all_to_all"]
+    assert 0 < a2a.bytes < a2a.worst_bytes and p.bytes_moved < p.bytes_moved_worst
+    assert p.flops_worst > p.flops > 0
+
+
+# --------------------------------------------------------------------- autoplan on real ranks
+
+BUDGET = 64 * 1024
+
+
+def test_top_candidate_trains_like_one_process(pool4: RankPool):
+    """The best candidate for a budget, applied on 4 gloo ranks, trains like one process."""
+    spec = attrs.evolve(SPEC, steps=2, lr=1e-3)
+    result = autoplan(
+        CONFIG, world=4, memory_per_rank=BUDGET, seq=spec.seq_len, micro_batch=spec.rows_per_rank,
+        ac_modes=("none", "full"),
+    )  # fmt: skip
+    assert result.fits and result.misses, "the budget should split the candidates"
+    best = result.best
+    assert best.prediction.memory <= BUDGET
+    assert [c.cost for c in result.fits] == sorted(c.cost for c in result.fits)
+    degrees = best.degrees
+    data_ranks = degrees.dp_replicate * degrees.dp_shard
+    rows = data_ranks * spec.rows_per_rank
+    ignore = torch.zeros(spec.steps, rows, spec.seq_len, dtype=torch.bool)
+    results = pool4.run(training_loop.public_loop, spec, best.pipeline, degrees, ignore)
+    ref = train(build_model(spec), training_loop.masked_batches(spec, data_ranks, ignore), spec.lr)
+    assert_matches_reference(results, ref)
+
+
+def test_a_rejected_candidate_exceeds_the_budget_on_the_meter(pool4: RankPool):
+    """A candidate predicted over budget (parameter state within it, activations not; no FSDP
+    or EP, so nothing routing- or buffer-dependent) holds more than the budget on 4 gloo ranks:
+    measured parameter, gradient and AdamW bytes + `LiveActivationMeter` bytes."""
+    budget = 96 * 1024
+    result = autoplan(
+        CONFIG, world=4, memory_per_rank=budget, seq=SPEC.seq_len,
+        micro_batch=SPEC.rows_per_rank, passes_allowed=("ac", "cp", "fsdp"),
+    )  # fmt: skip
+    miss = next(
+        c
+        for c in result.misses
+        if c.degrees.ep == 1 and not any(isinstance(p, FSDP) for p in c.pipeline)
+    )
+    assert miss.prediction.state.total <= budget < miss.prediction.memory
+    spec = _spec(miss.degrees)
+    held = pool4.run(held_bytes, spec, miss.pipeline, miss.degrees)
+    acts = pool4.run(measure_step, spec, miss.pipeline, miss.degrees, meter=True)
+    measured = max(
+        h["params"] + h["grads"] + h["optimizer"] + a["activations"]
+        for h, a in zip(held, acts, strict=True)
+    )
+    assert measured > budget
+    assert abs(measured - miss.prediction.memory) <= 0.05 * measured
+
+
+# ------------------------------------------------------------------------------ answers and UX
+
+
+def test_nothing_fits_says_what_is_smallest_and_by_how_much():
+    """No fit: `.best` raises `NoFittingPlanError` naming the smallest candidate and the gap."""
+    tiny = autoplan(CONFIG, world=2, memory_per_rank=1000, seq=8)
+    assert not tiny.fits and tiny.closest is None and tiny.pruned == tiny.considered
+    with pytest.raises(
+        NoFittingPlanError,
+        match=r"^No mesh and pipeline fits 1000 B per rank \(\d+ candidates\); parameters, "
+        r"gradients and AdamW state alone need at least [\d.]+ KiB \(\+[\d.]+ KiB\)\.$",
+    ):
+        _ = tiny.best
+    state = state_bytes(ModelShapes.of(CONFIG), MeshDegrees(dp_shard=2), Pipeline((FSDP(),)))
+    close = autoplan(
+        CONFIG, world=2, memory_per_rank=state.total + 100, seq=8, passes_allowed=("fsdp",)
+    )
+    assert close.closest is not None and not close.fits
+    with pytest.raises(
+        NoFittingPlanError,
+        match=r"the smallest needs [\d.]+ KiB \(\+[\d.]+ KiB\): Pipeline\(\(FSDP\(\),\)\) on dp_replicate=1 dp_shard=2 cp=1 ep=1: memory",
+    ):
+        _ = close.best
+    assert "No mesh and pipeline fits" in str(close)
+
+
+def test_unknown_passes_and_modes_are_refused():
+    """Passes and checkpointing modes outside the known ones raise ValueError."""
+    with pytest.raises(ValueError, match=r"Unknown pass or checkpointing mode \('tp'\)"):
+        autoplan(CONFIG, world=2, memory_per_rank=2**30, seq=8, passes_allowed=("tp",))
+    with pytest.raises(ValueError, match=r"Unknown pass or checkpointing mode \('half'\)"):
+        autoplan(CONFIG, world=2, memory_per_rank=2**30, seq=8, ac_modes=("half",))
+
+
+def test_frontier_and_cost_model():
+    """The frontier is not dominated; a latency cost ranks fewer collectives first."""
+    r = autoplan(CONFIG, world=4, memory_per_rank=2**30, seq=8, micro_batch=2, max_cp=2)
+    front = r.frontier()
+    assert front and all(
+        a.prediction.memory <= b.prediction.memory for a, b in itertools.pairwise(front)
+    )
+    assert all(a.cost > b.cost for a, b in itertools.pairwise(front))
+    slow = CostModel(bandwidth={"*": 1e9, "ep": 1e6}, latency=1e-3)
+    p = r.best.prediction
+    assert slow.cost(p) == pytest.approx(
+        sum(t.calls * 1e-3 + t.bytes / (1e6 if t.axis == "ep" else 1e9) for t in p.comm) / p.tokens
+    )
+    assert "| 1 |" in r.table() and "candidates fit" in str(r)
+
+
+def test_fsdp_options_trade_memory_for_bytes():
+    """Offered `FSDP(reshard_after_forward=False)`, the planner sees it keep more and send less."""
+    keep = FSDP(reshard_after_forward=False)
+    r = autoplan(
+        CONFIG, world=4, memory_per_rank=2**30, seq=8, passes_allowed=("fsdp",),
+        fsdp_options=(FSDP(), keep),
+    )  # fmt: skip
+    by = {(c.degrees, c.pipeline): c.prediction for c in r.fits}
+    d = MeshDegrees(dp_shard=4)
+    lean, kept = by[(d, Pipeline((FSDP(),)))], by[(d, Pipeline((keep,)))]
+    assert kept.memory > lean.memory and kept.bytes_moved < lean.bytes_moved
+
+
+def test_deepseek_v3_at_256_and_1024_ranks_in_seconds():
+    """The 685B DeepSeek-V3-shaped model plans at world 256 and 1024 quickly (CPU seconds; the
+    wall time on a shared box is printed)."""
+    config = MoEConfig.deepseek_v3_shaped()
+    for world in (256, 1024):
+        wall, cpu = time.perf_counter(), time.process_time()
+        r = autoplan(config, world=world, memory_per_rank=80 * 2**30, seq=4096)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        print(f"DeepSeek-V3 autoplan at world {world}: {wall:.1f} s wall, {cpu:.1f} s CPU")
+        assert cpu < 60
+        best = r.best
+        assert best.prediction.memory <= 80 * 2**30
+        assert any(isinstance(p, ExpertParallel) for p in best.pipeline)
+        assert r.refused  # ContextParallel refuses the MTP head: said, not silently dropped
+
+
+def test_cli_prints_the_ranking_and_the_miss(capsys: pytest.CaptureFixture[str]):
+    """`moetx autoplan` prints the table and the best pair; nothing fitting exits 1."""
+    assert main(["autoplan", "--world", "2", "--memory", "300KiB", "--seq", "8", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 |" in out and "best: " in out and "moetx autoplan took" in out
+    assert main(["autoplan", "--world", "2", "--memory", "1KiB", "--seq", "8"]) == 1
+    assert "No mesh and pipeline fits 1.00 KiB per rank" in capsys.readouterr().out
+    assert main(["autoplan", "--passes", "tp"]) == 2
+    assert "Unknown pass" in capsys.readouterr().err
+
+
+def test_passes_it_does_not_model_are_refused():
+    """A pass outside cp / ep / ac / fsdp is refused, never silently mispredicted."""
+
+    @attrs.frozen(kw_only=True, repr=False)
+    class Compile(Pass):
+        placement = Placement("compile", after={"ac"}, before={"fsdp"})
+
+        def _apply(self, model, mesh, record):  # type: ignore[no-untyped-def]
+            return model
+
+    with pytest.raises(ValueError, match=r"^`predict` models the stages .* only, not Compile\(\)"):
+        predict(CONFIG, MeshDegrees(), Pipeline((Compile(),)), seq=8)
+
+
+def test_a_module_predicts_as_its_config():
+    """A module (traced whole, on a meta copy) predicts what its config (traced shallow) does."""
+    pipeline = Pipeline((ActivationCheckpoint(mode="full"),))
+    from_config = predict(CONFIG, MeshDegrees(), pipeline, seq=8, micro_batch=2)
+    from_module = predict(build_model(SPEC), MeshDegrees(), pipeline, seq=8, micro_batch=2)
+    assert from_config == from_module
+
+
+def test_public_names():
+    """`autoplan` and its result types are exported from `moetx`."""
+    assert moetx.autoplan is autoplan and moetx.predict is predict
+    assert {"AutoPlan", "Candidate", "CostModel", "NoFittingPlanError", "Prediction"} <= set(
+        moetx.__all__
+    )
