@@ -61,6 +61,15 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
         "same global batch.",
     ),
     (
+        "step_anatomy.py",
+        [],
+        "Step anatomy: step time vs compute only, collectives by kind and axis",
+        "Issue 17's workload (hidden 64, 4 layers, 8 experts top-2, seq 64, global batch 8, "
+        "AdamW, fp32) on 2 and 4 ranks: median step time of the slowest rank, the same model "
+        "without parallelism on each rank's share of the batch (interleaved, all ranks at once), "
+        "their ratio, and one step's collectives by kind and mesh axis with their bytes.",
+    ),
+    (
         "checkpoint_integrity.py",
         [],
         "Checkpoints: the cost of integrity hashes",

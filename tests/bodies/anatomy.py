@@ -1,0 +1,140 @@
+"""Rank bodies for `benchmarks/step_anatomy.py`: one training step taken apart.
+
+For a pipeline on real gloo ranks: the step time, the time of the same model without any
+parallelism on this rank's share of the batch (compute only), and every collective of one step
+by kind, mesh axis and bytes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moetx import ActivationCheckpoint, ContextParallel, MeshDegrees, ParallelMesh, Pipeline
+from moetx.testing.train import TrainSpec, build_model, global_batches, mesh_for
+
+
+def _kind(op: str) -> str:
+    name = op.strip("_").replace("allgather", "all_gather").replace("allreduce", "all_reduce")
+    for kind in ("all_gather", "reduce_scatter", "all_to_all", "all_reduce", "broadcast"):
+        if kind in name or kind.replace("_", "") in name:
+            return kind
+    return name
+
+
+def _group_name(arg: Any) -> str | None:
+    if isinstance(arg, str):  # functional collectives name their group
+        return arg
+    if isinstance(arg, torch.ScriptObject):  # c10d ops carry the ProcessGroup itself
+        try:
+            return str(dist.ProcessGroup.unbox(arg).group_name)
+        except (RuntimeError, TypeError):
+            return None
+    return None
+
+
+def axis_names(mesh: ParallelMesh) -> dict[str, str]:
+    """Process-group name -> the mesh axes that use it (`a=b` when several share one group)."""
+    meshes: list[tuple[str, DeviceMesh]] = [("world", mesh.root)]
+    meshes += [(a, mesh.fsdp[a]) for a in ("dp_replicate", "dp_shard_cp")]
+    meshes += [(a, mesh.dense[a]) for a in ("dp_shard", "cp", "tp")]
+    meshes += [(a, mesh.moe[a]) for a in ("ep_shard", "ep")]
+    meshes += [("ep_fsdp", mesh.expert_fsdp), ("tokens", mesh.tokens)]
+    out: dict[str, list[str]] = {}
+    for axis, dm in meshes:
+        if dm.size() > 1:
+            out.setdefault(dm.get_group().group_name, []).append(axis)
+    return {g: "=".join(dict.fromkeys(axes)) for g, axes in out.items()}
+
+
+class AxisCounter(TorchDispatchMode):
+    """Counts every collective (functional and c10d) by (kind, axis), with its buffer bytes.
+
+    The bytes of a collective are its largest tensor argument: the gathered tensor of an
+    all-gather, the unreduced one of a reduce-scatter, what this rank sends in an all-to-all.
+    Integer collectives (the dispatcher's token counts) are their own kind, `... int64`.
+    """
+
+    def __init__(self, axes: dict[str, str]) -> None:
+        super().__init__()
+        self.axes = axes
+        self.calls: Counter[tuple[str, str]] = Counter()
+        self.bytes: Counter[tuple[str, str]] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        op = func._overloadpacket.__name__
+        if func.namespace in ("_c10d_functional", "c10d") and not op.startswith(
+            ("wait", "barrier", "monitored", "_wrap_tensor")
+        ):
+            flat = [*args, *(kwargs or {}).values()]
+            tensors = [t for a in flat for t in (a if isinstance(a, list) else [a])]
+            tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+            group = next((g for g in map(_group_name, reversed(flat)) if g is not None), "?")
+            kind = _kind(op)
+            if tensors and not tensors[0].is_floating_point():
+                kind += f" {str(tensors[0].dtype).removeprefix('torch.')}"
+            key = (kind, self.axes.get(group, f"group {group}"))
+            self.calls[key] += 1
+            self.bytes[key] += max((t.numel() * t.element_size() for t in tensors), default=0)
+        return func(*args, **(kwargs or {}))
+
+
+def _batch(spec: TrainSpec, pipeline: Pipeline, mesh: ParallelMesh) -> dict[str, Any]:
+    ids, labels = global_batches(spec, mesh.data_size)[0]
+    rows = slice(mesh.data_rank * spec.rows_per_rank, (mesh.data_rank + 1) * spec.rows_per_rank)
+    batch: dict[str, Any] = {"input_ids": ids[rows], "labels": labels[rows]}
+    cp = next((p for p in pipeline if isinstance(p, ContextParallel)), None)
+    if cp is not None and mesh.degrees.cp > 1:  # cp ranks share rows; each takes its part
+        part, part_labels, positions = cp.shard_sequence(mesh, ids[rows], labels[rows])
+        batch = {"input_ids": part, "labels": part_labels, "position_ids": positions}
+    return batch
+
+
+def anatomy(
+    spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, *, warmup: int = 2, steps: int = 5
+) -> dict[str, Any]:
+    """Median step time of `pipeline` and of compute only, interleaved; one step's collectives.
+
+    Compute only is the model without parallelism (but with activation checkpointing when the
+    pipeline has it: recomputation is compute) on this rank's part of the batch, with the same
+    optimizer. Every rank runs it at the same time, as in the real step, so CPU sharing weighs
+    on both sides alike and their ratio is what communication and waiting cost.
+    """
+    mesh = mesh_for(degrees)
+    batch = _batch(spec, pipeline, mesh)
+    models = {"step": pipeline.apply(build_model(spec), mesh), "compute": build_model(spec)}
+    if any(isinstance(p, ActivationCheckpoint) for p in pipeline):
+        ac = next(p for p in pipeline if isinstance(p, ActivationCheckpoint))
+        models["compute"] = ac.apply(models["compute"], mesh)
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=spec.lr) for k, m in models.items()}
+
+    def step(k: str) -> None:
+        models[k](**batch).loss.backward()
+        opts[k].step()
+        opts[k].zero_grad(set_to_none=False)
+
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for i in range(warmup + steps):
+        for k in models:
+            dist.barrier()
+            start = time.perf_counter()
+            step(k)
+            if i >= warmup:
+                times[k].append(time.perf_counter() - start)
+    counter = AxisCounter(axis_names(mesh))
+    dist.barrier()
+    with counter:
+        step("step")
+    return {
+        "step_s": statistics.median(times["step"]),
+        "compute_s": statistics.median(times["compute"]),
+        "calls": dict(counter.calls),
+        "bytes": dict(counter.bytes),
+    }
