@@ -62,12 +62,14 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
     ),
     (
         "step_anatomy.py",
-        [],
+        ["--fsdp", "fsdp", "fsdp(reshard_after_forward=True)"],
         "Step anatomy: step time vs compute only, collectives by kind and axis",
         "Issue 17's workload (hidden 64, 4 layers, 8 experts top-2, seq 64, global batch 8, "
         "AdamW, fp32) on 2 and 4 ranks: median step time of the slowest rank, the same model "
         "without parallelism on each rank's share of the batch (interleaved, all ranks at once), "
-        "their ratio, and one step's collectives by kind and mesh axis with their bytes.",
+        "their ratio, and one step's collectives by kind and mesh axis with their bytes; "
+        "each pipeline with the default FSDP (`reshard_after_forward='auto'`) and with `True` "
+        "(the default before issue 17).",
     ),
     (
         "checkpoint_integrity.py",

@@ -7,6 +7,7 @@ by kind, mesh axis and bytes.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections import Counter
@@ -138,3 +139,21 @@ def anatomy(
         "calls": dict(counter.calls),
         "bytes": dict(counter.bytes),
     }
+
+
+def step_collectives(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> dict[str, int]:
+    """Collectives of the second training step (after FSDP2's lazy init), counted by kind."""
+    mesh = mesh_for(degrees)
+    batch = _batch(spec, pipeline, mesh)
+    model = pipeline.apply(build_model(spec), mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+    counter = AxisCounter(axis_names(mesh))
+    for i in range(2):
+        with counter if i else contextlib.nullcontext():
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    kinds: Counter[str] = Counter()
+    for (kind, _), n in counter.calls.items():
+        kinds[kind] += n
+    return dict(kinds)
