@@ -81,6 +81,10 @@ FIELDS: dict[tuple[type, str], tuple[st.SearchStrategy[object], st.SearchStrateg
         st.one_of(st.booleans(), st.integers(2, 64), st.just("auto")),
         st.one_of(st.integers(-4, 1), st.none(), st.floats(0, 4), st.text(max_size=3)),
     ),
+    (FSDP, "min_unit_bytes"): (
+        st.integers(0, 2**40),
+        st.one_of(st.integers(max_value=-1), st.booleans(), st.floats(0, 4), st.none()),
+    ),
     (FSDP, "cpu_offload"): (st.booleans(), NOT_BOOL),
     (FSDP, "wrap_root"): (st.booleans(), NOT_BOOL),
 }

@@ -27,7 +27,7 @@ WORKLOAD = TrainSpec(
 )  # fmt: skip
 SMALL = MoEConfig(num_experts=4, num_shared_experts=1)
 # On 4 ranks the frozen parameters shrink the budget (no gradients, no AdamW state): "auto"
-# keeps 5 of the 7 units gathered and reshards the other 2.
+# keeps 3 of the 5 units gathered and reshards the other 2.
 PARTIAL = TrainSpec(config=SMALL, frozen=("model.layers.1", "lm_head"))
 
 
@@ -56,41 +56,47 @@ def test_a_misspelt_auto_is_refused_with_the_spelling() -> None:
 @pytest.mark.parametrize(
     ("fsdp", "expected"),
     [
-        # 7 dense units (4 blocks, embedding, lm head, root); experts sit on 1-rank meshes
-        (FSDP(), {"all_gather": 7, "reduce_scatter": 7, "all_to_all": 16, "all_to_all int64": 4}),
+        # 5 dense units (4 blocks; the root, which the small embedding and lm head join);
+        # the experts sit on 1-rank meshes
+        (FSDP(), {"all_gather": 5, "reduce_scatter": 5, "all_to_all": 16, "all_to_all int64": 4}),
         (
             FSDP(reshard_after_forward=True),
+            {"all_gather": 10, "reduce_scatter": 5, "all_to_all": 16, "all_to_all int64": 4},
+        ),
+        # before issue 17: embedding and lm head units of their own, resharded after forward
+        (
+            FSDP(reshard_after_forward=True, min_unit_bytes=0),
             {"all_gather": 14, "reduce_scatter": 7, "all_to_all": 16, "all_to_all int64": 4},
         ),
     ],
-    ids=["auto", "true"],
+    ids=["auto", "true", "true-ungrouped"],
 )
 def test_auto_gathers_each_unit_once_per_step_on_2_ranks(
     pool2: RankPool, fsdp: FSDP, expected: dict[str, int]
 ) -> None:
-    """EP | FSDP on 2 ranks: 34 collectives per step with "auto", 41 with True (issue 17)."""
+    """EP | FSDP on 2 ranks: 30 collectives per step by default, 41 before issue 17."""
     degrees = MeshDegrees(dp_shard=2, ep=2)
     counts = pool2.run(step_collectives, WORKLOAD, ExpertParallel() | fsdp, degrees)
     assert counts == [expected] * 2
 
 
 def test_auto_gathers_each_unit_once_per_step_on_4_ranks(pool4: RankPool) -> None:
-    """ep_shard 2: the 4 expert units all-gather too; 11 all-gathers per step instead of 22."""
+    """ep_shard 2: the 4 expert units all-gather too; 9 all-gathers per step instead of 18."""
     degrees = MeshDegrees(dp_shard=4, ep=2)
     auto, true = (
         pool4.run(step_collectives, WORKLOAD, ExpertParallel() | fsdp, degrees)[0]
         for fsdp in (FSDP(), FSDP(reshard_after_forward=True))
     )
-    assert (auto["all_gather"], true["all_gather"]) == (11, 22)
-    assert auto["reduce_scatter"] == true["reduce_scatter"] == 11
-    assert sum(auto.values()) == sum(true.values()) - 11 == 42
+    assert (auto["all_gather"], true["all_gather"]) == (9, 18)
+    assert auto["reduce_scatter"] == true["reduce_scatter"] == 9
+    assert sum(auto.values()) == sum(true.values()) - 9 == 38
 
 
 @pytest.mark.parametrize(
     ("world", "spec", "degrees", "kept"),
     [
-        (2, TrainSpec(config=SMALL, steps=1), MeshDegrees(dp_shard=2, ep=2), "7 of 7"),
-        (4, PARTIAL, MeshDegrees(dp_shard=4, ep=2), "5 of 7"),
+        (2, TrainSpec(config=SMALL, steps=1), MeshDegrees(dp_shard=2, ep=2), "5 of 5"),
+        (4, PARTIAL, MeshDegrees(dp_shard=4, ep=2), "3 of 5"),
     ],
     ids=["all-kept", "partly-kept"],
 )

@@ -25,12 +25,12 @@ from torch.distributed.tensor import Shard
 
 from moetx.core.algebra import Pass, register_pass
 from moetx.core.errors import PassPreconditionError
-from moetx.core.options import Rule, flag, one_of, option
+from moetx.core.options import Rule, at_least, flag, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied, applied_passes, find_applied
 from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.passes.foreign import refuse_foreign_parallelism
-from moetx.passes.fsdp.reshard import AUTO, choose_resident, experts_are_units
+from moetx.passes.fsdp.reshard import AUTO, choose_resident, experts_are_units, joining_root
 from moetx.passes.load_sync import install_load_sync
 from moetx.structure.discovery import ModelStructure, discover
 
@@ -90,7 +90,10 @@ class FSDP(Pass):
     - the router of each MoE layer, with an fp32 policy, when `param_dtype` is low precision
       and `"router"` is in `fp32_modules` (as Megatron's router dtype option);
     - each transformer block (backbone and MTP), over dp_shard x cp (HSDP with dp_replicate);
-    - the input embedding and the lm head (unless tied: tied weights stay with the root);
+    - the input embedding and the lm head (unless tied: tied weights stay with the root), each
+      unless it gathers to fewer than `min_unit_bytes` (then it joins the root unit: one
+      all-gather and one reduce-scatter fewer per step; not under tensor parallelism, nor for
+      an fp32 lm head or an `output_dtype` other than `param_dtype`);
     - the root (final norm and everything left), unless `wrap_root=False`.
 
     Frozen parameters (`requires_grad=False`) stay frozen. Routing-load counters (aux-loss-free
@@ -122,6 +125,8 @@ class FSDP(Pass):
             memory, less communication), or reshard to a smaller group of this size (an int
             >= 2 that divides every unit's shard group; checked per unit mesh). The ints 0
             and 1 are refused: `1 == True` in Python, but FSDP2 reads the int 1 as False.
+        min_unit_bytes: The embedding and the lm head join the root unit when they gather to
+            fewer bytes than this (default 1 MiB; 0: always units of their own).
         cpu_offload: Keep sharded parameters, gradients and optimizer state on the CPU.
         wrap_root: Also make the root module an FSDP unit (otherwise only the final norm).
 
@@ -137,6 +142,7 @@ class FSDP(Pass):
     output_dtype: str | None = option(None, _dtype)
     fp32_modules: tuple[str, ...] = option(("router",), _ROLES, converter=_roles)
     reshard_after_forward: bool | int | str = option(AUTO, _RESHARD)
+    min_unit_bytes: int = option(1 << 20, at_least(0))
     cpu_offload: bool = option(False, flag())
     wrap_root: bool = option(True, flag())
 
@@ -152,7 +158,7 @@ class FSDP(Pass):
         refuse_foreign_parallelism(model, record, by="FSDP")
         experts_sharded = self._experts_sharded(mesh, record)
         self._check_reshard_sizes(mesh, experts_sharded)
-        self._check_unit_dtypes(model, structure, experts_sharded)
+        self._check_unit_dtypes(model, structure, experts_sharded, record)
         self._check_output_dtype(model, structure)
         if not self.wrap_root:
             self._check_tied(model, structure)
@@ -196,7 +202,11 @@ class FSDP(Pass):
                 )
 
     def _check_unit_dtypes(
-        self, model: nn.Module, s: ModelStructure, experts_sharded: bool
+        self,
+        model: nn.Module,
+        s: ModelStructure,
+        experts_sharded: bool,
+        record: tuple[Applied, ...],
     ) -> None:
         # FSDP2 needs one original dtype per unit, and checks it only at the first forward.
         unit_of: dict[int, str] = {}
@@ -214,8 +224,10 @@ class FSDP(Pass):
                 claim(block.moe.router)
             claim(block.module)
         if not s.tied_embeddings:
-            claim(s.embedding)
-            claim(s.lm_head)
+            joined = joining_root(model, s, self, record)
+            for m in (s.embedding, s.lm_head):
+                if not any(m is j for j in joined):
+                    claim(m)
         claim(model if self.wrap_root else s.final_norm)
         units: dict[str, list[tuple[str, torch.dtype]]] = {}
         for name, p in model.named_parameters():
@@ -324,8 +336,10 @@ class FSDP(Pass):
                 shard(moe.router, fp32=True)
             shard(block.module)
         if not s.tied_embeddings:
-            shard(s.embedding)
-            if s.lm_head is not None:
+            joined = joining_root(model, s, self, record)
+            if not any(s.embedding is j for j in joined):
+                shard(s.embedding)
+            if s.lm_head is not None and not any(s.lm_head is j for j in joined):
                 shard(s.lm_head, fp32="lm_head" in self.fp32_modules)
         # Routing-load counters must hold global counts, not this rank's (see _load_sync).
         install_load_sync(model, mesh.tokens.get_group())

@@ -28,7 +28,14 @@ from moetx.core.record import Applied, find_applied
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.structure.discovery import ModelStructure, discover
 
-__all__ = ["AUTO", "ResidentChoice", "choose_resident", "experts_are_units", "gathered_bytes"]
+__all__ = [
+    "AUTO",
+    "ResidentChoice",
+    "choose_resident",
+    "experts_are_units",
+    "gathered_bytes",
+    "joining_root",
+]
 
 AUTO = "auto"
 
@@ -76,6 +83,36 @@ def gathered_bytes(
     return out
 
 
+def joining_root(
+    model: nn.Module, s: ModelStructure, fsdp: Any, record: tuple[Applied, ...]
+) -> tuple[nn.Module, ...]:
+    """The input embedding and lm head that join the root unit instead of being their own.
+
+    Each that gathers to fewer than `fsdp.min_unit_bytes` bytes, when the root is a unit and
+    nothing needs them apart: untied embeddings, no tensor parallelism, and for the lm head no
+    fp32 policy of its own and no `output_dtype` other than `param_dtype` (the root does not
+    cast its inputs back). Two small units fewer: one all-gather and one reduce-scatter fewer
+    each per step.
+    """
+    if not fsdp.wrap_root or s.tied_embeddings or find_applied(record, "tp") is not None:
+        return ()
+    low = fsdp.param_dtype not in (None, "float32")
+    lm_apart = ("lm_head" in fsdp.fp32_modules and low) or fsdp.output_dtype not in (
+        None,
+        fsdp.param_dtype,
+    )
+    candidates = [m for m in (s.embedding, None if lm_apart else s.lm_head) if m is not None]
+    if not candidates:
+        return ()
+    sizes = gathered_bytes(model, fsdp, record)
+    by_id = {id(p): sizes[n][1] for n, p in model.named_parameters()}
+    return tuple(
+        m
+        for m in candidates
+        if sum(by_id.get(id(p), 0) for p in m.parameters()) < fsdp.min_unit_bytes
+    )
+
+
 @attrs.frozen
 class ResidentChoice:
     """What `reshard_after_forward="auto"` keeps gathered after forward, on every rank.
@@ -108,7 +145,12 @@ def _units(
             units.append((moe.router, False))
         units.append((block.module, False))
     if not s.tied_embeddings:
-        units += [(m, False) for m in (s.embedding, s.lm_head) if m is not None]
+        joined = joining_root(model, s, fsdp, record)
+        units += [
+            (m, False)
+            for m in (s.embedding, s.lm_head)
+            if m is not None and not any(m is j for j in joined)
+        ]
     root = model if fsdp.wrap_root else s.final_norm
     if root is not None:
         units.append((root, False))
