@@ -3,7 +3,8 @@
 The workload of issue 17 (Qwen3-MoE shape: hidden 64, 4 layers, 8 experts top-2, no shared
 expert, seq 64, global batch 8 rows, AdamW, fp32) on 2 and 4 gloo ranks, one thread each, for
 the README's pipelines. Per row: the median step time (fwd + bwd + AdamW, after 2 warm-up steps)
-of the slowest rank; compute only, the same model without parallelism (activation checkpointing
+of the slowest rank, and its ratio to the first `--fsdp` variant's (their steps interleaved in
+one run); compute only, the same model without parallelism (activation checkpointing
 kept) on each rank's share of the batch, its steps interleaved with the real ones and run on every
 rank at once (so CPU sharing weighs on both); their ratio (what communication and waiting cost);
 the collectives of one step on rank 0 by kind and mesh axis (`int64`: the dispatcher's token
@@ -49,7 +50,7 @@ def _mesh(d: MeshDegrees) -> str:
     return " ".join(parts)
 
 
-def _row(name: str, degrees: MeshDegrees, res: list[dict]) -> str:
+def _row(name: str, degrees: MeshDegrees, res: list[dict], first: float) -> str:
     step = 1e3 * max(r["step_s"] for r in res)
     compute = 1e3 * max(r["compute_s"] for r in res)
     calls = res[0]["calls"]
@@ -57,7 +58,8 @@ def _row(name: str, degrees: MeshDegrees, res: list[dict]) -> str:
     mib = statistics.mean(sum(r["bytes"].values()) for r in res) / 2**20
     return (
         f"| {degrees.world_size} | `{name.replace('|', chr(92) + '|')}` | {_mesh(degrees)} | "
-        f"{step:.1f} | {compute:.1f} | {step / compute:.1f} | {sum(calls.values())} | {kinds} | "
+        f"{step:.1f} | {step / (first or step):.2f} | {compute:.1f} | {step / compute:.1f} | "
+        f"{sum(calls.values())} | {kinds} | "
         f"{mib:.2f} |"
     )
 
@@ -70,21 +72,24 @@ def main() -> None:
     ap.add_argument("--fsdp", nargs="+", default=["fsdp"], help="FSDP steps to compare")
     args = ap.parse_args()
     print(
-        "| ranks | pipeline | mesh | step ms | compute ms | step / compute | collectives | "
-        "by kind and axis | MiB / rank / step |"
+        "| ranks | pipeline | mesh | step ms | step vs first row | compute ms | step / compute | "
+        "collectives | by kind and axis | MiB / rank / step |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for world in args.ranks:
         with RankPool(world, timeout=900) as pool:
             for head, w, degrees in CASES:
                 if w != world:
                     continue
-                for fsdp in args.fsdp:
-                    pipeline = Pipeline.parse(f"{head}|{fsdp}")
-                    rows = GLOBAL_ROWS // (degrees.dp_replicate * degrees.dp_shard)
-                    spec = TrainSpec(config=CONFIG, rows_per_rank=rows, seq_len=SEQ, lr=1e-3)
-                    res = pool.run(anatomy, spec, pipeline, degrees, steps=args.steps)
-                    print(_row(repr(pipeline), degrees, res), flush=True)
+                pipelines = [Pipeline.parse(f"{head}|{fsdp}") for fsdp in args.fsdp]
+                rows = GLOBAL_ROWS // (degrees.dp_replicate * degrees.dp_shard)
+                spec = TrainSpec(config=CONFIG, rows_per_rank=rows, seq_len=SEQ, lr=1e-3)
+                res = pool.run(anatomy, spec, pipelines, degrees, steps=args.steps)
+                first = 0.0
+                for i, pipeline in enumerate(pipelines):
+                    per_rank = [r[i] for r in res]
+                    print(_row(repr(pipeline), degrees, per_rank, first), flush=True)
+                    first = first or max(r["step_s"] for r in per_rank) * 1e3
 
 
 if __name__ == "__main__":

@@ -99,46 +99,60 @@ def _batch(spec: TrainSpec, pipeline: Pipeline, mesh: ParallelMesh) -> dict[str,
 
 
 def anatomy(
-    spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, *, warmup: int = 2, steps: int = 5
-) -> dict[str, Any]:
-    """Median step time of `pipeline` and of compute only, interleaved; one step's collectives.
+    spec: TrainSpec,
+    pipelines: list[Pipeline],
+    degrees: MeshDegrees,
+    *,
+    warmup: int = 2,
+    steps: int = 5,
+) -> list[dict[str, Any]]:
+    """Median step times of `pipelines` and of compute only, interleaved; one step's collectives.
 
-    Compute only is the model without parallelism (but with activation checkpointing when the
-    pipeline has it: recomputation is compute) on this rank's part of the batch, with the same
-    optimizer. Every rank runs it at the same time, as in the real step, so CPU sharing weighs
-    on both sides alike and their ratio is what communication and waiting cost.
+    The pipelines must differ only after their distributed passes (e.g. in FSDP options): their
+    steps take turns with each other and with compute only, so load on a shared machine weighs
+    on all of them alike. Compute only is the model without parallelism (but with activation
+    checkpointing when the pipelines have it: recomputation is compute) on this rank's part of
+    the batch, with the same optimizer; every rank runs it at the same time, as in the real
+    step, so the ratio step / compute is what communication and waiting cost.
     """
     mesh = mesh_for(degrees)
-    batch = _batch(spec, pipeline, mesh)
-    models = {"step": pipeline.apply(build_model(spec), mesh), "compute": build_model(spec)}
-    if any(isinstance(p, ActivationCheckpoint) for p in pipeline):
-        ac = next(p for p in pipeline if isinstance(p, ActivationCheckpoint))
-        models["compute"] = ac.apply(models["compute"], mesh)
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=spec.lr) for k, m in models.items()}
+    batch = _batch(spec, pipelines[0], mesh)
+    models = [p.apply(build_model(spec), mesh) for p in pipelines]
+    compute = build_model(spec)
+    ac = next((p for p in pipelines[0] if isinstance(p, ActivationCheckpoint)), None)
+    if ac is not None:
+        compute = ac.apply(compute, mesh)
+    models.append(compute)
+    opts = [torch.optim.AdamW(m.parameters(), lr=spec.lr) for m in models]
 
-    def step(k: str) -> None:
-        models[k](**batch).loss.backward()
-        opts[k].step()
-        opts[k].zero_grad(set_to_none=False)
+    def step(i: int) -> None:
+        models[i](**batch).loss.backward()
+        opts[i].step()
+        opts[i].zero_grad(set_to_none=False)
 
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for i in range(warmup + steps):
-        for k in models:
+    times: list[list[float]] = [[] for _ in models]
+    for n in range(warmup + steps):
+        for i in range(len(models)):
             dist.barrier()
             start = time.perf_counter()
-            step(k)
-            if i >= warmup:
-                times[k].append(time.perf_counter() - start)
-    counter = AxisCounter(axis_names(mesh))
-    dist.barrier()
-    with counter:
-        step("step")
-    return {
-        "step_s": statistics.median(times["step"]),
-        "compute_s": statistics.median(times["compute"]),
-        "calls": dict(counter.calls),
-        "bytes": dict(counter.bytes),
-    }
+            step(i)
+            if n >= warmup:
+                times[i].append(time.perf_counter() - start)
+    out = []
+    for i in range(len(pipelines)):
+        counter = AxisCounter(axis_names(mesh))
+        dist.barrier()
+        with counter:
+            step(i)
+        out.append(
+            {
+                "step_s": statistics.median(times[i]),
+                "compute_s": statistics.median(times[-1]),
+                "calls": dict(counter.calls),
+                "bytes": dict(counter.bytes),
+            }
+        )
+    return out
 
 
 def step_collectives(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> dict[str, int]:
