@@ -118,7 +118,7 @@ class FSDP(Pass):
             all-gathered once per step when memory allows: the root always stays gathered
             from forward to backward, and the other units too, in backward order, while the
             bytes they keep gathered fit the rank's sharded parameters + gradients + AdamW
-            state (`moetx.passes.fsdp.reshard`: every unit on <= 4 ranks in fp32); the rest
+            state (`moetx.passes.fsdp.reshard`: every unit up to 4 shards in fp32); the rest
             reshard. `plan` reports the bytes kept (`resident_after_forward`) and the units.
             Or FSDP2's option for every unit: free gathered params after forward (True; the
             default before, two all-gathers per unit and step), keep them (False; more
