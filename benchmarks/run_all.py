@@ -4,7 +4,8 @@ Each benchmark is a script that prints a markdown table. This runner records the
 date and the torch version with them, because CPU timings on a shared 2-core box are only
 comparable within one run (ratios), never across runs. Bytes are deterministic.
 
-Run: `make bench` (or `python -m benchmarks.run_all [--only NAME ...]`).
+Run: `make bench` (or `python -m benchmarks.run_all [--only NAME ...]`; with `--only`, the other
+sections of benchmarks/README.md are kept as they were).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -68,6 +70,25 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
         "cp=1 vs cp=2, both comm modes.",
     ),
     (
+        "step_anatomy.py",
+        [
+            "--steps",
+            "9",
+            "--fsdp",
+            "fsdp",
+            "fsdp(reshard_after_forward='auto', min_unit_bytes=1048576)",
+        ],
+        "Step anatomy: step time vs compute only, collectives by kind and axis",
+        "Issue 17's workload (hidden 64, 4 layers, 8 experts top-2, seq 64, global batch 8, "
+        "AdamW, fp32) on 2 and 4 ranks: median step time of the slowest rank (and its ratio to the "
+        "first row of its pipeline, steps interleaved), the same model "
+        "without parallelism on each rank's share of the batch (interleaved, all ranks at once), "
+        "their ratio, and one step's collectives by kind and mesh axis with their bytes; "
+        "each pipeline with the default FSDP (`reshard_after_forward=True`, `min_unit_bytes=0`), "
+        "then with issue 17's opt-in policy (`'auto'`, small embedding and lm head in the root "
+        "unit).",
+    ),
+    (
         "checkpoint_integrity.py",
         [],
         "Checkpoints: the cost of integrity hashes",
@@ -91,6 +112,14 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
 ]
 
 
+def _sections(readme: Path) -> dict[str, str]:
+    """Title -> section text (from its `## ` line) of an existing README, for `--only` runs."""
+    if not readme.exists():
+        return {}
+    parts = readme.read_text().split("\n## ")[1:]
+    return {p.split("\n", 1)[0]: f"## {p.rstrip()}\n" for p in parts}
+
+
 def main() -> int:
     """Run the benchmarks and rewrite benchmarks/README.md; returns an exit code."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -98,8 +127,11 @@ def main() -> int:
     args = ap.parse_args()
     sections = []
     failed = 0
+    kept = _sections(HERE / "README.md") if args.only else {}
     for script, extra, title, what in BENCHMARKS:
         if args.only and script not in args.only:
+            if title in kept:
+                sections.append(kept[title])
             continue
         if not (HERE / script).exists():
             sections.append(f"## {title}\n\n_`{script}` is not present in this checkout._\n")
@@ -121,7 +153,7 @@ def main() -> int:
             body = f"**failed** (exit {proc.returncode}):\n\n```text\n{tail}\n```"
         else:
             body = table
-        cmd = " ".join(["python", "-m", f"benchmarks.{script.removesuffix('.py')}", *extra])
+        cmd = shlex.join(["python", "-m", f"benchmarks.{script.removesuffix('.py')}", *extra])
         sections.append(f"## {title}\n\n{what}\n\n`{cmd}` ({took:.0f} s)\n\n{body}\n")
     header = (
         "# moetx benchmarks\n\n"

@@ -24,6 +24,8 @@ from moetx import (
     NoFittingPlanError,
     ParallelMesh,
     Pipeline,
+    PlanningError,
+    predict,
 )
 from moetx.__main__ import main
 from moetx.core.algebra import Pass
@@ -376,3 +378,10 @@ def test_public_names():
     assert {"AutoPlan", "Candidate", "CostModel", "NoFittingPlanError", "Prediction"} <= set(
         moetx.__all__
     )
+
+
+def test_opt_in_fsdp_policies_are_refused_until_modelled() -> None:
+    """`predict` refuses the auto reshard policy and joined units instead of guessing bytes."""
+    for fsdp in (FSDP(reshard_after_forward="auto"), FSDP(min_unit_bytes=1 << 20)):
+        with pytest.raises(PlanningError, match=r"^`predict` does not model FSDP\(.*\) yet"):
+            predict(MoEConfig(), MeshDegrees(dp_shard=2), Pipeline((fsdp,)), seq=8, micro_batch=1)

@@ -201,7 +201,7 @@ def test_reshard_after_forward_false_warns_with_the_extra_bytes() -> None:
     """`reshard_after_forward=False` adds a warning line with the experts' resident bytes."""
     config = MoEConfig(num_experts=8, expert_hidden_size=8, hidden_size=16, num_layers=2)
     degrees = MeshDegrees(dp_shard=4, ep=2)
-    quiet = plan(ExpertParallel() | FSDP(), config, degrees)
+    quiet = plan(ExpertParallel() | FSDP(reshard_after_forward=True), config, degrees)
     loud = plan(ExpertParallel() | FSDP(reshard_after_forward=False), config, degrees)
     assert not quiet.warnings and quiet.resident_after_forward == 0
     experts = 2 * (8 // 2) * (2 * 8 * 16 + 16 * 8) * 4  # layers x local experts x numel x fp32

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import attrs
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -77,8 +78,12 @@ FIELDS: dict[tuple[type, str], tuple[st.SearchStrategy[object], st.SearchStrateg
         ),
     ),
     (FSDP, "reshard_after_forward"): (
-        st.one_of(st.booleans(), st.integers(2, 64)),
+        st.one_of(st.booleans(), st.integers(2, 64), st.just("auto")),
         st.one_of(st.integers(-4, 1), st.none(), st.floats(0, 4), st.text(max_size=3)),
+    ),
+    (FSDP, "min_unit_bytes"): (
+        st.integers(0, 2**40),
+        st.one_of(st.integers(max_value=-1), st.booleans(), st.floats(0, 4), st.none()),
     ),
     (FSDP, "cpu_offload"): (st.booleans(), NOT_BOOL),
     (FSDP, "wrap_root"): (st.booleans(), NOT_BOOL),
@@ -204,7 +209,7 @@ def test_reshard_after_forward_takes_a_bool_or_a_group_size(value):
     with pytest.raises(
         PassOptionError,
         match=rf"^`FSDP\.reshard_after_forward` \({value!r}\) must be True, False or an int >= 2 "
-        r"\(the size of the group to reshard to after forward\)\.",
+        r"\(the size of the group to reshard to after forward\), or 'auto' ",
     ) as info:
         FSDP(reshard_after_forward=value)
     if value in (0, 1) and type(value) is int:
@@ -213,15 +218,23 @@ def test_reshard_after_forward_takes_a_bool_or_a_group_size(value):
 
 def test_reshard_after_forward_values_are_distinct():
     """`repr`, `==` and `hash` tell every accepted value apart, and round-trip."""
-    values = [FSDP(), FSDP(reshard_after_forward=False), FSDP(reshard_after_forward=2)]
+    values = [
+        FSDP(reshard_after_forward="auto"),
+        FSDP(),
+        FSDP(reshard_after_forward=False),
+        FSDP(reshard_after_forward=2),
+    ]
     assert [repr(p) for p in values] == [
+        "FSDP(reshard_after_forward='auto')",
         "FSDP()",
         "FSDP(reshard_after_forward=False)",
         "FSDP(reshard_after_forward=2)",
     ]
-    assert len(set(values)) == 3
+    assert len(set(values)) == 4
     assert FSDP(reshard_after_forward=True) == FSDP()
     assert hash(FSDP(reshard_after_forward=True)) == hash(FSDP())
+    unit = torch.nn.Linear(1, 1)
     for p in values:
         assert eval(repr(p), {"FSDP": FSDP}) == p
-        assert p._common()["reshard_after_forward"] is p.reshard_after_forward  # what FSDP2 gets
+        got = p._common(unit, frozenset())["reshard_after_forward"]  # what FSDP2 gets
+        assert got is (True if p.reshard_after_forward == "auto" else p.reshard_after_forward)

@@ -20,14 +20,18 @@ from moetx.planning import plan
 MODELS: tuple[str, ...] = ("tiny", "deepseek-v3")
 
 
-def _reshard(text: str) -> bool | int:
+def _reshard(text: str) -> bool | int | str:
     lowered = text.lower()
+    if lowered == "auto":
+        return lowered
     if lowered in ("true", "false"):
         return lowered == "true"
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected true, false or an int (got {text!r})") from None
+        raise argparse.ArgumentTypeError(
+            f"expected auto, true, false or an int (got {text!r})"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dp-replicate", type=int, default=1, help="HSDP replicas")
     ap.add_argument("--rank", type=int, default=0, help="rank whose local shapes to show")
     ap.add_argument(
-        "--reshard-after-forward", type=_reshard, default=True, metavar="{true,false,N}"
+        "--reshard-after-forward", type=_reshard, default="auto", metavar="{auto,true,false,N}"
     )
     ap.add_argument("--param-dtype", default=None, choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")

@@ -33,9 +33,9 @@ from moetx.core.errors import MeshError
 from moetx.core.record import applied_passes, find_applied
 from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh, as_parallel_mesh
 from moetx.models import MoEConfig, MoETransformer
+from moetx.passes.fsdp.reshard import AUTO, gathered_bytes
 from moetx.planning.fake_world import fake_world
 from moetx.planning.report import ParamGroup, Plan, RankBytes, human_bytes
-from moetx.structure.discovery import discover
 
 __all__ = ["ParamGroup", "Plan", "RankBytes", "plan"]
 
@@ -83,6 +83,7 @@ def plan(
     with _planning_mesh(mesh) as pmesh:
         planned = pipeline.apply(meta, pmesh)
         groups, ranks, resident = _analyse(planned, pmesh, rank)
+        notes = _notes(planned, resident)
     warnings = _warnings(pipeline, resident)
     return Plan(
         pipeline=pipeline,
@@ -95,6 +96,7 @@ def plan(
         resident_after_forward=resident[0],
         resident_experts_after_forward=resident[1],
         warnings=warnings,
+        notes=notes,
         seconds=time.perf_counter() - start,
     )
 
@@ -300,46 +302,47 @@ def _numel(shape: tuple[int, ...]) -> int:
 def _resident(model: nn.Module, mesh: ParallelMesh) -> tuple[int, int]:
     """(all, experts): bytes per rank FSDP keeps gathered from forward to backward."""
 
-    entry = find_applied(applied_passes(model), "fsdp")
+    record = applied_passes(model)
+    entry = find_applied(record, "fsdp")
     if entry is None:
         return 0, 0
     fsdp = entry.pass_
     raf = fsdp.reshard_after_forward  # type: ignore[attr-defined]
     if raf is True:
         return 0, 0
-    ep = find_applied(applied_passes(model), "ep")
-    experts = set(ep.facts.get("expert_params", ())) if ep is not None else set()
-    ep_degree = ep.facts.get("degree", 1) if ep is not None else 1
-    tp = find_applied(applied_passes(model), "tp")
-    tp_degree = tp.facts.get("degree", 1) if tp is not None else 1
-    tp_sharded = set(tp.facts.get("params", ())) if tp is not None else set()
-    s = discover(model)
-    fp32: set[int] = set()
-    if fsdp.param_dtype not in (None, "float32"):  # type: ignore[attr-defined]
-        roles = fsdp.fp32_modules  # type: ignore[attr-defined]
-        if "router" in roles:
-            fp32 |= {id(q) for layer in s.moe_layers() for q in layer.router.parameters()}
-        if "lm_head" in roles and s.lm_head is not None and not s.tied_embeddings:
-            fp32 |= {id(q) for q in s.lm_head.parameters()}
-    compute = getattr(torch, fsdp.param_dtype) if fsdp.param_dtype else None  # type: ignore[attr-defined]
+    resident = entry.facts.get("resident")
+    kept_params = set(resident.resident_params) if resident is not None else set()
     sizes = {True: mesh.expert_fsdp_mesh().size(), False: mesh.degrees.dp_shard_cp}
     total = expert_total = 0
-    for name, p in model.named_parameters():
-        numel = p.numel() // (
-            ep_degree if name in experts else tp_degree if name in tp_sharded else 1
-        )
-        dtype = torch.float32 if id(p) in fp32 else (compute or p.dtype)
-        gathered = numel * torch.empty((), dtype=dtype).element_size()
+    for name, (_, gathered, expert) in gathered_bytes(model, fsdp, record).items():
         # FSDP2's int: after forward, keep a copy resharded over groups of that size (1/raf per
-        # rank); equal to the unit's shard-group size it is True, 1 is False.
-        if raf is False or raf == 1:
+        # rank); equal to the unit's shard-group size it is True, 1 is False. "auto": the
+        # units `choose_resident` kept are False, the others True.
+        if raf == AUTO:
+            kept = gathered if name in kept_params else 0
+        elif raf is False or raf == 1:
             kept = gathered
         else:
-            kept = 0 if raf == sizes[name in experts] else gathered // int(raf)
+            kept = 0 if raf == sizes[expert] else gathered // int(raf)
         total += kept
-        if name in experts:
+        if expert:
             expert_total += kept
     return total, expert_total
+
+
+def _notes(planned: nn.Module, resident: tuple[int, int]) -> tuple[str, ...]:
+    entry = find_applied(applied_passes(planned), "fsdp")
+    choice = entry.facts.get("resident") if entry is not None else None
+    if choice is None:
+        return ()
+    n = len(choice.kept_units) + len(choice.resharded_units)
+    return (
+        f"`reshard_after_forward='auto'` keeps {len(choice.kept_units)} of {n} FSDP units "
+        f"gathered from forward to backward (one all-gather per step each): "
+        f"+{human_bytes(resident[0])} per rank at peak, of which routed experts "
+        f"+{human_bytes(resident[1])} (budget: the rank's sharded params + grads + AdamW, "
+        f"{human_bytes(choice.budget)}).",
+    )
 
 
 def _warnings(pipeline: Pipeline, resident: tuple[int, int]) -> tuple[str, ...]:
@@ -348,6 +351,8 @@ def _warnings(pipeline: Pipeline, resident: tuple[int, int]) -> tuple[str, ...]:
         return ()
     fsdp = next(p for p in pipeline if p.placement.stage == "fsdp")
     raf = fsdp.reshard_after_forward  # type: ignore[attr-defined]
+    if raf == AUTO:  # within its budget by construction: a note, not a warning
+        return ()
     what = (
         "keeps every unit's gathered parameters"
         if raf is False

@@ -187,6 +187,17 @@ def predict(
             f"`predict` models the stages {MODELLED} only, not {what}: its bytes would be wrong.\n"
             "  fix: use `Pipeline.plan` for parameter bytes of other passes."
         )
+    fsdp_pass = find_pass(pipeline, "fsdp")
+    if fsdp_pass is not None and (
+        getattr(fsdp_pass, "reshard_after_forward", True) == "auto"
+        or getattr(fsdp_pass, "min_unit_bytes", 0)
+    ):
+        raise PlanningError(
+            f"`predict` does not model {fsdp_pass!r} yet (per-unit resharding or units joined "
+            "into the root): its bytes would be wrong.\n"
+            "  fix: predict with `FSDP()` (reshard_after_forward=True, min_unit_bytes=0); "
+            "`Pipeline.plan` reports the auto policy's resident bytes."
+        )
     shapes = model if isinstance(model, ModelShapes) else ModelShapes.of(model)
     source: nn.Module | MoEConfig | None = (
         shapes.config if isinstance(model, ModelShapes) else model

@@ -90,6 +90,7 @@ class Plan:
             keeps gathered from forward to backward (0 when it reshards).
         resident_experts_after_forward: The routed experts' part of it.
         warnings: Human-readable warnings (memory consequences of the configuration).
+        notes: Human-readable notes (what `reshard_after_forward="auto"` chose).
         seconds: Wall time the plan took.
     """
 
@@ -103,6 +104,7 @@ class Plan:
     resident_after_forward: int = 0
     resident_experts_after_forward: int = 0
     warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
     seconds: float = attrs.field(default=0.0, eq=False)
 
     @property
@@ -183,6 +185,7 @@ def render(p: Plan, *, markdown: bool) -> str:
     tail = [
         f"per rank: params + grads + AdamW = {human_bytes(p.bytes.total)} on rank {p.rank}; "
         f"{spread} across the {p.world_size} ranks",
+        *(f"note: {n}" for n in p.notes),
         *(f"WARNING: {w}" for w in p.warnings),
         f"planned in {p.seconds:.1f} s",
     ]

@@ -21,15 +21,16 @@ from torch.distributed.fsdp import (
     OffloadPolicy,
     fully_shard,
 )
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import Shard
 
 from moetx.core.algebra import Pass, register_pass
 from moetx.core.errors import PassPreconditionError
-from moetx.core.options import Rule, flag, one_of, option
+from moetx.core.options import Rule, at_least, flag, one_of, option
 from moetx.core.order import Placement
-from moetx.core.record import Applied, find_applied
+from moetx.core.record import Applied, applied_passes, find_applied
 from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.passes.foreign import refuse_foreign_parallelism
+from moetx.passes.fsdp.reshard import AUTO, choose_resident, experts_are_units, joining_root
 from moetx.passes.load_sync import install_load_sync
 from moetx.structure.discovery import ModelStructure, discover
 
@@ -54,6 +55,8 @@ _ROLES = Rule(
 
 
 def _reshard_hint(value: object) -> str | None:
+    if isinstance(value, str) and value.lower() == AUTO and value != AUTO:
+        return f"Write {AUTO!r} in lower case."
     if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
         return (
             f"The int {value} is no group size: FSDP2 would take 1 as False (keep parameters "
@@ -63,8 +66,9 @@ def _reshard_hint(value: object) -> str | None:
 
 
 _RESHARD = Rule(
-    "True, False or an int >= 2 (the size of the group to reshard to after forward)",
-    lambda v: isinstance(v, bool) or (isinstance(v, int) and v >= 2),
+    "True, False or an int >= 2 (the size of the group to reshard to after forward), or "
+    f"{AUTO!r} (keep units gathered while they fit the rank's sharded training state)",
+    lambda v: v == AUTO or isinstance(v, bool) or (isinstance(v, int) and v >= 2),
     _reshard_hint,
 )
 
@@ -86,7 +90,10 @@ class FSDP(Pass):
     - the router of each MoE layer, with an fp32 policy, when `param_dtype` is low precision
       and `"router"` is in `fp32_modules` (as Megatron's router dtype option);
     - each transformer block (backbone and MTP), over dp_shard x cp (HSDP with dp_replicate);
-    - the input embedding and the lm head (unless tied: tied weights stay with the root);
+    - the input embedding and the lm head (unless tied: tied weights stay with the root), each
+      unless it gathers to fewer than `min_unit_bytes` (then it joins the root unit: one
+      all-gather and one reduce-scatter fewer per step; not under tensor parallelism, nor for
+      an fp32 lm head or an `output_dtype` other than `param_dtype`);
     - the root (final norm and everything left), unless `wrap_root=False`.
 
     Frozen parameters (`requires_grad=False`) stay frozen. Routing-load counters (aux-loss-free
@@ -107,11 +114,21 @@ class FSDP(Pass):
         reduce_dtype: Dtype gradients are reduced in (None: `param_dtype`).
         output_dtype: Dtype of unit outputs (None: no cast).
         fp32_modules: Roles kept in fp32 under a low `param_dtype`: "router", "lm_head".
-        reshard_after_forward: FSDP2's option: free gathered params after forward (True),
-            keep them (False; more memory, less communication), or reshard to a smaller
-            group of this size (an int >= 2 that divides every unit's shard group; checked
-            per unit mesh). The ints 0 and 1 are refused: `1 == True` in Python, but FSDP2
-            reads the int 1 as False.
+        reshard_after_forward: `"auto"` (opt-in; the planner does not model it yet, so it is
+            not the default this release): each unit decides, so that it is
+            all-gathered once per step when memory allows: the root always stays gathered
+            from forward to backward, and the other units too, in backward order, while the
+            bytes they keep gathered fit the rank's sharded parameters + gradients + AdamW
+            state (`moetx.passes.fsdp.reshard`: every unit up to 4 shards in fp32); the rest
+            reshard. `plan` reports the bytes kept (`resident_after_forward`) and the units.
+            Or FSDP2's option for every unit: free gathered params after forward (True, the
+            default: two all-gathers per unit and step), keep them (False; more
+            memory, less communication), or reshard to a smaller group of this size (an int
+            >= 2 that divides every unit's shard group; checked per unit mesh). The ints 0
+            and 1 are refused: `1 == True` in Python, but FSDP2 reads the int 1 as False.
+        min_unit_bytes: The embedding and the lm head join the root unit when they gather to
+            fewer bytes than this (0, the default: always units of their own; e.g. `1 << 20`
+            saves one all-gather and one reduce-scatter per step for each small one).
         cpu_offload: Keep sharded parameters, gradients and optimizer state on the CPU.
         wrap_root: Also make the root module an FSDP unit (otherwise only the final norm).
 
@@ -126,7 +143,8 @@ class FSDP(Pass):
     reduce_dtype: str | None = option(None, _dtype)
     output_dtype: str | None = option(None, _dtype)
     fp32_modules: tuple[str, ...] = option(("router",), _ROLES, converter=_roles)
-    reshard_after_forward: bool | int = option(True, _RESHARD)
+    reshard_after_forward: bool | int | str = option(True, _RESHARD)
+    min_unit_bytes: int = option(0, at_least(0))
     cpu_offload: bool = option(False, flag())
     wrap_root: bool = option(True, flag())
 
@@ -142,7 +160,7 @@ class FSDP(Pass):
         refuse_foreign_parallelism(model, record, by="FSDP")
         experts_sharded = self._experts_sharded(mesh, record)
         self._check_reshard_sizes(mesh, experts_sharded)
-        self._check_unit_dtypes(model, structure, experts_sharded)
+        self._check_unit_dtypes(model, structure, experts_sharded, record)
         self._check_output_dtype(model, structure)
         if not self.wrap_root:
             self._check_tied(model, structure)
@@ -165,7 +183,7 @@ class FSDP(Pass):
         # FSDP2's rule (fsdp/_fully_shard/_fsdp_init.py, _get_post_forward_mesh_info): an int
         # must divide the unit's shard-group size; checked here, per unit mesh, not mid-apply.
         n = self.reshard_after_forward
-        if isinstance(n, bool):
+        if not isinstance(n, int) or isinstance(n, bool):
             return
         d = mesh.degrees
         groups = [("dense parameters", d.dp_shard_cp, "dp_shard × cp")]
@@ -186,7 +204,11 @@ class FSDP(Pass):
                 )
 
     def _check_unit_dtypes(
-        self, model: nn.Module, s: ModelStructure, experts_sharded: bool
+        self,
+        model: nn.Module,
+        s: ModelStructure,
+        experts_sharded: bool,
+        record: tuple[Applied, ...],
     ) -> None:
         # FSDP2 needs one original dtype per unit, and checks it only at the first forward.
         unit_of: dict[int, str] = {}
@@ -204,8 +226,10 @@ class FSDP(Pass):
                 claim(block.moe.router)
             claim(block.module)
         if not s.tied_embeddings:
-            claim(s.embedding)
-            claim(s.lm_head)
+            joined = joining_root(model, s, self, record)
+            for m in (s.embedding, s.lm_head):
+                if not any(m is j for j in joined):
+                    claim(m)
         claim(model if self.wrap_root else s.final_norm)
         units: dict[str, list[tuple[str, torch.dtype]]] = {}
         for name, p in model.named_parameters():
@@ -295,44 +319,49 @@ class FSDP(Pass):
     ) -> nn.Module:
         s = discover(model)
         dense = mesh.dense_fsdp_mesh()
-        ep = find_applied(record, "ep")
-        ep_owned = set(ep.facts.get("expert_params", ())) if ep is not None else set()
+        kept: frozenset[int] = frozenset()
+        if self.reshard_after_forward == AUTO:
+            modules = dict(model.named_modules())
+            kept_units = choose_resident(model, self, mesh.degrees, record).kept_units
+            kept = frozenset(id(modules[n]) for n in kept_units)
+
+        def shard(module: nn.Module, *, fp32: bool = False) -> None:
+            fully_shard(
+                module, mesh=dense, mp_policy=self._policy(fp32=fp32), **self._common(module, kept)
+            )
 
         for block in s.blocks:
             moe = block.moe
-            if (
-                moe is not None
-                and ep_owned
-                and any(isinstance(p, DTensor) for p in moe.experts.parameters())
-            ):
-                self._shard_experts(moe.experts, moe.num_experts, mesh)
+            if moe is not None and experts_are_units(moe.experts, record):
+                self._shard_experts(moe.experts, moe.num_experts, mesh, kept)
             if moe is not None and "router" in self.fp32_modules and self.param_dtype:
-                fully_shard(
-                    moe.router, mesh=dense, mp_policy=self._policy(fp32=True), **self._common()
-                )
-            fully_shard(block.module, mesh=dense, mp_policy=self._policy(), **self._common())
+                shard(moe.router, fp32=True)
+            shard(block.module)
         if not s.tied_embeddings:
-            fully_shard(s.embedding, mesh=dense, mp_policy=self._policy(), **self._common())
-            if s.lm_head is not None:
-                fp32 = "lm_head" in self.fp32_modules
-                fully_shard(
-                    s.lm_head, mesh=dense, mp_policy=self._policy(fp32=fp32), **self._common()
-                )
+            joined = joining_root(model, s, self, record)
+            if not any(s.embedding is j for j in joined):
+                shard(s.embedding)
+            if s.lm_head is not None and not any(s.lm_head is j for j in joined):
+                shard(s.lm_head, fp32="lm_head" in self.fp32_modules)
         # Routing-load counters must hold global counts, not this rank's (see _load_sync).
         install_load_sync(model, mesh.tokens.get_group())
         if self.wrap_root:
-            fully_shard(model, mesh=dense, mp_policy=self._policy(), **self._common())
+            shard(model)
         elif s.final_norm is not None:
-            fully_shard(s.final_norm, mesh=dense, mp_policy=self._policy(), **self._common())
+            shard(s.final_norm)
         return model
 
-    def _common(self) -> dict[str, Any]:
+    def _common(self, module: nn.Module, kept: frozenset[int]) -> dict[str, Any]:
+        raf = self.reshard_after_forward
         return {
-            "reshard_after_forward": self.reshard_after_forward,
+            # "auto": False (keep gathered) for the units `choose_resident` keeps
+            "reshard_after_forward": id(module) not in kept if raf == AUTO else raf,
             "offload_policy": self._offload(),
         }
 
-    def _shard_experts(self, experts: nn.Module, num_experts: int, mesh: ParallelMesh) -> None:
+    def _shard_experts(
+        self, experts: nn.Module, num_experts: int, mesh: ParallelMesh, kept: frozenset[int]
+    ) -> None:
         emesh = mesh.expert_fsdp_mesh()
         local_experts = num_experts // mesh.degree("ep")
         shards = emesh.size()
@@ -347,7 +376,7 @@ class FSDP(Pass):
             mesh=emesh,
             shard_placement_fn=placement,
             mp_policy=self._policy(),
-            **self._common(),
+            **self._common(experts, kept),
         )
         unit = typing.cast(FSDPModule, experts)
         # Expert grads arrive summed over every rank's tokens (the all-to-all backward returns
@@ -360,9 +389,12 @@ class FSDP(Pass):
             unit.set_force_sum_reduction_for_comms(True)
 
     def facts(self, model: nn.Module, mesh: ParallelMesh) -> Mapping[str, Any]:
-        """The dense and expert FSDP degrees, for plans and later tooling."""
+        """The dense and expert FSDP degrees and, under "auto", what stays gathered."""
         d = mesh.degrees
-        return {
+        out: dict[str, Any] = {
             "dense_degree": d.dp_replicate * d.dp_shard_cp,
             "expert_degree": d.dp_replicate * d.ep_shard,
         }
+        if self.reshard_after_forward == AUTO:
+            out["resident"] = choose_resident(model, self, d, applied_passes(model))
+        return out

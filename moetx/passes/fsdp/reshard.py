@@ -1,0 +1,214 @@
+"""`FSDP(reshard_after_forward="auto")`: which units stay gathered from forward to backward.
+
+A unit kept gathered after forward (FSDP2's `reshard_after_forward=False`) is all-gathered once
+per step instead of twice, at the cost of its gathered parameters staying resident until its
+backward. The rule, decided from the model and the mesh alone (so `plan` shows it):
+
+- the root unit is always kept (backward starts with it; FSDP2's own default for the root);
+- the other units are taken in backward order (lm head, final norm, the blocks from the last
+  to the first, each with its router and routed-experts units, then the input embedding), and
+  each is kept while everything kept so far fits the *budget*: the bytes of sharded training
+  state (parameters + gradients + AdamW moments) the rank holds anyway. So "auto" at most
+  doubles the parameter-related memory of a rank (the root, always kept, aside), and keeps every unit on small meshes (all of
+  the model's gathered parameters fit up to 4 FSDP shards in fp32, 8 with bf16 compute, when
+  every parameter is trained).
+
+Activations are not counted: on a tight memory budget pass `reshard_after_forward=True`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from moetx.core.record import Applied, find_applied
+from moetx.mesh.parallel_mesh import MeshDegrees
+from moetx.structure.discovery import ModelStructure, discover
+
+__all__ = [
+    "AUTO",
+    "ResidentChoice",
+    "choose_resident",
+    "experts_are_units",
+    "gathered_bytes",
+    "joining_root",
+]
+
+AUTO = "auto"
+
+
+def experts_are_units(experts: nn.Module, record: tuple[Applied, ...]) -> bool:
+    """Whether `FSDP` makes these routed experts their own unit (`ExpertParallel` sharded them)."""
+    ep = find_applied(record, "ep")
+    return (
+        ep is not None
+        and bool(ep.facts.get("expert_params", ()))
+        and any(isinstance(p, DTensor) for p in experts.parameters())
+    )
+
+
+def gathered_bytes(
+    model: nn.Module, fsdp: Any, record: tuple[Applied, ...]
+) -> dict[str, tuple[int, int, bool]]:
+    """Parameter FQN -> (elements and bytes on a rank while gathered, whether a routed expert).
+
+    Gathered means unsharded by FSDP only: routed experts stay split over `ep`, tensor-parallel
+    weights over `tp`; the dtype is the unit's compute dtype (`param_dtype`, fp32 for the
+    `fp32_modules`).
+    """
+    ep = find_applied(record, "ep")
+    experts = set(ep.facts.get("expert_params", ())) if ep is not None else set()
+    ep_degree = ep.facts.get("degree", 1) if ep is not None else 1
+    tp = find_applied(record, "tp")
+    tp_degree = tp.facts.get("degree", 1) if tp is not None else 1
+    tp_sharded = set(tp.facts.get("params", ())) if tp is not None else set()
+    s = discover(model)
+    fp32: set[int] = set()
+    if fsdp.param_dtype not in (None, "float32"):
+        if "router" in fsdp.fp32_modules:
+            fp32 |= {id(q) for layer in s.moe_layers() for q in layer.router.parameters()}
+        if "lm_head" in fsdp.fp32_modules and s.lm_head is not None and not s.tied_embeddings:
+            fp32 |= {id(q) for q in s.lm_head.parameters()}
+    compute = getattr(torch, fsdp.param_dtype) if fsdp.param_dtype else None
+    out: dict[str, tuple[int, int, bool]] = {}
+    for name, p in model.named_parameters():
+        numel = p.numel() // (
+            ep_degree if name in experts else tp_degree if name in tp_sharded else 1
+        )
+        dtype = torch.float32 if id(p) in fp32 else (compute or p.dtype)
+        out[name] = (numel, numel * torch.empty((), dtype=dtype).element_size(), name in experts)
+    return out
+
+
+def joining_root(
+    model: nn.Module, s: ModelStructure, fsdp: Any, record: tuple[Applied, ...]
+) -> tuple[nn.Module, ...]:
+    """The input embedding and lm head that join the root unit instead of being their own.
+
+    Each that gathers to fewer than `fsdp.min_unit_bytes` bytes, when the root is a unit and
+    nothing needs them apart: untied embeddings, no tensor parallelism, and for the lm head no
+    fp32 policy of its own and no `output_dtype` other than `param_dtype` (the root does not
+    cast its inputs back). Two small units fewer: one all-gather and one reduce-scatter fewer
+    each per step.
+    """
+    if not fsdp.wrap_root or s.tied_embeddings or find_applied(record, "tp") is not None:
+        return ()
+    low = fsdp.param_dtype not in (None, "float32")
+    lm_apart = ("lm_head" in fsdp.fp32_modules and low) or fsdp.output_dtype not in (
+        None,
+        fsdp.param_dtype,
+    )
+    candidates = [m for m in (s.embedding, None if lm_apart else s.lm_head) if m is not None]
+    if not candidates:
+        return ()
+    sizes = gathered_bytes(model, fsdp, record)
+    by_id = {id(p): sizes[n][1] for n, p in model.named_parameters()}
+    return tuple(
+        m
+        for m in candidates
+        if sum(by_id.get(id(p), 0) for p in m.parameters()) < fsdp.min_unit_bytes
+    )
+
+
+@attrs.frozen
+class ResidentChoice:
+    """What `reshard_after_forward="auto"` keeps gathered after forward, on every rank.
+
+    Attributes:
+        kept_units: FQNs of the units kept gathered (`""`: the root), in backward order.
+        resharded_units: FQNs of the units resharded after forward.
+        resident_params: FQNs of the parameters in the kept units.
+        budget: Bytes per rank the kept units may take (the rank's sharded training state).
+        resident: Bytes per rank they take.
+    """
+
+    kept_units: tuple[str, ...]
+    resharded_units: tuple[str, ...]
+    resident_params: tuple[str, ...]
+    budget: int
+    resident: int
+
+
+def _units(
+    model: nn.Module, s: ModelStructure, fsdp: Any, record: tuple[Applied, ...]
+) -> tuple[list[tuple[nn.Module, bool]], bool]:
+    """The FSDP units, innermost first (with whether each holds routed experts); root last."""
+    units: list[tuple[nn.Module, bool]] = []
+    for block in s.blocks:
+        moe = block.moe
+        if moe is not None and experts_are_units(moe.experts, record):
+            units.append((moe.experts, True))
+        if moe is not None and "router" in fsdp.fp32_modules and fsdp.param_dtype:
+            units.append((moe.router, False))
+        units.append((block.module, False))
+    if not s.tied_embeddings:
+        joined = joining_root(model, s, fsdp, record)
+        units += [
+            (m, False)
+            for m in (s.embedding, s.lm_head)
+            if m is not None and not any(m is j for j in joined)
+        ]
+    root = model if fsdp.wrap_root else s.final_norm
+    if root is not None:
+        units.append((root, False))
+    return units, fsdp.wrap_root
+
+
+def choose_resident(
+    model: nn.Module, fsdp: Any, degrees: MeshDegrees, record: tuple[Applied, ...]
+) -> ResidentChoice:
+    """Apply the module docstring's rule to `model` (before or after `FSDP` wrapped it)."""
+    s = discover(model)
+    units, has_root = _units(model, s, fsdp, record)
+    fqn = {id(m): n for n, m in model.named_modules()}
+    owner: dict[int, nn.Module] = {}
+    for module, _ in units:  # innermost first: a parameter belongs to the first unit claiming it
+        for p in module.parameters():
+            owner.setdefault(id(p), module)
+    gathered = gathered_bytes(model, fsdp, record)
+    expert_shards = degrees.dp_replicate * degrees.ep_shard
+    budget = 0
+    unit_bytes: dict[int, int] = {}
+    unit_params: dict[int, list[str]] = {}
+    for name, p in model.named_parameters():
+        numel, size, expert = gathered[name]
+        shards = expert_shards if expert else degrees.dp_shard_cp
+        local = -(-numel // shards)  # FSDP2 pads the last shard: every rank holds ceil(n / shards)
+        budget += local * p.element_size() * (4 if p.requires_grad else 1)
+        unit = owner.get(id(p))
+        if unit is not None:
+            unit_bytes[id(unit)] = unit_bytes.get(id(unit), 0) + size
+            unit_params.setdefault(id(unit), []).append(name)
+    # backward order: root, lm head / final norm, the blocks last to first, the embedding
+    order = sorted(units, key=lambda u: _backward_rank(u[0], s, model, fsdp))
+    kept: list[str] = []
+    resharded: list[str] = []
+    params: list[str] = []
+    total = 0
+    for module, _ in order:
+        size = unit_bytes.get(id(module), 0)
+        is_root = has_root and module is model
+        if is_root or total + size <= budget:
+            total += size
+            kept.append(fqn.get(id(module), ""))
+            params += unit_params.get(id(module), [])
+        else:
+            resharded.append(fqn.get(id(module), ""))
+    return ResidentChoice(tuple(kept), tuple(resharded), tuple(params), budget, total)
+
+
+def _backward_rank(module: nn.Module, s: ModelStructure, model: nn.Module, fsdp: Any) -> int:
+    if module is model or (not fsdp.wrap_root and module is s.final_norm):
+        return 0
+    if module is s.lm_head:
+        return 1
+    for i, block in enumerate(reversed(s.blocks)):
+        moe = block.moe
+        inner = (block.module, moe.router if moe else None, moe.experts if moe else None)
+        if any(module is m for m in inner):
+            return 2 + i
+    return 2 + len(s.blocks)  # the input embedding
