@@ -25,7 +25,6 @@ from moetx import (
     ParallelMesh,
     Pipeline,
     PlanningError,
-    predict,
 )
 from moetx.__main__ import main
 from moetx.core.algebra import Pass
