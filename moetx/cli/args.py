@@ -7,14 +7,15 @@ from collections.abc import Mapping
 
 import attrs
 
-from moetx.core.algebra import Pass, Pipeline
+from moetx.core.algebra import Pass, Pipeline, registered_passes
 from moetx.core.errors import CommandLineError
+from moetx.core.order import BUILTIN_ORDER
 from moetx.passes import ActivationCheckpoint, ExpertParallel
 
 __all__ = ["PASS_NAMES", "check_ranges", "parse_pipeline"]
 
-#: Names accepted by `--pipeline`, in the built-in order.
-PASS_NAMES: tuple[str, ...] = ("tp", "cp", "ep", "ac", "fsdp")
+#: Names accepted by `--pipeline`: the registered built-in passes, in the built-in order.
+PASS_NAMES: tuple[str, ...] = tuple(s for s in BUILTIN_ORDER if s in registered_passes())
 
 
 def parse_pipeline(

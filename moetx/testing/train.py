@@ -16,7 +16,7 @@ import attrs
 import torch
 from torch import nn
 
-from moetx import ContextParallel, MeshDegrees, ParallelMesh, Pipeline
+from moetx import MeshDegrees, ParallelMesh, Pipeline, shard_batch
 from moetx.models import MoEConfig, MoETransformer, init_weights_
 from moetx.structure import discover
 from moetx.structure.tensors import local_bytes
@@ -170,19 +170,15 @@ def mesh_for(degrees: MeshDegrees) -> ParallelMesh:
 def _rank_setup(
     spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, *, meta: bool = False
 ) -> tuple[nn.Module, list[tuple[Any, ...]]]:
-    """This rank's parallelized model and its part of every global batch."""
+    """This rank's parallelized model and its part of every global batch (`shard_batch`)."""
     mesh = mesh_for(degrees)
-    data_ranks, data_index = mesh.data_size, mesh.data_rank
-    rows = slice(data_index * spec.rows_per_rank, (data_index + 1) * spec.rows_per_rank)
-    batches: list[tuple[Any, ...]] = [
-        (ids[rows], labels[rows]) for ids, labels in global_batches(spec, data_ranks)
-    ]
-    cp = next((p for p in pipeline if isinstance(p, ContextParallel)), None)
-    if cp is not None and degrees.cp > 1:  # cp ranks share rows; each takes its sequence part
-        batches = [cp.shard_sequence(mesh, *batch) for batch in batches]
     model = pipeline.apply(build_model(spec, meta=meta), mesh)
     if meta:
         materialize(model, spec)
+    batches: list[tuple[Any, ...]] = [
+        tuple(shard_batch(model, mesh, ids, labels))
+        for ids, labels in global_batches(spec, mesh.data_size)
+    ]
     return model, batches
 
 

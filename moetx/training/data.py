@@ -109,7 +109,7 @@ def shard_batch(
         take = slice(pmesh.data_rank * (n // size), (pmesh.data_rank + 1) * (n // size))
         input_ids = input_ids[take]
         labels = None if labels is None else labels[take]
-        if position_ids is not None and position_ids.dim() == input_ids.dim() and n > 0:
+        if position_ids is not None and position_ids.dim() == input_ids.dim():
             position_ids = position_ids[take]
     cp = find_applied(applied_passes(model), "cp")
     if cp is None:
