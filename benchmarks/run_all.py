@@ -89,6 +89,17 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
         "unit).",
     ),
     (
+        "overlap.py",
+        ["--reps", "200"],
+        "Overlap: expert dispatch all-to-all behind the shared expert",
+        "Issue 17 item 4, one MoE layer's forward on 2 ranks (256 tokens per rank, top-2, fp32): "
+        "the dispatch `all_to_all_single` alone, the shared expert (`DenseMLP`, intermediate = "
+        "hidden) alone, both in series (moetx's order) and overlapped (issue, compute, wait); "
+        "medians of the slowest rank over interleaved repetitions, with interquartile ranges. "
+        "`overlapped / serial` below 1 means overlap helps; `best possible` is "
+        "max(a2a, shared) / serial.",
+    ),
+    (
         "checkpoint_integrity.py",
         [],
         "Checkpoints: the cost of integrity hashes",
