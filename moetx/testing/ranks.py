@@ -168,6 +168,10 @@ def _context() -> Any:
     """The forkserver context, with the preload list set (global to the forkserver)."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD))
+    # NCCL ranks use CUDA, which a fork after CUDA's initialisation breaks: should a preloaded
+    # import ask `torch.cuda.is_available()`, the forkserver (which inherits this environment
+    # when it starts) answers through NVML and leaves CUDA uninitialised.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     return ctx
 
 

@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moetx import MeshDegrees, Pipeline, shard_batch
+from moetx import MeshDegrees, Pipeline
 from moetx.structure.discovery import discover
 from moetx.testing.ranks import rank_device
-from moetx.testing.train import TrainSpec, build_model, global_batches, mesh_for, train
+from moetx.testing.train import TrainSpec, _rank_setup, build_model, global_batches, mesh_for, train
 
 
 def _on(device: torch.device, batch: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -54,19 +54,14 @@ def device_train(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> d
     and stored; rank 0 adds `"reference"`: the same for one process on the global batches.
     """
     device = rank_device()
-    mesh = mesh_for(degrees)
-    model = pipeline.apply(build_model(spec).to(device), mesh)
+    model, batches = _rank_setup(spec, pipeline, degrees)  # on `device`
     router = _watch_router(model)
-    batches = [
-        _on(device, tuple(shard_batch(model, mesh, ids, labels)))
-        for ids, labels in global_batches(spec, mesh.data_size)
-    ]
     result = train(model, batches, spec.lr)
     local = next(iter(model.parameters()))
     result["device"] = str(getattr(local, "to_local", lambda: local)().device)
     result["router"] = {**router, "stored": _stored_router_dtype(model)}
     if dist.get_rank() == 0:
-        result["reference"] = _reference(spec, mesh.data_size, device)
+        result["reference"] = _reference(spec, mesh_for(degrees).data_size, device)
     return result
 
 
