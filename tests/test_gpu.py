@@ -23,6 +23,7 @@ from moetx.testing import BackendUnavailableError, RankPool
 from moetx.testing.parity import compare
 from moetx.testing.train import TrainSpec, assert_matches_reference, mean_losses
 from tests.bodies import gpu as bodies
+from tests.bodies.overlap import MODES, overlap_times
 
 GPUS = torch.cuda.device_count()
 RANKS = 2
@@ -209,3 +210,17 @@ def norm_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     a, e = actual.double(), expected.double()
     scale = e.norm()
     return (a - e).norm() / scale if scale > 0 else a.norm()
+
+
+# ---------------------------------------------------------------------- benchmark bodies
+
+
+def test_overlap_benchmark_times_every_variant(pool: RankPool) -> None:
+    """benchmarks/overlap.py's body runs each variant `reps` times on every rank, on either
+    backend (`make gpu-check` runs it on NCCL)."""
+    got = pool.run(overlap_times, 16, 8, 2, 16, reps=3, warmup=1, idle_s=1e-4)
+    for times in got:
+        assert set(times) == set(MODES)
+        assert all(len(v) == 3 and all(t > 0 for t in v) for v in times.values())
+    # The idle control waits at least its sleep in both orders.
+    assert all(t >= 1e-4 for r in got for m in ("idle_serial", "idle_overlap") for t in r[m])
