@@ -1,0 +1,128 @@
+"""Rank bodies for `tests/test_compile_ops.py`: one MoE decoder block, eager then compiled.
+
+The block is the synthetic model's MoE `DecoderBlock` (attention, router, routed experts, optional
+shared experts), with `ExpertParallel` applied when the world has more than one rank. Each body
+runs the block eagerly, then under `torch.compile` on the same inputs, and returns both results
+and the compiler's graph and graph-break counts, for the parent to compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moetx.mesh.parallel_mesh import MeshDegrees
+from moetx.models import MoEConfig, MoETransformer, init_weights_
+from moetx.passes.expert_parallel.api import ExpertParallel
+from moetx.testing.parity import gradients, missing_gradients
+from moetx.testing.train import mesh_for
+
+
+@attrs.frozen(kw_only=True)
+class BlockCase:
+    """One compiled-block example.
+
+    Attributes:
+        dispatcher: `ExpertParallel.dispatcher`, or None for no expert parallelism.
+        shared: Shared experts in the MoE layer.
+        routing_bias: Aux-loss-free balancing buffers (the router counts its load).
+        tokens: Tokens per rank (`[1, T, H]` inputs; 0 allowed).
+        backend: `torch.compile` backend (`"aot_eager"` or `"inductor"`).
+        fullgraph: `torch.compile(fullgraph=...)`.
+        seed: Seeds the weights and the data.
+    """
+
+    dispatcher: str | None
+    shared: bool = True
+    routing_bias: bool = False
+    tokens: tuple[int, ...] = (6, 6)
+    backend: str = "aot_eager"
+    fullgraph: bool = True
+    seed: int = 0
+
+    @property
+    def config(self) -> MoEConfig:
+        """Two backbone layers, the second MoE; 4 experts, top-2."""
+        return MoEConfig(
+            hidden_size=16,
+            num_layers=2,
+            num_dense_layers=1,
+            num_experts=4,
+            top_k=2,
+            num_shared_experts=int(self.shared),
+            routing_bias=self.routing_bias,
+        )
+
+
+class GraphCounter:
+    """A `torch.compile` backend that counts the graphs it is handed and delegates to another."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        self.graphs += 1
+        compiler = torch._dynamo.lookup_backend(self.backend)
+        return compiler(gm, example_inputs)  # type: ignore[no-any-return]
+
+
+def block_and_inputs(case: BlockCase, rank: int) -> tuple[nn.Module, tuple[Any, ...], torch.Tensor]:
+    """The (expert-parallel if `case.dispatcher`) MoE block, its inputs on `rank`, a cotangent."""
+    model = MoETransformer(case.config)
+    init_weights_(model, case.seed)
+    if case.dispatcher is not None:
+        degree = dist.get_world_size()
+        mesh = mesh_for(MeshDegrees(dp_shard=degree, ep=degree))
+        model = ExpertParallel(dispatcher=case.dispatcher).apply(model, mesh)
+    block = model.model.layers[1]
+    g = torch.Generator().manual_seed(1000 * case.seed + rank)
+    t, h = case.tokens[rank], case.config.hidden_size
+    hidden = torch.randn(1, t, h, generator=g)
+    position_embeddings = model.model.rotary_emb(torch.arange(t).unsqueeze(0))
+    return block, (hidden, position_embeddings), torch.randn(1, t, h, generator=g)
+
+
+def _step(
+    block: nn.Module, fn: Callable[..., Any], inputs: tuple[Any, ...], cotangent: torch.Tensor
+) -> dict[str, Any]:
+    block.zero_grad(set_to_none=True)
+    hidden = inputs[0].clone().requires_grad_(True)
+    out, aux = fn(hidden, inputs[1])
+    ((out * cotangent).sum() + aux).backward()
+    buffers = {n: b.clone() for n, b in block.named_buffers() if "expert_load" in n}
+    return {
+        "out": out.detach(),
+        "aux": aux.detach(),
+        "hidden_grad": hidden.grad,
+        "grads": gradients(block),
+        "missing": missing_gradients(block),
+        "buffers": buffers,
+    }
+
+
+def eager_then_compiled(case: BlockCase) -> dict[str, Any]:
+    """Rank body: the block eagerly, then compiled (twice: the second call reuses the graph)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    block, inputs, cotangent = block_and_inputs(case, rank)
+    eager = _step(block, block, inputs, cotangent)
+    counter = GraphCounter(case.backend)
+    compiled = torch.compile(block, backend=counter, fullgraph=case.fullgraph)
+    first = _step(block, compiled, inputs, cotangent)
+    second = _step(block, compiled, inputs, cotangent)
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    torch._dynamo.reset()
+    return {
+        "eager": eager,
+        "compiled": first,
+        "again": second,
+        "graphs": counter.graphs,
+        "breaks": breaks,
+    }
