@@ -7,6 +7,7 @@ dynamo's recompile limit.
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
@@ -17,9 +18,9 @@ from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.passes.compile import compile_report
 from moetx.testing.hf import HFSpec, build_model, global_batches
-from moetx.testing.train import TrainSpec, _rank_setup, mesh_for, train
+from moetx.testing.train import Trainer, TrainSpec, _rank_setup, mesh_for, train
 
-__all__ = ["compiled_hf_train", "compiled_train"]
+__all__ = ["compile_bench", "compiled_hf_train", "compiled_train"]
 
 
 def _finish(model: nn.Module, result: dict[str, Any], started: float) -> dict[str, Any]:
@@ -52,3 +53,33 @@ def compiled_hf_train(spec: HFSpec, pipeline: Pipeline, degrees: MeshDegrees) ->
     ]
     model = pipeline.apply(build_model(spec), mesh)
     return _finish(model, train(model, batches, spec.lr), started)
+
+
+def compile_bench(
+    spec: TrainSpec, eager: Pipeline, compiled: Pipeline, degrees: MeshDegrees
+) -> dict[str, Any]:
+    """Rank body of `benchmarks/compile.py`: the same model under `eager` and `compiled`.
+
+    The first compiled step (forward + backward + AdamW) holds the compilation; the steady
+    steps of both models are interleaved (eager, compiled, eager, ...) so CPU sharing weighs on
+    both alike. Returns seconds: `first_eager`, `first_compiled`, `eager` and `compiled`
+    (medians of the steady steps), and the compiled model's graphs per block.
+    """
+    torch._dynamo.reset()
+    runs = {}
+    for name, pipeline in (("eager", eager), ("compiled", compiled)):
+        model, batches = _rank_setup(spec, pipeline, degrees)
+        runs[name] = (model, Trainer(model, spec.lr), batches)
+    out: dict[str, Any] = {}
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for step in range(spec.steps):
+        for name, (_, trainer, batches) in runs.items():
+            seconds = trainer.step(batches[step])["step_time"]
+            if step == 0:
+                out[f"first_{name}"] = seconds
+            else:
+                times[name].append(seconds)
+    out |= {name: statistics.median(t) for name, t in times.items()}
+    report = compile_report(runs["compiled"][0])
+    out["graphs"] = {f: (s.graphs, s.graph_breaks) for f, s in report.blocks.items()}
+    return out
