@@ -49,6 +49,40 @@ def test_ep_block_compiles_whole_2_ranks(pool2, dispatcher: str, shared: bool, r
     _check(case, pool2.run(bodies.eager_then_compiled, case))
 
 
+def test_compiled_collectives_2_ranks(pool2):
+    """Compiled, a layer issues the eager collectives, none recomputed in backward.
+
+    all_to_all: forward the int64 count exchange + 2 uneven all-to-alls, backward 2; all_gather:
+    forward the count, ids, tokens and weights gathers + 1 reduce-scatter, backward 2
+    reduce-scatters + 1 gather (the uneven ones are `moetx::ep_*` ops, see
+    `moetx.passes.expert_parallel.ops`). Also with `fullgraph=False`: still no graph break.
+    """
+    a2a = "moetx.ep_all_to_all.default"
+    gather, scatter = "moetx.ep_gather_padded.default", "moetx.ep_scatter_padded.default"
+    expected = {
+        "all_to_all": {
+            "forward": ["_c10d_functional.all_to_all_single.default", a2a, a2a],
+            "backward": [a2a, a2a],
+        },
+        "all_gather": {
+            "forward": [
+                "_c10d_functional.all_gather_into_tensor.default",
+                gather,
+                gather,
+                gather,
+                scatter,
+            ],
+            "backward": [scatter, scatter, gather],
+        },
+    }
+    for dispatcher in DISPATCHERS:
+        case = BlockCase(dispatcher=dispatcher, routing_bias=True, fullgraph=False)
+        for res in pool2.run(bodies.compiled_collectives, case):
+            got = {kind: sorted(ops) for kind, ops in res.items()}
+            want = {kind: sorted(ops) for kind, ops in expected[dispatcher].items()}
+            assert got == want, dispatcher
+
+
 @pytest.mark.parametrize("routing_bias", [False, True])
 def test_block_compiles_whole_one_process(routing_bias: bool):
     """The same block without expert parallelism, in this process: one graph, no break."""
