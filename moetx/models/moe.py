@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetx.models.layers import DenseMLP
-from moetx.models.ops import count_load_, grouped_swiglu
+from moetx.models.ops import count_load_, grouped_swiglu, swiglu_loop
 from moetx.structure.tensors import to_local
 
 __all__ = [
@@ -179,12 +179,8 @@ class RoutedExperts(nn.Module):
             counts = counts.index_add(0, flat_index, torch.ones_like(flat_index))
             expert_out = grouped_swiglu(routed, counts, gate_up, down)
         else:
-            outputs = []
             counts_list = torch.bincount(flat_index, minlength=num_experts).tolist()
-            for e, x in enumerate(torch.split(routed, counts_list)):
-                gate, up = (x @ gate_up[e].T).chunk(2, dim=-1)
-                outputs.append((F.silu(gate) * up) @ down[e].T)
-            expert_out = torch.cat(outputs)
+            expert_out = swiglu_loop(routed, counts_list, gate_up, down)
         weights = top_k_weights.reshape(-1)[order].unsqueeze(-1)
         weighted = expert_out * weights
         out = torch.zeros_like(hidden)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["count_load_", "grouped_swiglu"]
+__all__ = ["count_load_", "grouped_swiglu", "swiglu_loop"]
 
 
 def _swiglu_loop(
@@ -36,6 +36,19 @@ def _swiglu_loop(
         outs.append((F.silu(gate) * up) @ down[e].T)
         pre.append(h)
     return outs, pre
+
+
+def swiglu_loop(x: Tensor, counts: list[int], gate_up: Tensor, down: Tensor) -> Tensor:
+    """The eager routed experts: `grouped_swiglu` as plain torch ops (one matmul chain per expert).
+
+    `counts` is a list here (the host sync happens in the caller); autograd gives each expert a
+    gradient through its (possibly empty) matmuls.
+    """
+    outs = []
+    for e, rows in enumerate(torch.split(x, counts)):
+        gate, up = (rows @ gate_up[e].T).chunk(2, dim=-1)
+        outs.append((F.silu(gate) * up) @ down[e].T)
+    return torch.cat(outs)
 
 
 @torch.library.custom_op("moetx::grouped_swiglu_fwd", mutates_args=())

@@ -15,6 +15,9 @@ import attrs
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig, MoETransformer, init_weights_
@@ -70,6 +73,55 @@ class GraphCounter:
         self.graphs += 1
         compiler = torch._dynamo.lookup_backend(self.backend)
         return compiler(gm, example_inputs)  # type: ignore[no-any-return]
+
+
+class CollectiveRecorder:
+    """An aot_eager-like backend that records the collectives of each forward and backward graph.
+
+    Partitions with `min_cut_rematerialization_partition` (what inductor uses, which may move
+    cheap ops into the backward), so a collective recomputed in backward would show.
+    """
+
+    OPS = (
+        "all_to_all_single",
+        "all_gather_into_tensor",
+        "reduce_scatter_tensor",
+        "ep_all_to_all",
+        "ep_gather_padded",
+        "ep_scatter_padded",
+    )
+
+    def __init__(self) -> None:
+        self.graphs: dict[str, list[str]] = {"forward": [], "backward": []}
+
+    def _record(self, kind: str) -> Callable[..., Any]:
+        def compiler(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+            for node in gm.graph.nodes:
+                name = str(node.target)
+                if node.op == "call_function" and any(op in name for op in self.OPS):
+                    self.graphs[kind].append(name)
+            return make_boxed_func(gm)
+
+        return compiler
+
+    def backend(self) -> Any:
+        """The `torch.compile` backend."""
+        return aot_autograd(
+            fw_compiler=self._record("forward"),
+            bw_compiler=self._record("backward"),
+            partition_fn=min_cut_rematerialization_partition,
+        )
+
+
+def compiled_collectives(case: BlockCase) -> dict[str, list[str]]:
+    """Rank body: the collective ops in the compiled forward and backward graphs of the block."""
+    torch._dynamo.reset()
+    block, inputs, cotangent = block_and_inputs(case, dist.get_rank())
+    recorder = CollectiveRecorder()
+    compiled = torch.compile(block, backend=recorder.backend(), fullgraph=case.fullgraph)
+    _step(block, compiled, inputs, cotangent)
+    torch._dynamo.reset()
+    return recorder.graphs
 
 
 def block_and_inputs(case: BlockCase, rank: int) -> tuple[nn.Module, tuple[Any, ...], torch.Tensor]:
