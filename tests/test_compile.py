@@ -37,6 +37,7 @@ from moetx.passes.compile import is_compiled
 from moetx.structure import discover
 from moetx.testing import examples, fake_world, gradients, snapshot
 from moetx.testing.hf import HFSpec
+from moetx.testing.ranks import RankPool
 from moetx.testing.hf import reference as hf_reference
 from moetx.testing.train import TrainSpec, assert_matches_reference, build_model, reference
 from tests.bodies.compile import compiled_hf_train, compiled_train
@@ -49,12 +50,32 @@ MODEL = MoEConfig(
     top_k=2,
     num_shared_experts=1,
     num_mtp_layers=1,
-    aux_loss_coef=0.01,
-    routing_bias=True,
+    routing_bias=True,  # the routing-load counter runs in every MoE block
 )
 SPEC = TrainSpec(config=MODEL, steps=2, seq_len=8)
+CP_SPEC = attrs.evolve(SPEC, config=attrs.evolve(MODEL, num_mtp_layers=0))  # CP refuses MTP
 BLOCKS = ("model.layers.0", "model.layers.1", "mtp.0.block")
+# Not yet: expert parallelism swaps each rank's expert weights into `module._parameters` inside
+# the checkpointed region, a Python side effect dynamo refuses inside the checkpoint HOP ("HOP:
+# Unsafe side effect", so the block runs eagerly or `fullgraph=True` raises). Owned by the
+# traceable-dispatch work (issue 19 item 2); strict, so the fix shows up as a failure to remove.
+EP_UNDER_AC = pytest.mark.xfail(strict=True, reason="EP weight swap-in inside the checkpoint HOP")
 NIGHTLY = pytest.mark.skipif(examples(1) < 5, reason="full/nightly profile (slow: compiles)")
+
+
+@pytest.fixture(scope="module")
+def pool2() -> Iterator[RankPool]:
+    """This module's own 2 ranks: compiling can outlast the shared pools' 60 s per call on a
+    busy 2-core box, so these allow 300 s (a hang still ends every rank)."""
+    with RankPool(2, timeout=300) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def pool4() -> Iterator[RankPool]:
+    """This module's own 4 ranks (300 s per call, as `pool2`)."""
+    with RankPool(4, timeout=300) as pool:
+        yield pool
 
 
 @pytest.fixture(scope="module")
@@ -190,12 +211,21 @@ def test_a_block_that_runs_eagerly_warns(mesh):
 
 def _assert_compiled_parity(results: list[dict[str, Any]], spec: TrainSpec, data: int) -> None:
     assert_matches_reference(results, reference(spec, data))
-    keys = sorted(build_model(spec).state_dict())
+    model = build_model(spec)
+    keys, blocks = sorted(model.state_dict()), [b.fqn for b in discover(model).blocks]
     for r in results:
         assert r["state_dict_keys"] == keys
-        assert r["graphs"] == {f: (1, 0) for f in BLOCKS}, r["reasons"]
+        assert r["graphs"] == {f: (1, 0) for f in blocks}, r["reasons"]
 
 
+def test_ep_compile_fsdp_fullgraph_matches_one_process_on_2_ranks(pool2):
+    """ep = world = 2, `fullgraph=True`: every gradient each step, one graph per block."""
+    pipe = ExpertParallel() | Compile(backend=BACKEND, fullgraph=True) | FSDP()
+    degrees = MeshDegrees(dp_shard=2, ep=2)
+    _assert_compiled_parity(pool2.run(compiled_train, SPEC, pipe, degrees), SPEC, 2)
+
+
+@EP_UNDER_AC
 @pytest.mark.parametrize("mode", MODES)
 def test_ep_ac_compile_fsdp_fullgraph_matches_one_process_on_2_ranks(pool2, mode):
     """ep = world = 2, every AC mode, `fullgraph=True`: every gradient each step, 1 graph/block."""
@@ -209,13 +239,17 @@ def test_ep_ac_compile_fsdp_fullgraph_matches_one_process_on_2_ranks(pool2, mode
     _assert_compiled_parity(pool2.run(compiled_train, SPEC, pipe, degrees), SPEC, 2)
 
 
-def test_ep_compile_fsdp_with_sharded_experts_compiles_whole_on_4_ranks(pool4):
-    """ep 2 x ep_shard 2: the experts are a real nested FSDP unit, and `fullgraph=True` holds."""
-    pipe = ExpertParallel() | Compile(backend=BACKEND, fullgraph=True) | FSDP()
-    degrees = MeshDegrees(dp_shard=4, ep=2)
-    _assert_compiled_parity(pool4.run(compiled_train, SPEC, pipe, degrees), SPEC, 4)
+@pytest.mark.parametrize("before", ["ep", "cp|ep"])
+def test_compile_fsdp_with_sharded_experts_compiles_whole_on_4_ranks(pool4, before):
+    """ep 2 x ep_shard 2 (with cp 2 too): the experts are a real nested FSDP unit (2 shards),
+    and `fullgraph=True` holds: every gradient each step, one graph per block."""
+    pipe = Pipeline.parse(f"{before}|compile(backend={BACKEND!r}, fullgraph=True)|fsdp")
+    cp = 1 + before.count("cp")
+    degrees, spec = MeshDegrees(dp_shard=4 // cp, cp=cp, ep=2), CP_SPEC if cp > 1 else SPEC
+    _assert_compiled_parity(pool4.run(compiled_train, spec, pipe, degrees), spec, 4 // cp)
 
 
+@EP_UNDER_AC
 def test_cp_ep_ac_compile_fsdp_matches_one_process_on_4_ranks(pool4):
     """cp 2 x ep 2 with router AC: every gradient each step, one graph per block."""
     pipe = (
@@ -226,10 +260,11 @@ def test_cp_ep_ac_compile_fsdp_matches_one_process_on_4_ranks(pool4):
         | FSDP()
     )
     degrees = MeshDegrees(dp_shard=2, cp=2, ep=2)
-    _assert_compiled_parity(pool4.run(compiled_train, SPEC, pipe, degrees), SPEC, 2)
+    _assert_compiled_parity(pool4.run(compiled_train, CP_SPEC, pipe, degrees), CP_SPEC, 2)
 
 
 @NIGHTLY
+@EP_UNDER_AC
 @pytest.mark.parametrize("mode", MODES)
 def test_every_ac_mode_compiles_under_ep_and_fsdp_on_4_ranks(pool4, mode):
     """The 4-rank matrix: ep 2 x ep_shard 2, each AC mode, fullgraph."""
@@ -243,12 +278,14 @@ def test_every_ac_mode_compiles_under_ep_and_fsdp_on_4_ranks(pool4, mode):
     _assert_compiled_parity(pool4.run(compiled_train, SPEC, pipe, degrees), SPEC, 4)
 
 
-def test_hf_qwen3_moe_compiles_under_ep_ac_fsdp_on_2_ranks(pool2):
+@pytest.mark.parametrize("ac", [False, pytest.param(True, marks=EP_UNDER_AC)])
+def test_hf_qwen3_moe_compiles_under_ep_fsdp_on_2_ranks(pool2, ac):
     """A Hugging Face tiny model: every gradient each step; each block runs compiled graphs."""
     pytest.importorskip("transformers", reason="needs transformers>=5 (`pip install -e .[hf]`)")
     spec = HFSpec(family="qwen3_moe", steps=2)
-    pipe = ExpertParallel() | ActivationCheckpoint() | Compile(backend=BACKEND) | FSDP()
+    pipe = Pipeline((ExpertParallel(), *([ActivationCheckpoint()] if ac else [])))
+    pipe = pipe | Compile(backend=BACKEND) | FSDP()
     results = pool2.run(compiled_hf_train, spec, pipe, MeshDegrees(dp_shard=2, ep=2))
     assert_matches_reference(results, hf_reference(spec, 2), atol=1e-5, rtol=1e-4)
     for r in results:
-        assert r["graphs"] and all(graphs > 0 for graphs, _ in r["graphs"].values()), r
+        assert r["graphs"] and all(graphs > 0 for graphs, _ in r["graphs"].values()), r["reasons"]
