@@ -37,8 +37,8 @@ from moetx.passes.compile import is_compiled
 from moetx.structure import discover
 from moetx.testing import examples, fake_world, gradients, snapshot
 from moetx.testing.hf import HFSpec
-from moetx.testing.ranks import RankPool
 from moetx.testing.hf import reference as hf_reference
+from moetx.testing.ranks import RankPool
 from moetx.testing.train import TrainSpec, assert_matches_reference, build_model, reference
 from tests.bodies.compile import compiled_hf_train, compiled_train
 
