@@ -125,20 +125,7 @@ def _layout(
 ) -> tuple[Layout, float]:
     rank, degree = dist.get_rank(group), dist.get_world_size(group)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _cached_layout(rank, degree, load_balance, window), scale
-
-
-_LAYOUTS: dict[tuple[int, int, bool, int | None], Layout] = {}
-
-
-@torch._dynamo.assume_constant_result
-def _cached_layout(rank: int, degree: int, load_balance: bool, window: int | None) -> Layout:
-    # One frozen value per layout, built outside any compiled region (`Compile`): dynamo
-    # cannot trace an attrs `__init__`, and takes this function's result as a constant.
-    key = (rank, degree, load_balance, window)
-    if key not in _LAYOUTS:
-        _LAYOUTS[key] = Layout(rank, degree, load_balance, window)
-    return _LAYOUTS[key]
+    return Layout(rank, degree, load_balance, window), scale
 
 
 def allgather_attention(
