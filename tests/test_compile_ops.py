@@ -183,3 +183,13 @@ def test_compiled_router_counts_once_under_checkpoint():
     expected = torch.bincount(index.reshape(-1), minlength=4)
     assert torch.equal(router.expert_load, 2 * expected)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("ep", [False, True])
+@pytest.mark.parametrize("comm", ["allgather", "p2p"])
+def test_cp_blocks_compile_whole_2_ranks(pool2, comm: str, ep: bool):
+    """`ContextParallel` (+ `ExpertParallel`), every decoder block compiled with fullgraph: one
+    graph per block (dense and MoE), no break; loss and every gradient equal eager."""
+    for rank, res in enumerate(pool2.run(bodies.cp_model_compiled, comm, ep, True)):
+        assert (res["graphs"], res["breaks"]) == (2, 0), (rank, res["reasons"])
+        compare(res["eager"], res["compiled"], what=f"rank {rank} {comm} ep={ep}", **TOL)

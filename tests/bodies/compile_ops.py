@@ -21,9 +21,10 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig, MoETransformer, init_weights_
+from moetx.passes.context_parallel.api import ContextParallel
 from moetx.passes.expert_parallel.api import ExpertParallel
 from moetx.testing.parity import gradients, missing_gradients
-from moetx.testing.train import mesh_for
+from moetx.testing.train import TrainSpec, build_model, global_batches, mesh_for
 
 
 @attrs.frozen(kw_only=True)
@@ -177,4 +178,44 @@ def eager_then_compiled(case: BlockCase) -> dict[str, Any]:
         "again": second,
         "graphs": counter.graphs,
         "breaks": breaks,
+    }
+
+
+def cp_model_compiled(comm: str, ep: bool, fullgraph: bool) -> dict[str, Any]:
+    """Rank body: `ContextParallel(comm)` (and `ExpertParallel`) on the world, eager then with
+    every decoder block compiled (aot_eager); loss, every gradient, graphs and graph breaks."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    degree = dist.get_world_size()
+    mesh = mesh_for(MeshDegrees(cp=degree, ep=degree if ep else 1))
+    spec = TrainSpec(config=BlockCase(dispatcher=None).config, rows_per_rank=2, seq_len=8, steps=1)
+    cp = ContextParallel(comm=comm)
+    model = (
+        (cp | ExpertParallel()).apply(build_model(spec), mesh)
+        if ep
+        else cp.apply(build_model(spec), mesh)
+    )
+    ids, labels = global_batches(spec, 1)[0]
+    local_ids, local_labels, positions = cp.shard_sequence(mesh, ids, labels)
+
+    def step() -> dict[str, Any]:
+        model.zero_grad(set_to_none=True)
+        out = model(local_ids, labels=local_labels, position_ids=positions)
+        out.loss.backward()
+        return {"loss": out.loss.detach(), "grads": gradients(model)}
+
+    eager = step()
+    counter = GraphCounter("aot_eager")
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = torch.compile(layer, backend=counter, fullgraph=fullgraph)
+    compiled = step()
+    reasons = dict(torch._dynamo.utils.counters["graph_break"])
+    torch._dynamo.reset()
+    return {
+        "eager": eager,
+        "compiled": compiled,
+        "graphs": counter.graphs,
+        "breaks": sum(reasons.values()),
+        "reasons": reasons,
     }
