@@ -6,7 +6,8 @@ with and without `Compile(backend=...)` (inductor by default: C++ kernels on CPU
 first step of each (forward + backward + AdamW; the compiled one holds the compilation), the
 median of the steady steps after it (eager and compiled steps interleaved in one run, so CPU
 sharing weighs on both), their ratio, and the graphs / graph breaks per block the compiled
-model reported. Times are the slowest rank's; compare ratios within one run.
+model reported. Inductor's on-disk caches start empty (a cold compile). Times are the slowest
+rank's; compare ratios within one run.
 
 Run: `python -m benchmarks.compile [--steps 6] [--backend inductor] [--ranks 2]`.
 """
@@ -14,6 +15,8 @@ Run: `python -m benchmarks.compile [--steps 6] [--backend inductor] [--ranks 2]`
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 
 from moetx import Compile, MeshDegrees, Pipeline
@@ -48,6 +51,8 @@ def main() -> None:
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--ranks", type=int, default=2)
     args = ap.parse_args()
+    # A cold compile: inductor's on-disk caches (FX graphs, kernels) start empty in every run.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="moetx-bench-inductor-")
     print(
         "| pipeline | mesh | first step eager s | first step compiled s | steady eager ms | "
         "steady compiled ms | compiled / eager | graphs / breaks per block |"

@@ -199,8 +199,8 @@ def test_a_block_that_runs_eagerly_warns(mesh):
         model(ids, labels=ids, position_ids=torch.arange(8)[None])
     assert [str(w.message) for w in warned] == [
         f"`Compile`: block `{f}` ran eagerly: torch.compile made no graph of its forward "
-        "(0 graph breaks).\n  fix: see `torch._dynamo.explain`, or pass `fullgraph=True` to "
-        "raise at the first graph break."
+        "(0 graph breaks counted).\n  fix: run with `TORCH_LOGS=graph_breaks` to see why, or "
+        "pass `fullgraph=True` to raise where dynamo gives up."
         for f in BLOCKS
     ]
     assert compile_report(model).blocks["model.layers.0"].graphs == 0

@@ -126,10 +126,10 @@ class CountingBackend:
         if not ran:
             warnings.warn(
                 f"`Compile`: block `{fqn}` ran eagerly: torch.compile made no graph of its "
-                f"forward ({breaks} graph breaks"
+                f"forward ({breaks} graph breaks counted"
                 + (f": {'; '.join(reasons)}" if reasons else "")
-                + ").\n  fix: see `torch._dynamo.explain`, or pass `fullgraph=True` to raise "
-                "at the first graph break.",
+                + ").\n  fix: run with `TORCH_LOGS=graph_breaks` to see why, or pass "
+                "`fullgraph=True` to raise where dynamo gives up.",
                 EagerBlockWarning,
                 stacklevel=2,
             )
