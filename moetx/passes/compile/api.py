@@ -70,6 +70,11 @@ class Compile(Pass):
     (all eager) warns with `EagerBlockWarning`; `fullgraph=True` makes any break an error.
     All blocks share one backend, so identical blocks reuse one compiled graph.
 
+    **Not yet whole** (they warn, and `fullgraph=True` raises): under `ExpertParallel`, blocks
+    `ActivationCheckpoint` also wraps (expert parallelism swaps its local weights into the
+    module inside the checkpointed region, a side effect dynamo refuses in the checkpoint
+    region); the synthetic model's sequence-wise aux loss breaks each MoE block (`bincount`).
+
     Stage `compile`: after `ac`, before `fsdp`. Preconditions (typed errors before anything
     changes): blocks discoverable (`UnknownModelStructureError`), no parallelism from outside
     moetx, no block already compiled (`PassPreconditionError`).
