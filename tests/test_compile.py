@@ -39,7 +39,14 @@ from moetx.testing import examples, fake_world, gradients, snapshot
 from moetx.testing.hf import HFSpec
 from moetx.testing.hf import reference as hf_reference
 from moetx.testing.ranks import RankPool
-from moetx.testing.train import TrainSpec, assert_matches_reference, build_model, reference
+from moetx.testing.train import (
+    TrainSpec,
+    assert_matches_reference,
+    build_model,
+    mean_losses,
+    rank_train,
+    reference,
+)
 from tests.bodies.compile import compiled_hf_train, compiled_train
 
 BACKEND = "aot_eager"
@@ -223,6 +230,20 @@ def test_ep_compile_fsdp_fullgraph_matches_one_process_on_2_ranks(pool2):
     pipe = ExpertParallel() | Compile(backend=BACKEND, fullgraph=True) | FSDP()
     degrees = MeshDegrees(dp_shard=2, ep=2)
     _assert_compiled_parity(pool2.run(compiled_train, SPEC, pipe, degrees), SPEC, 2)
+
+
+def test_bf16_fsdp_with_an_fp32_router_unit_compiles_whole_like_eager_on_2_ranks(pool2):
+    """`param_dtype="bfloat16"`: each router is its own fp32 FSDP unit nested in its block (its
+    input cast done by a traced hook), the experts another; `fullgraph=True` holds, and every
+    loss and gradient equals the same pipeline run eagerly."""
+    spec = attrs.evolve(SPEC, param_dtype="bfloat16")
+    fsdp = FSDP(param_dtype="bfloat16", reduce_dtype="float32")
+    degrees = MeshDegrees(dp_shard=2, ep=2)
+    eager = pool2.run(rank_train, spec, ExpertParallel() | fsdp, degrees)
+    pipe = ExpertParallel() | Compile(backend=BACKEND, fullgraph=True) | fsdp
+    compiled = pool2.run(compiled_train, spec, pipe, degrees)
+    assert_matches_reference(compiled, eager[0] | {"losses": mean_losses(eager)}, atol=1e-2)
+    assert all(r["graphs"] == {f: (1, 0) for f in BLOCKS} for r in compiled)
 
 
 @EP_UNDER_AC
