@@ -8,6 +8,7 @@ every `ActivationCheckpoint` mode runs in the `full`/`nightly` profiles.
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -211,6 +212,9 @@ def test_a_block_that_runs_eagerly_warns(mesh):
         for f in BLOCKS
     ]
     assert compile_report(model).blocks["model.layers.0"].graphs == 0
+    with warnings.catch_warnings():  # later calls run the eager forward, and warn no more
+        warnings.simplefilter("error")
+        model(ids, labels=ids, position_ids=torch.arange(8)[None])
 
 
 # ------------------------------------------------------------------------------ on ranks

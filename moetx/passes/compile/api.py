@@ -67,7 +67,8 @@ class Compile(Pass):
     **What it reports.** Graphs are known only after a block ran once. The facts hold a live
     `CompileReport` (`compile_report(model)`), filled by each block's first call: compiled
     graphs that ran and dynamo's graph breaks. A block whose first call ran no compiled graph
-    (all eager) warns with `EagerBlockWarning`; `fullgraph=True` makes any break an error.
+    (all eager) warns with `EagerBlockWarning` and from then on calls its forward directly
+    (without dynamo's per-call checks); `fullgraph=True` makes any break an error.
     All blocks share one backend, so identical blocks reuse one compiled graph.
 
     **Not yet whole** (they warn, and `fullgraph=True` raises): under `ExpertParallel`, blocks
@@ -145,6 +146,7 @@ class _BlockCompile:
     fqn: str
     report: CompileReport
     backend: CountingBackend
+    inner: Any = None  # the forward before this pass
     compiled: Any = None
     seen: bool = False
 
@@ -157,9 +159,12 @@ class _CompiledBlock(nn.Module):
         if state.seen:
             return state.compiled(*args, **kwargs)
         state.seen = True
-        return state.backend.first_call(
+        out = state.backend.first_call(
             state.report, state.fqn, lambda: state.compiled(*args, **kwargs)
         )
+        if state.report.blocks[state.fqn].graphs == 0:  # eager anyway: skip dynamo's frame checks
+            state.compiled = state.inner
+        return out
 
 
 def _install(
@@ -172,6 +177,7 @@ def _install(
     state = _BlockCompile(block.fqn, report, backend)
     swap_class(block.module, _CompiledBlock, "Compiled", _STATE_ATTR, state)
     inner = super(_CompiledBlock, block.module).forward  # type: ignore[misc]  # the one before
+    state.inner = inner
     state.compiled = torch.compile(inner, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
 
 
