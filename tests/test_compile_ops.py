@@ -97,6 +97,13 @@ def test_ep_block_compiles_whole_4_ranks(pool4):
         _check(case, pool4.run(bodies.eager_then_compiled, case))
 
 
+def test_ep_block_dynamic_shapes_2_ranks(pool2):
+    """`dynamic=True` (symbolic token counts): still one graph, no break, eager numerics."""
+    for dispatcher in DISPATCHERS:
+        case = BlockCase(dispatcher=dispatcher, routing_bias=True, dynamic=True)
+        _check(case, pool2.run(bodies.eager_then_compiled, case))
+
+
 def test_ep_block_idle_rank_2_ranks(pool2):
     """A rank with no token (it still runs its experts' collectives) compiles and matches."""
     for dispatcher in DISPATCHERS:
@@ -181,13 +188,23 @@ def test_ops_pass_opcheck():
         assert set(result.values()) == {"SUCCESS"}, (op, result)
 
 
-def test_compiled_router_counts_once_under_checkpoint():
-    """A compiled router inside a (non-reentrant) checkpoint: the recomputation does not count."""
+@pytest.mark.parametrize("order", ["compile_inside_checkpoint", "checkpoint_inside_compile"])
+def test_compiled_router_counts_once_under_checkpoint(order: str):
+    """A compiled router and a (non-reentrant) checkpoint, either way round: the recomputation
+    in backward does not count again."""
     torch._dynamo.reset()
     router = TopKRouter(8, 4, 2, routing_bias=True)
-    compiled = torch.compile(router, backend="aot_eager", fullgraph=True)
     hidden = torch.randn(6, 8, requires_grad=True)
-    _, weights, _ = checkpoint(compiled, hidden, use_reentrant=False)
+    if order == "compile_inside_checkpoint":
+        compiled = torch.compile(router, backend="aot_eager", fullgraph=True)
+        _, weights, _ = checkpoint(compiled, hidden, use_reentrant=False)
+    else:
+        fn = torch.compile(
+            lambda x: checkpoint(router, x, use_reentrant=False),
+            backend="aot_eager",
+            fullgraph=True,
+        )
+        _, weights, _ = fn(hidden)
     weights.sum().backward()
     assert router.expert_load is not None
     index = router(hidden.detach())[0]  # eager, counts once more
