@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -40,8 +41,7 @@ def _check(case: BlockCase, results: list[dict[str, Any]], *, graphs: int = 1) -
             assert torch.equal(res["again"]["buffers"][name], 3 * load), name
 
 
-@pytest.mark.parametrize("routing_bias", [False, True])
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize(("shared", "routing_bias"), [(True, True), (False, False)])
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
 def test_ep_block_compiles_whole_2_ranks(pool2, dispatcher: str, shared: bool, routing_bias: bool):
     """EP (both dispatchers) block, aot_eager, fullgraph: one graph, no break, eager numerics."""
@@ -90,6 +90,20 @@ def test_block_compiles_whole_one_process(routing_bias: bool):
     _check(case, [bodies.eager_then_compiled(case)])
 
 
+def test_ep_block_compiles_whole_4_ranks(pool4):
+    """ep=4 (one expert per rank, a rank without tokens): one graph, no break, eager numerics."""
+    for dispatcher in DISPATCHERS:
+        case = BlockCase(dispatcher=dispatcher, routing_bias=True, tokens=(5, 3, 0, 6))
+        _check(case, pool4.run(bodies.eager_then_compiled, case))
+
+
+def test_ep_block_dynamic_shapes_2_ranks(pool2):
+    """`dynamic=True` (symbolic token counts): still one graph, no break, eager numerics."""
+    for dispatcher in DISPATCHERS:
+        case = BlockCase(dispatcher=dispatcher, routing_bias=True, dynamic=True)
+        _check(case, pool2.run(bodies.eager_then_compiled, case))
+
+
 def test_ep_block_idle_rank_2_ranks(pool2):
     """A rank with no token (it still runs its experts' collectives) compiles and matches."""
     for dispatcher in DISPATCHERS:
@@ -97,7 +111,11 @@ def test_ep_block_idle_rank_2_ranks(pool2):
         _check(case, pool2.run(bodies.eager_then_compiled, case))
 
 
-@pytest.mark.slow  # inductor's C++ builds: ~40 s in one process, ~80 s per rank on this box
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("HYPOTHESIS_PROFILE") not in ("full", "nightly"),
+    reason="inductor's C++ builds take ~40-80 s on 2 cores: full and nightly profiles only",
+)
 def test_ep_block_inductor_2_ranks():
     """Inductor compiles the expert-parallel block too (all-to-all dispatcher, routing bias)."""
     case = BlockCase(dispatcher="all_to_all", routing_bias=True, backend="inductor")
@@ -170,13 +188,23 @@ def test_ops_pass_opcheck():
         assert set(result.values()) == {"SUCCESS"}, (op, result)
 
 
-def test_compiled_router_counts_once_under_checkpoint():
-    """A compiled router inside a (non-reentrant) checkpoint: the recomputation does not count."""
+@pytest.mark.parametrize("order", ["compile_inside_checkpoint", "checkpoint_inside_compile"])
+def test_compiled_router_counts_once_under_checkpoint(order: str):
+    """A compiled router and a (non-reentrant) checkpoint, either way round: the recomputation
+    in backward does not count again."""
     torch._dynamo.reset()
     router = TopKRouter(8, 4, 2, routing_bias=True)
-    compiled = torch.compile(router, backend="aot_eager", fullgraph=True)
     hidden = torch.randn(6, 8, requires_grad=True)
-    _, weights, _ = checkpoint(compiled, hidden, use_reentrant=False)
+    if order == "compile_inside_checkpoint":
+        compiled = torch.compile(router, backend="aot_eager", fullgraph=True)
+        _, weights, _ = checkpoint(compiled, hidden, use_reentrant=False)
+    else:
+        fn = torch.compile(
+            lambda x: checkpoint(router, x, use_reentrant=False),
+            backend="aot_eager",
+            fullgraph=True,
+        )
+        _, weights, _ = fn(hidden)
     weights.sum().backward()
     assert router.expert_load is not None
     index = router(hidden.detach())[0]  # eager, counts once more

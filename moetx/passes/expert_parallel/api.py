@@ -55,7 +55,10 @@ class ExpertParallel(Pass):
     obeys the experts contract works. Dispatchers (`moetx.passes.expert_parallel.dispatch`):
     `"all_to_all"` (default; per MoE layer, forward: one int64 count exchange and two uneven
     autograd all-to-alls, backward: two) and `"all_gather"` (a simple cross-check that moves
-    D times more data).
+    D times more data). Both are built here, at apply time, and both trace under
+    `torch.compile`: the data-dependent steps become opaque custom ops while compiling
+    (`moetx.passes.expert_parallel.ops`), so a block compiles into one graph with the same
+    collectives.
 
     **Degree 1.** With `mesh.degree(axis) == 1` nothing is installed: experts stay plain local
     tensors and `facts()["expert_params"]` is empty (FSDP then treats them as dense).

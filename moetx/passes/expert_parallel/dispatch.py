@@ -122,18 +122,20 @@ class AllToAllDispatcher(EPGroup):
 
     Per call to `dispatch`, on every rank of the group:
 
-    1. count copies per global expert (`bincount`) and exchange the counts with one int64
+    1. count copies per global expert (an `index_add`, static shape `[E]`) and exchange the
+       counts with one int64
        functional `all_to_all_single` (equal splits of E/D);
     2. stable-sort the (token, k) copies by global expert id, so the copies for each rank (and
        each of its experts) are contiguous;
     3. move them with one uneven `all_to_all_single_autograd` (split sizes from step 1; zero
-       sizes are fine on gloo);
+       sizes are fine on gloo; `ops.all_to_all`, an opaque op while compiling);
     4. permute the received rows from `[src rank][local expert]` to `[local expert][src rank]`
        order, so each local expert's tokens are contiguous.
 
     `combine` inverts 4, runs the reverse `all_to_all_single_autograd`, unsorts, and takes the
     weighted sum over k. Collectives per MoE layer: forward 3 (`_c10d_functional.all_to_all_single`:
-    the int64 count exchange and two autograd ones), backward 2 (the autograd ones reversed).
+    the int64 count exchange and two autograd ones), backward 2 (the autograd ones reversed);
+    the same when compiled (the uneven ones are then `moetx::ep_all_to_all` nodes).
 
     Fields: see `EPGroup`.
     """
@@ -206,10 +208,10 @@ class AllGatherDispatcher(EPGroup):
 
     `dispatch` gathers the token counts (int64 `all_gather_single`), then the tokens and routing
     weights padded to the largest count (`all_gather_single_autograd`; gloo's list-form
-    all_gather rejects uneven sizes) and the expert ids (`all_gather_single`). `combine` scatters
-    the weighted outputs into a `[D * Tmax, H]` buffer of partial sums and returns each rank its
-    block with `reduce_scatter_single_autograd(sum)`. It moves D times more data than all-to-all;
-    it is the simple cross-check of `AllToAllDispatcher`.
+    all_gather rejects uneven sizes) and the expert ids (`ops.gather_padded`). `combine`
+    scatters the weighted outputs into a `[D * Tmax, H]` buffer of partial sums and returns each
+    rank its block with `reduce_scatter_single_autograd(sum)` (`ops.scatter_padded`). It moves
+    D times more data than all-to-all; it is the simple cross-check of `AllToAllDispatcher`.
 
     Fields: see `EPGroup`.
     """
