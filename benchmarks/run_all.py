@@ -100,6 +100,16 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
         "max(a2a, shared) / serial.",
     ),
     (
+        "compile.py",
+        ["--steps", "6"],
+        "Compile: compile time and step time, compiled vs eager",
+        "The step-anatomy workload on 2 ranks, each README pipeline with and without "
+        "`Compile()` (inductor, C++ kernels on the CPU): the first step of each (the compiled one "
+        "holds the compilation), the median of the 5 steady steps after it (eager and compiled "
+        "steps interleaved), their ratio, and the graphs / graph breaks per block the compiled "
+        "model reported (slowest rank).",
+    ),
+    (
         "checkpoint_integrity.py",
         [],
         "Checkpoints: the cost of integrity hashes",

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetx.models.layers import DenseMLP
+from moetx.models.ops import count_load_, grouped_swiglu, swiglu_loop
 from moetx.structure.tensors import to_local
 
 __all__ = [
@@ -95,7 +96,10 @@ class TopKRouter(nn.Module):
         if self.norm_topk_prob:
             top_k_weights = top_k_weights / (top_k_weights.sum(-1, keepdim=True) + 1e-20)
         if self.expert_load is not None:
-            self._count_load(top_k_index)
+            if torch.compiler.is_compiling():
+                count_load_(self.expert_load, top_k_index)  # same guard, checked at run time
+            else:
+                self._count_load(top_k_index)
         return top_k_index, top_k_weights.to(hidden.dtype), scores
 
     def _count_load(self, top_k_index: torch.Tensor) -> None:
@@ -105,7 +109,8 @@ class TopKRouter(nn.Module):
         forward during backward; a replay must not count again, so calls made while autograd
         is running a backward pass (which is where every checkpoint recomputation happens,
         reentrant or not) are skipped. An AC pass that recomputes elsewhere must guard this
-        method itself.
+        method itself. Under `torch.compile` the forward calls the op `moetx.models.ops.count_load_`
+        instead, which makes the same check when the compiled graph runs.
         """
         if torch._C._current_graph_task_id() != -1:
             return
@@ -156,6 +161,8 @@ class RoutedExperts(nn.Module):
         """Sum each token's k expert outputs, weighted.
 
         Every expert runs, even on zero tokens, so each gets a zero (not `None`) gradient.
+        Eagerly this is a loop of matmuls over `split` rows; under `torch.compile` it is the opaque
+        op `moetx.models.ops.grouped_swiglu` (the same loop, static shapes for the compiler).
         """
         # Expert parallelism stores global-shape DTensors sharded on dim 0; compute on the local
         # shard with local expert ids (torchtitan's GroupedExperts does the same).
@@ -164,15 +171,18 @@ class RoutedExperts(nn.Module):
         k = top_k_index.shape[1]
         flat_index = top_k_index.reshape(-1)
         order = torch.argsort(flat_index, stable=True)
-        counts = torch.bincount(flat_index, minlength=num_experts).tolist()
         token_ids = order // k
         routed = hidden[token_ids]
-        outputs = []
-        for e, x in enumerate(torch.split(routed, counts)):
-            gate, up = (x @ gate_up[e].T).chunk(2, dim=-1)
-            outputs.append((F.silu(gate) * up) @ down[e].T)
+        if torch.compiler.is_compiling():
+            # One opaque op with static shapes (see `moetx.models.ops`); same forward numerics.
+            counts = torch.zeros(num_experts, dtype=torch.int64, device=hidden.device)
+            counts = counts.index_add(0, flat_index, torch.ones_like(flat_index))
+            expert_out = grouped_swiglu(routed, counts, gate_up, down)
+        else:
+            counts_list = torch.bincount(flat_index, minlength=num_experts).tolist()
+            expert_out = swiglu_loop(routed, counts_list, gate_up, down)
         weights = top_k_weights.reshape(-1)[order].unsqueeze(-1)
-        weighted = torch.cat(outputs) * weights
+        weighted = expert_out * weights
         out = torch.zeros_like(hidden)
         return out.index_add_(0, token_ids, weighted.to(hidden.dtype))
 

@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.distributed_c10d import GroupName, _resolve_process_group
 
 from moetx.passes.context_parallel.blocks import (
     Layout,
@@ -170,9 +171,7 @@ class _RingAttention(torch.autograd.Function):
         sinks: Tensor | None,
     ) -> Tensor:
         kv = torch.stack([k, v]).contiguous()
-        out, lse = forward_blocks(q, _Ring(group).blocks(kv), layout, scale)
-        if sinks is not None:
-            out, lse = add_sinks(out, lse, sinks)
+        out, lse = _ring_forward(q, kv, group, layout, scale, sinks)
         ctx.save_for_backward(q, kv, out, lse, sinks)
         ctx.group, ctx.layout, ctx.scale = group, layout, scale
         return out
@@ -180,18 +179,110 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         q, kv, out, lse, sinks = ctx.saved_tensors
-        ring = _Ring(ctx.group)
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # of the block held
-        saved = (dout.contiguous(), q, out, lse)
-        for src, held in ring.blocks(kv):
-            backward_block((dq, dkv), saved, src, held, ctx.layout, ctx.scale)
-            # The accumulator follows its block (a distinct tag: it travels beside the K/V
-            # block of the same shape); after `degree` hops it is back with its owner.
-            dkv, reqs = ring.shift(dkv, tag=1)
-            _wait(reqs)
+        dq, dk, dv = _ring_backward(dout, q, kv, out, lse, ctx.group, ctx.layout, ctx.scale)
         dsinks = None if sinks is None else sink_grad(dout, out, lse, sinks)
-        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None, dsinks
+        return dq, dk, dv, None, None, None, dsinks
+
+
+def _ring_backward(
+    dout: Tensor,
+    q: Tensor,
+    kv: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    group: dist.ProcessGroup,
+    layout: Layout,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`(dq, dk, dv)`: K/V go round the ring again, their gradient accumulators with them."""
+    ring = _Ring(group)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # of the block held
+    saved = (dout.contiguous(), q, out, lse)
+    for src, held in ring.blocks(kv):
+        backward_block((dq, dkv), saved, src, held, layout, scale)
+        # The accumulator follows its block (a distinct tag: it travels beside the K/V
+        # block of the same shape); after `degree` hops it is back with its owner.
+        dkv, reqs = ring.shift(dkv, tag=1)
+        _wait(reqs)
+    return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype)
+
+
+# Compiled: the ring as opaque custom ops (dynamo cannot trace `P2POp`; the shapes are static).
+
+
+def _ring_forward(
+    q: Tensor, kv: Tensor, group: dist.ProcessGroup, layout: Layout, scale: float, sinks: Any
+) -> tuple[Tensor, Tensor]:
+    out, lse = forward_blocks(q, _Ring(group).blocks(kv), layout, scale)
+    return add_sinks(out, lse, sinks) if sinks is not None else (out, lse)
+
+
+def _ring_layout(group_name: str, load_balance: bool, window: int | None) -> Any:
+    group = _resolve_process_group(GroupName(group_name))
+    layout = Layout(dist.get_rank(group), dist.get_world_size(group), load_balance, window)
+    return group, layout
+
+
+@torch.library.custom_op("moetx::cp_ring_attention", mutates_args=())
+def _ring_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sinks: Tensor | None,
+    group_name: str,
+    load_balance: bool,
+    window: int | None,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    group, layout = _ring_layout(group_name, load_balance, window)
+    return _ring_forward(q, torch.stack([k, v]).contiguous(), group, layout, scale, sinks)
+
+
+@_ring_op.register_fake
+def _(q, k, v, sinks, group_name, load_balance, window, scale):  # type: ignore[no-untyped-def]
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)  # contiguous
+
+
+@torch.library.custom_op("moetx::cp_ring_attention_backward", mutates_args=())
+def _ring_backward_op(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    group_name: str,
+    load_balance: bool,
+    window: int | None,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    group, layout = _ring_layout(group_name, load_balance, window)
+    dq, dk, dv = _ring_backward(
+        dout, q, torch.stack([k, v]).contiguous(), out, lse, group, layout, scale
+    )
+    return dq, dk.clone(), dv.clone()  # dk, dv: views of one buffer; op outputs may not alias
+
+
+@_ring_backward_op.register_fake
+def _(dout, q, k, v, out, lse, group_name, load_balance, window, scale):  # type: ignore[no-untyped-def]
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
+
+
+def _ring_op_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    q, k, v, sinks, *options = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], sinks)
+    ctx.options = options
+
+
+def _ring_op_grad(ctx, dout, dlse):  # type: ignore[no-untyped-def]
+    q, k, v, out, lse, sinks = ctx.saved_tensors
+    dq, dk, dv = _ring_backward_op(dout.contiguous(), q, k, v, out, lse, *ctx.options)
+    dsinks = None if sinks is None else sink_grad(dout, out, lse, sinks)
+    return dq, dk, dv, dsinks, None, None, None, None
+
+
+_ring_op.register_autograd(_ring_op_grad, setup_context=_ring_op_setup)
 
 
 def ring_attention(
@@ -212,6 +303,9 @@ def ring_attention(
     Upstream APIs: `dist.batch_isend_irecv` (`P2POp` with `group_peer`), the CPU flash kernel.
     """
     layout, scale = _layout(group, load_balance, window, q, scale)
+    if torch.compiler.is_compiling():
+        name = group.group_name
+        return _ring_op(q, k, v, sinks, name, load_balance, window, scale)[0]  # type: ignore[no-any-return]
     return _RingAttention.apply(q, k, v, group, layout, scale, sinks)
 
 

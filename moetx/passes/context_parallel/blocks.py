@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
-import attrs
 import torch
 from torch import Tensor
 
@@ -66,9 +66,11 @@ def sequence_index(
     )
 
 
-@attrs.frozen
-class Layout:
+class Layout(NamedTuple):
     """Where a rank's tokens sit in the whole sequences, and which keys each query may see.
+
+    A `NamedTuple`, not an attrs class: the attention forward builds one per call, and
+    `torch.compile` cannot trace an attrs `__init__` (a graph break per attention call).
 
     Attributes:
         rank: The rank's index in the cp group.

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -18,7 +17,7 @@ from moetx.core.errors import ExpertDivisibilityError, MeshAxisError, NoMoELayer
 from moetx.core.options import axis_name, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
-from moetx.passes.expert_parallel.dispatch import DISPATCHERS, make_dispatcher
+from moetx.passes.expert_parallel.dispatch import DISPATCHERS, TokenDispatcher, make_dispatcher
 from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.structure.discovery import MOE_NAMES, ROUTER_NAMES, MoELayer, discover
 from moetx.structure.swap import swap_class
@@ -56,7 +55,10 @@ class ExpertParallel(Pass):
     obeys the experts contract works. Dispatchers (`moetx.passes.expert_parallel.dispatch`):
     `"all_to_all"` (default; per MoE layer, forward: one int64 count exchange and two uneven
     autograd all-to-alls, backward: two) and `"all_gather"` (a simple cross-check that moves
-    D times more data).
+    D times more data). Both are built here, at apply time, and both trace under
+    `torch.compile`: the data-dependent steps become opaque custom ops while compiling
+    (`moetx.passes.expert_parallel.ops`), so a block compiles into one graph with the same
+    collectives.
 
     **Degree 1.** With `mesh.degree(axis) == 1` nothing is installed: experts stay plain local
     tensors and `facts()["expert_params"]` is empty (FSDP then treats them as dense).
@@ -150,6 +152,7 @@ class ExpertParallel(Pass):
                     layer.num_experts,
                     layer.expert_param_names,
                     layer.num_experts_attr,
+                    make_dispatcher(self.dispatcher, ep_mesh, layer.num_experts),
                 ),
             )
         return model
@@ -195,6 +198,8 @@ class _EPState:
     num_experts: int
     param_names: tuple[str, ...]
     count_attr: str | None = None  # the experts' own expert-count attribute (`num_experts`)
+    #: Built at apply time: the forward constructs no attrs object (`torch.compile` cannot).
+    token_dispatcher: TokenDispatcher | None = None
 
 
 class _ExpertParallelExperts(nn.Module):
@@ -202,15 +207,21 @@ class _ExpertParallelExperts(nn.Module):
 
     def forward(self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         state: _EPState = self.__dict__[_STATE_ATTR]
-        dispatcher = make_dispatcher(state.dispatcher, state.mesh, state.num_experts)
+        dispatcher = state.token_dispatcher
+        assert dispatcher is not None
         tokens, expert_ids, plan = dispatcher.dispatch(hidden, top_k_index, top_k_weights)
         local = {name: to_local(getattr(self, name)) for name in state.param_names}
         ones = torch.ones(tokens.shape[0], 1, dtype=top_k_weights.dtype, device=tokens.device)
-        with _swapped_parameters(self, local), _local_count(self, state):
+        saved = _swap_in(self, state, local)
+        try:
             out = super().forward(tokens, expert_ids.unsqueeze(1), ones)
-        if tokens.shape[0] == 0:
+        finally:
+            _swap_out(self, state, saved)
+        if torch.compiler.is_compiling() or tokens.shape[0] == 0:
             # No token reached this rank: tie the (empty) output to the local parameters so
             # they get zero gradients, never None, even if the experts skip unused weights.
+            # Compiled, the row count is unknown at trace time, so the tie is always there
+            # (adding an exact zero).
             out = out + sum(p.sum() for p in local.values()) * 0
         combined = dispatcher.combine(out, plan)
         # Never hand back a view: when FSDP wraps these experts, an in-place op by the caller
@@ -218,36 +229,34 @@ class _ExpertParallelExperts(nn.Module):
         return combined.clone() if combined._base is not None else combined
 
 
-@contextlib.contextmanager
-def _swapped_parameters(module: nn.Module, tensors: dict[str, Tensor]) -> Iterator[None]:
-    # What torch.func.functional_call does, minus the call: functional_call would run
-    # module(...), i.e. our own forward again and every module hook (FSDP2's unshard hooks);
-    # swapping and calling the original class's forward directly avoids both.
-    saved = {name: module._parameters[name] for name in tensors}
-    try:
-        for name, tensor in tensors.items():
-            module._parameters[name] = tensor  # type: ignore[assignment]
-        yield
-    finally:
-        module._parameters.update(saved)
+def _swap_in(module: nn.Module, state: _EPState, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """Give `module` the local tensors as parameters and the local expert count; return the old.
+
+    What torch.func.functional_call does, minus the call: functional_call would run module(...),
+    i.e. our own forward again and every module hook (FSDP2's unshard hooks); swapping and
+    calling the original class's forward directly avoids both. The original forward sees the
+    local shard, so it must see the local expert count too: HF transformers' experts size their
+    grouped_mm offsets (`histc(bins=self.num_experts)`, one per weight) and `one_hot` masks from
+    `self.num_experts`; with the global count grouped_mm fails ("matrix batch sizes have to
+    match"). HF's own EP sets it the same way. Plain dict updates, no context manager: dynamo
+    traces them (it fails on a generator context manager around `super().forward`).
+    """
+    saved: dict[str, Any] = {name: module._parameters[name] for name in tensors}
+    module._parameters.update(tensors)  # type: ignore[arg-type]
+    if state.count_attr is not None:
+        saved[_COUNT_KEY] = module.__dict__[state.count_attr]
+        module.__dict__[state.count_attr] = state.num_experts // state.mesh.size()
+    return saved
 
 
-@contextlib.contextmanager
-def _local_count(module: nn.Module, state: _EPState) -> Iterator[None]:
-    # The original forward sees the local shard, so it must see the local expert count too:
-    # HF transformers' experts size their grouped_mm offsets (`histc(bins=self.num_experts)`,
-    # one per weight) and `one_hot` masks from `self.num_experts`; with the global count
-    # grouped_mm fails ("matrix batch sizes have to match"). HF's own EP sets it the same way.
-    name = state.count_attr
-    if name is None:
-        yield
-        return
-    saved = module.__dict__[name]
-    module.__dict__[name] = state.num_experts // state.mesh.size()
-    try:
-        yield
-    finally:
-        module.__dict__[name] = saved
+def _swap_out(module: nn.Module, state: _EPState, saved: dict[str, Any]) -> None:
+    """Undo `_swap_in`."""
+    if state.count_attr is not None:
+        module.__dict__[state.count_attr] = saved.pop(_COUNT_KEY)
+    module._parameters.update(saved)
+
+
+_COUNT_KEY = "\0count"  # not a parameter name
 
 
 def _install(experts: nn.Module, state: _EPState) -> None:

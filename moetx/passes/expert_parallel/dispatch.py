@@ -9,9 +9,12 @@ A dispatcher is a pair of functions over one expert-parallel (ep) group of D ran
   expert id (non-decreasing), and an immutable plan;
 - `combine(expert_out [N, H], plan) -> [T, H]`: every token's weighted sum over its k experts.
 
-The plan is a frozen value returned by `dispatch` and consumed by `combine` (torchtitan's
-design): neither the dispatcher nor the module holds state between the two calls, so several
-layers, activation-checkpoint recomputation and re-entrant calls cannot mix up their metadata.
+The plan is an immutable `NamedTuple` returned by `dispatch` and consumed by `combine`
+(torchtitan's design): neither the dispatcher nor the module holds state between the two calls, so
+several layers, activation-checkpoint recomputation and re-entrant calls cannot mix up their
+metadata. Dispatchers are built once, at apply time; the forward builds only tuples, and every
+data-dependent step goes through `moetx.passes.expert_parallel.ops` (eager collectives, or opaque
+custom ops while `torch.compile` traces), so a block with expert parallelism compiles whole.
 
 Both dispatchers use only autograd-aware functional collectives for tensors that carry gradients
 (`torch.distributed._functional_collectives.*_autograd`), so the router, the hidden states and
@@ -20,15 +23,17 @@ the experts all receive gradients, and an expert that got no token gets a zero g
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 import attrs
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.distributed import _functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.distributed_c10d import GroupName
+
+from moetx.passes.expert_parallel import ops
 
 __all__ = [
     "DISPATCHERS",
@@ -69,14 +74,13 @@ def _inverse(permutation: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------- all-to-all
 
 
-@attrs.frozen(eq=False)
-class AllToAllPlan:
+class AllToAllPlan(NamedTuple):
     """What `AllToAllDispatcher.combine` needs to undo a `dispatch`; immutable.
 
     Attributes:
         unsort: `[T*k]` inverse of the stable sort of the (token, k) copies by global expert id.
-        input_splits: Copies this rank sent to each ep rank (rows of the forward dispatch).
-        output_splits: Copies this rank received from each ep rank.
+        input_splits: `[D]` int64: copies this rank sent to each ep rank.
+        output_splits: `[D]` int64: copies this rank received from each ep rank.
         restore: `[N]` inverse of the received-order permutation: maps the expert-major rows
             (`[local expert][src rank]`) back to the received order (`[src rank][local expert]`).
         top_k_weights: `[T, k]` routing weights, applied here, on the sending rank, after the
@@ -84,8 +88,8 @@ class AllToAllPlan:
     """
 
     unsort: Tensor
-    input_splits: tuple[int, ...]
-    output_splits: tuple[int, ...]
+    input_splits: Tensor
+    output_splits: Tensor
     restore: Tensor
     top_k_weights: Tensor
 
@@ -99,12 +103,17 @@ class EPGroup:
         rank: This rank's index in the group (which chunk of experts it holds).
         degree: D, the group size.
         num_experts: E (global), divisible by D.
+        group_name: The group's name (what functional collectives and the custom ops take).
     """
 
     group: ProcessGroup
     rank: int
     degree: int
     num_experts: int
+    group_name: GroupName = attrs.field(
+        init=False,
+        default=attrs.Factory(lambda self: GroupName(self.group.group_name), takes_self=True),
+    )
 
 
 @attrs.frozen(eq=False)
@@ -113,18 +122,20 @@ class AllToAllDispatcher(EPGroup):
 
     Per call to `dispatch`, on every rank of the group:
 
-    1. count copies per global expert (`bincount`) and exchange the counts with one int64
+    1. count copies per global expert (an `index_add`, static shape `[E]`) and exchange the
+       counts with one int64
        functional `all_to_all_single` (equal splits of E/D);
     2. stable-sort the (token, k) copies by global expert id, so the copies for each rank (and
        each of its experts) are contiguous;
     3. move them with one uneven `all_to_all_single_autograd` (split sizes from step 1; zero
-       sizes are fine on gloo);
+       sizes are fine on gloo; `ops.all_to_all`, an opaque op while compiling);
     4. permute the received rows from `[src rank][local expert]` to `[local expert][src rank]`
        order, so each local expert's tokens are contiguous.
 
     `combine` inverts 4, runs the reverse `all_to_all_single_autograd`, unsorts, and takes the
     weighted sum over k. Collectives per MoE layer: forward 3 (`_c10d_functional.all_to_all_single`:
-    the int64 count exchange and two autograd ones), backward 2 (the autograd ones reversed).
+    the int64 count exchange and two autograd ones), backward 2 (the autograd ones reversed);
+    the same when compiled (the uneven ones are then `moetx::ep_all_to_all` nodes).
 
     Fields: see `EPGroup`.
     """
@@ -138,40 +149,32 @@ class AllToAllDispatcher(EPGroup):
         k = top_k_index.shape[1]
         flat = top_k_index.reshape(-1)
         with torch.no_grad():
-            sent_per_expert = torch.bincount(flat, minlength=e)
-            recv_per_expert = funcol.all_to_all_single(sent_per_expert, None, None, self.group)
-            # [src rank][local expert] -> copies this rank receives; one host sync for the splits.
+            # Copies per global expert (`bincount` with static shape [E]).
+            sent_per_expert = torch.zeros(e, dtype=torch.int64, device=flat.device)
+            sent_per_expert = sent_per_expert.index_add(0, flat, torch.ones_like(flat))
+            recv_per_expert = funcol.all_to_all_single(sent_per_expert, None, None, self.group_name)
+            # [src rank][local expert] -> copies this rank receives.
             recv_grid = recv_per_expert.view(d, local_e)
-            input_splits = sent_per_expert.view(d, local_e).sum(1).tolist()
-            output_splits = recv_grid.sum(1).tolist()
+            input_splits = sent_per_expert.view(d, local_e).sum(1)
+            output_splits = recv_grid.sum(1)
             order = torch.argsort(flat, stable=True)
-            # Local expert id of every received row, in received order; a stable sort groups the
-            # rows by expert and keeps source-rank order inside each group.
-            expert_of_row = torch.arange(local_e, device=flat.device).repeat(d)
-            expert_of_row = expert_of_row.repeat_interleave(recv_grid.reshape(-1))
-            permutation = torch.argsort(expert_of_row, stable=True)
-            expert_ids = expert_of_row[permutation]
+            expert_ids, permutation = ops.receive_layout(recv_grid)
         routed = hidden[order // k]
-        received = funcol.all_to_all_single_autograd(
-            routed, output_splits, input_splits, self.group
-        )
+        received = ops.all_to_all(routed, output_splits, input_splits, self.group_name)
         tokens = received[permutation]
         plan = AllToAllPlan(
             unsort=_inverse(order),
-            input_splits=tuple(input_splits),
-            output_splits=tuple(output_splits),
+            input_splits=input_splits,
+            output_splits=output_splits,
             restore=_inverse(permutation),
             top_k_weights=top_k_weights,
         )
         return tokens, expert_ids, plan
 
-    def combine(self, expert_out: Tensor, plan: object) -> Tensor:
+    def combine(self, expert_out: Tensor, plan: Any) -> Tensor:
         """Send each copy's output back to its token's rank and sum the k copies, weighted."""
-        assert isinstance(plan, AllToAllPlan)
         back = expert_out[plan.restore]
-        returned = funcol.all_to_all_single_autograd(
-            back, list(plan.input_splits), list(plan.output_splits), self.group
-        )
+        returned = ops.all_to_all(back, plan.input_splits, plan.output_splits, self.group_name)
         t, k = plan.top_k_weights.shape
         per_copy = returned[plan.unsort].view(t, k, returned.shape[-1])
         weights = plan.top_k_weights.to(per_copy.dtype).unsqueeze(-1)
@@ -181,19 +184,20 @@ class AllToAllDispatcher(EPGroup):
 # --------------------------------------------------------------------------------- all-gather
 
 
-@attrs.frozen(eq=False)
-class AllGatherPlan:
+class AllGatherPlan(NamedTuple):
     """What `AllGatherDispatcher.combine` needs; immutable.
 
     Attributes:
         num_tokens: T, this rank's token count.
-        padded: Tmax, the largest token count in the group (every rank's block is padded to it).
+        counts: `[D]` int64: every rank's token count (blocks are padded to the largest, Tmax).
+        gathered_rows: D * Tmax, the rows of the gathered tokens (a SymInt while compiling).
         token_of_row: `[N]` row of each dispatched copy in the gathered `[D * Tmax, H]` tokens.
         weights: `[N]` routing weight of each dispatched copy (gathered with autograd).
     """
 
     num_tokens: int
-    padded: int
+    counts: Tensor
+    gathered_rows: Any
     token_of_row: Tensor
     weights: Tensor
 
@@ -204,10 +208,10 @@ class AllGatherDispatcher(EPGroup):
 
     `dispatch` gathers the token counts (int64 `all_gather_single`), then the tokens and routing
     weights padded to the largest count (`all_gather_single_autograd`; gloo's list-form
-    all_gather rejects uneven sizes) and the expert ids (`all_gather_single`). `combine` scatters
-    the weighted outputs into a `[D * Tmax, H]` buffer of partial sums and returns each rank its
-    block with `reduce_scatter_single_autograd(sum)`. It moves D times more data than all-to-all;
-    it is the simple cross-check of `AllToAllDispatcher`.
+    all_gather rejects uneven sizes) and the expert ids (`ops.gather_padded`). `combine`
+    scatters the weighted outputs into a `[D * Tmax, H]` buffer of partial sums and returns each
+    rank its block with `reduce_scatter_single_autograd(sum)` (`ops.scatter_padded`). It moves
+    D times more data than all-to-all; it is the simple cross-check of `AllToAllDispatcher`.
 
     Fields: see `EPGroup`.
     """
@@ -218,40 +222,30 @@ class AllGatherDispatcher(EPGroup):
         """Gather every rank's tokens and pick the copies routed to this rank's experts."""
         local_e = self.num_experts // self.degree
         t, k = top_k_index.shape
+        name = self.group_name
         with torch.no_grad():
             count = torch.tensor([t], dtype=torch.int64, device=hidden.device)
-            padded = int(funcol.all_gather_single(count, 0, self.group).max())
-            ids = F.pad(top_k_index, (0, 0, 0, padded - t), value=-1)
-            all_ids = funcol.all_gather_single(ids, 0, self.group).reshape(-1)
-            first = self.rank * local_e
-            mine = ((all_ids >= first) & (all_ids < first + local_e)).nonzero().squeeze(1)
-            local_ids = all_ids[mine] - first
-            order = torch.argsort(local_ids, stable=True)
-            copies = mine[order]
-            expert_ids = local_ids[order]
-        all_hidden = funcol.all_gather_single_autograd(
-            F.pad(hidden, (0, 0, 0, padded - t)), 0, self.group
-        )
-        all_weights = funcol.all_gather_single_autograd(
-            F.pad(top_k_weights, (0, 0, 0, padded - t)), 0, self.group
-        )
+            counts = funcol.all_gather_single(count, 0, name)
+            all_ids = ops.gather_padded(top_k_index, counts, -1, name)
+            copies, expert_ids = ops.select_local(all_ids, self.rank * local_e, local_e)
+        all_hidden = ops.gather_padded(hidden, counts, 0.0, name)
+        all_weights = ops.gather_padded(top_k_weights, counts, 0.0, name)
         token_of_row = copies // k
         plan = AllGatherPlan(
             num_tokens=t,
-            padded=padded,
+            counts=counts,
+            gathered_rows=all_hidden.shape[0],
             token_of_row=token_of_row,
             weights=all_weights.reshape(-1)[copies],
         )
         return all_hidden[token_of_row], expert_ids, plan
 
-    def combine(self, expert_out: Tensor, plan: object) -> Tensor:
+    def combine(self, expert_out: Tensor, plan: Any) -> Tensor:
         """Sum the weighted copies into partial outputs and reduce-scatter them to their ranks."""
-        assert isinstance(plan, AllGatherPlan)
         weighted = expert_out * plan.weights.to(expert_out.dtype).unsqueeze(-1)
-        partial = expert_out.new_zeros(self.degree * plan.padded, expert_out.shape[-1])
+        partial = expert_out.new_zeros(plan.gathered_rows, expert_out.shape[-1])
         partial = partial.index_add(0, plan.token_of_row, weighted)
-        mine = funcol.reduce_scatter_single_autograd(partial, "sum", 0, self.group)
-        return mine[: plan.num_tokens]
+        return ops.scatter_padded(partial, plan.counts, plan.num_tokens, self.group_name)
 
 
 def make_dispatcher(name: str, ep_mesh: DeviceMesh, num_experts: int) -> TokenDispatcher:
