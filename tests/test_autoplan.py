@@ -24,20 +24,20 @@ from moetx import (
     NoFittingPlanError,
     ParallelMesh,
     Pipeline,
-    PlanningError,
 )
 from moetx.__main__ import main
 from moetx.core.algebra import Pass
 from moetx.core.order import Placement
 from moetx.models import MoEConfig, MoETransformer
 from moetx.planning import LiveActivationMeter, autoplan, plan, predict
+from moetx.planning.predict_fsdp import fsdp_units
 from moetx.planning.predict_state import ModelShapes, state_bytes
 from moetx.testing import RankPool, examples, fake_world
 from moetx.testing.strategies import mesh_degrees
 from moetx.testing.train import TrainSpec, assert_matches_reference, build_model, train
 from tests.bodies import training_loop
 from tests.bodies.autoplan import measure_step
-from tests.bodies.plan import held_bytes
+from tests.bodies.plan import gathered_after_forward, held_bytes
 
 # Odd sizes (vocab 67, hidden 12, widths 6 / 10) split unevenly over 2 and 4 ranks. No routing
 # bias or aux loss: their small all-reduces are not predicted (README: Auto-planner).
@@ -66,9 +66,21 @@ def cases(draw: st.DrawFn, *, world_size: int) -> tuple[Pipeline, MeshDegrees, s
     passes += [ExpertParallel()] * (degrees.ep > 1 or draw(st.booleans()))
     passes += _ac(mode)
     if draw(st.booleans()):
-        mixed = draw(st.booleans())  # bf16 all-gathers, fp32 reduce-scatters, an fp32 router unit
-        passes.append(FSDP(param_dtype="bfloat16", reduce_dtype="float32") if mixed else FSDP())
+        passes.append(draw(fsdps()))
     return Pipeline(tuple(passes)), degrees, mode
+
+
+@st.composite
+def fsdps(draw: st.DrawFn) -> FSDP:
+    """FSDP in fp32 or mixed (bf16 all-gathers, fp32 reduce-scatters, an fp32 router unit),
+    resharding every unit or by the "auto" policy, with the small units joined to the root or not."""
+    mixed = draw(st.booleans())
+    return FSDP(
+        param_dtype="bfloat16" if mixed else None,
+        reduce_dtype="float32" if mixed else None,
+        reshard_after_forward=draw(st.sampled_from([True, "auto"])),
+        min_unit_bytes=draw(st.sampled_from([0, 1 << 20])),
+    )
 
 
 def _spec(degrees: MeshDegrees, **config: int) -> TrainSpec:
@@ -115,6 +127,44 @@ def test_kept_gathered_parameters_equal_the_plan(fsdp: FSDP, degrees: MeshDegree
     pipeline = ExpertParallel() | fsdp
     got = predict(config, degrees, pipeline, seq=8)
     assert got.fsdp_resident == plan(pipeline, config, degrees).resident_after_forward > 0
+
+
+@settings(max_examples=examples(6), deadline=None)
+@given(
+    degrees=mesh_degrees(world_size=4),
+    fsdp=fsdps(),
+    frozen=st.sampled_from([(), ("model.layers.1", "lm_head"), ("model.embed_tokens",)]),
+)
+def test_auto_policy_keeps_what_real_ranks_keep(pool4: RankPool, degrees, fsdp, frozen):
+    """`reshard_after_forward="auto"` (and `min_unit_bytes`): the gathered bytes `predict` says
+    a rank keeps after forward equal `plan`'s and the all-gather buffers FSDP2 holds on 4 gloo
+    ranks, exactly; frozen parameters shrink the budget so that some units reshard."""
+    spec = attrs.evolve(_spec(degrees, num_experts=8), frozen=frozen)
+    fsdp = attrs.evolve(fsdp, reshard_after_forward="auto")
+    pipeline = Pipeline((*[ExpertParallel()] * (degrees.ep > 1), fsdp))
+    model = build_model(spec, meta=True)
+    got = predict(model, degrees, pipeline, seq=spec.seq_len).fsdp_resident
+    assert got == plan(pipeline, model, degrees).resident_after_forward
+    assert pool4.run(gathered_after_forward, spec, pipeline, degrees) == [got] * 4
+
+
+def test_auto_policy_units_and_budget_follow_the_pass():
+    """The units "auto" keeps and those `min_unit_bytes` joins to the root are the pass's own
+    (`FSDP.facts`), on a mesh where only some fit."""
+    spec = attrs.evolve(SPEC, frozen=("model.layers.1", "lm_head"))
+    degrees = MeshDegrees(dp_shard=4, ep=2)
+    for fsdp in (
+        FSDP(reshard_after_forward="auto"),
+        FSDP(reshard_after_forward="auto", min_unit_bytes=1 << 20),
+    ):
+        pipeline = ExpertParallel() | fsdp
+        model = build_model(spec, meta=True)
+        units = fsdp_units(ModelShapes.of(model), degrees, pipeline)
+        p = plan(pipeline, model, degrees)
+        kept = sum(u.count for u in units if u.kept)
+        total = sum(u.count for u in units)
+        assert f"keeps {kept} of {total} FSDP units" in str(p), str(p)
+        assert 0 < kept < total
 
 
 # --------------------------------------------------------------------------------- activations
@@ -279,7 +329,7 @@ def test_nothing_fits_says_what_is_smallest_and_by_how_much():
     assert close.closest is not None and not close.fits
     with pytest.raises(
         NoFittingPlanError,
-        match=r"the smallest needs [\d.]+ KiB \(\+[\d.]+ KiB\): Pipeline\(\(FSDP\(\),\)\) on dp_replicate=1 dp_shard=2 cp=1 ep=1: memory",
+        match=r"the smallest needs [\d.]+ KiB \(\+[\d.]+ KiB\): Pipeline\(\(FSDP\(reshard_after_forward=True\),\)\) on dp_replicate=1 dp_shard=2 cp=1 ep=1: memory",
     ):
         _ = close.best
     assert "No mesh and pipeline fits" in str(close)
@@ -310,16 +360,23 @@ def test_frontier_and_cost_model():
 
 
 def test_fsdp_options_trade_memory_for_bytes():
-    """Offered `FSDP(reshard_after_forward=False)`, the planner sees it keep more and send less."""
-    keep = FSDP(reshard_after_forward=False)
+    """The reshard policy is a candidate dimension: "auto" (the default) keeps the units that
+    fit gathered, True none, False all; memory rises and bytes sent fall in that order, and the
+    table shows what each keeps."""
+    keep, lean, auto = (FSDP(reshard_after_forward=v) for v in (False, True, "auto"))
     r = autoplan(
         CONFIG, world=4, memory_per_rank=2**30, seq=8, passes_allowed=("fsdp",),
-        fsdp_options=(FSDP(), keep),
+        fsdp_options=(auto, lean, keep),
     )  # fmt: skip
     by = {(c.degrees, c.pipeline): c.prediction for c in r.fits}
     d = MeshDegrees(dp_shard=4)
-    lean, kept = by[(d, Pipeline((FSDP(),)))], by[(d, Pipeline((keep,)))]
-    assert kept.memory > lean.memory and kept.bytes_moved < lean.bytes_moved
+    p_lean, p_auto, p_keep = (by[(d, Pipeline((f,)))] for f in (lean, auto, keep))
+    assert p_lean.memory < p_auto.memory <= p_keep.memory
+    assert p_lean.bytes_moved > p_auto.bytes_moved >= p_keep.bytes_moved
+    assert p_lean.fsdp_resident == 0 < p_auto.fsdp_resident
+    assert "| kept gathered |" in r.table()
+    default = autoplan(CONFIG, world=4, memory_per_rank=2**30, seq=8, passes_allowed=("fsdp",))
+    assert {c.pipeline for c in default.fits} == {Pipeline((auto,)), Pipeline((lean,)), Pipeline()}
 
 
 def test_deepseek_v3_at_256_and_1024_ranks_in_seconds():
@@ -377,10 +434,3 @@ def test_public_names():
     assert {"AutoPlan", "Candidate", "CostModel", "NoFittingPlanError", "Prediction"} <= set(
         moetx.__all__
     )
-
-
-def test_opt_in_fsdp_policies_are_refused_until_modelled() -> None:
-    """`predict` refuses the auto reshard policy and joined units instead of guessing bytes."""
-    for fsdp in (FSDP(reshard_after_forward="auto"), FSDP(min_unit_bytes=1 << 20)):
-        with pytest.raises(PlanningError, match=r"^`predict` does not model FSDP\(.*\) yet"):
-            predict(MoEConfig(), MeshDegrees(dp_shard=2), Pipeline((fsdp,)), seq=8, micro_batch=1)

@@ -7,6 +7,8 @@
 2. Prune by parameter + gradient + AdamW bytes (`predict_state`, no tracing) before anything else.
 3. Predict activations (one meta trace per cp degree and checkpointing mode, cached), FSDP
    buffers, communication and FLOPs (`predict`) for the rest.
+   FSDP's reshard policy is a candidate dimension (`fsdp_options`: "auto" and True by
+   default); the gathered bytes "auto" keeps per rank are in the memory and the table.
 4. Rank what fits by `CostModel.cost`: by default bytes sent per token per rank; give bandwidths
    and a latency to rank by modelled seconds per token instead. Ties go to less memory.
 
@@ -34,11 +36,25 @@ from moetx.planning.predict_comm import Traffic
 from moetx.planning.predict_state import ModelShapes, state_bytes
 from moetx.planning.report import human_bytes
 
-__all__ = ["AC_MODES", "AutoPlan", "Candidate", "CostModel", "NoFittingPlanError", "autoplan"]
+__all__ = [
+    "AC_MODES",
+    "FSDP_OPTIONS",
+    "AutoPlan",
+    "Candidate",
+    "CostModel",
+    "NoFittingPlanError",
+    "autoplan",
+]
 
 #: Checkpointing choices: none, a mode on every block, or a mode on every 2nd block.
 AC_MODES: tuple[str, ...] = ("none", "router", "selective", "full", "full/2")
 PASSES: tuple[str, ...] = ("cp", "ep", "ac", "fsdp")
+#: The reshard policies tried by default: units kept gathered while they fit the rank's sharded
+#: training state (one all-gather per unit and step), or every unit resharded (two; less memory).
+FSDP_OPTIONS: tuple[FSDP, ...] = (
+    FSDP(reshard_after_forward="auto"),
+    FSDP(reshard_after_forward=True),
+)
 
 
 class NoFittingPlanError(MoetxError, ValueError):
@@ -151,9 +167,9 @@ class AutoPlan:
     def table(self, top: int = 10) -> str:
         """A markdown table of the `top` candidates."""
         rows = [
-            "| # | pipeline | dp_rep | dp_shard | cp | ep | memory | activations | bytes/token "
-            "| sent/step (worst) | FLOP/step (worst) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| # | pipeline | dp_rep | dp_shard | cp | ep | memory | activations "
+            "| kept gathered | bytes/token | sent/step (worst) | FLOP/step (worst) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for i, c in enumerate(self.fits[:top], 1):
             d, p = c.degrees, c.prediction
@@ -161,7 +177,7 @@ class AutoPlan:
             rows.append(
                 f"| {i} | `{pipe}` | {d.dp_replicate} | {d.dp_shard} | {d.cp} | {d.ep} "
                 f"| {human_bytes(p.memory)} | {human_bytes(p.activations)} "
-                f"| {p.bytes_per_token:,.0f} | {human_bytes(p.bytes_moved)} "
+                f"| {human_bytes(p.fsdp_resident)} | {p.bytes_per_token:,.0f} | {human_bytes(p.bytes_moved)} "
                 f"({human_bytes(p.bytes_moved_worst)}) | {human_flops(p.flops)} "
                 f"({human_flops(p.flops_worst)}) |"
             )
@@ -240,7 +256,7 @@ def autoplan(
     ac_modes: Sequence[str] = AC_MODES,
     cost: CostModel | None = None,
     max_cp: int = 8,
-    fsdp_options: Sequence[FSDP] = (FSDP(),),
+    fsdp_options: Sequence[FSDP] = FSDP_OPTIONS,
 ) -> AutoPlan:
     """Find the meshes and pipelines that fit `memory_per_rank`, ranked by `cost`.
 
@@ -256,8 +272,9 @@ def autoplan(
         ac_modes: Checkpointing choices among `AC_MODES` (`"full/2"`: every 2nd block).
         cost: The ranking `CostModel` (default: bytes sent per token).
         max_cp: The largest context-parallel degree tried.
-        fsdp_options: The `FSDP` configurations tried (e.g. add
-            `FSDP(reshard_after_forward=False)`: more memory, no backward all-gathers).
+        fsdp_options: The `FSDP` configurations tried (default: the reshard policies "auto"
+            and True; e.g. add `FSDP(reshard_after_forward=False)`: more memory, no backward
+            all-gathers). The table's `kept gathered` column is what the policy costs per rank.
 
     Returns:
         An `AutoPlan`: `.best` is the top `Candidate` (`.pipeline`, `.degrees`,

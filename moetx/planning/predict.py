@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import attrs
@@ -14,13 +13,8 @@ from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.planning.predict_activations import BlockTrace, trace_blocks
 from moetx.planning.predict_comm import Routing, Traffic, predict_comm, predict_flops
-from moetx.planning.predict_state import (
-    ModelShapes,
-    find_pass,
-    fsdp_units,
-    iter_blocks,
-    state_bytes,
-)
+from moetx.planning.predict_fsdp import fsdp_resident, fsdp_units
+from moetx.planning.predict_state import ModelShapes, find_pass, iter_blocks, state_bytes
 from moetx.planning.report import RankBytes, human_bytes
 
 __all__ = ["Prediction", "activation_bytes", "human_flops", "predict"]
@@ -41,8 +35,9 @@ class Prediction:
         activations: Bytes forward leaves resident for backward (traced; uniform routing).
         fsdp_transient: Gathered parameters of the two largest FSDP units (the one computing
             and the one prefetched): an estimate of FSDP2's peak all-gather buffers.
-        fsdp_resident: Gathered parameters `FSDP(reshard_after_forward=False | int)` keeps
-            from forward to backward (as `Plan.resident_after_forward`; 0 when it reshards).
+        fsdp_resident: Gathered parameters `FSDP(reshard_after_forward=False | int | "auto")`
+            keeps from forward to backward (as `Plan.resident_after_forward`; 0 when every
+            unit reshards).
         comm: Collective bytes sent per step, per kind and axis.
         tokens: Tokens this rank processes per step.
         flops: FLOPs per step (forward, backward, recomputation), uniform routing.
@@ -83,7 +78,7 @@ class Prediction:
         return (
             f"memory {human_bytes(self.memory)} (state {human_bytes(self.state.total)}, "
             f"activations {human_bytes(self.activations)}, FSDP buffers "
-            f"{human_bytes(self.fsdp_transient + self.fsdp_resident)}); sends {human_bytes(self.bytes_moved)}/step "
+            f"{human_bytes(self.fsdp_transient)} + kept gathered {human_bytes(self.fsdp_resident)}); sends {human_bytes(self.bytes_moved)}/step "
             f"({comm}); {human_flops(self.flops)}/step (worst rank {human_flops(self.flops_worst)})"
         )
 
@@ -125,32 +120,6 @@ def _transient(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) ->
     return sum(gathered[:2])
 
 
-def _resident(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> int:
-    """What FSDP2 keeps gathered after forward (the rule `plan` checks against real ranks)."""
-    fsdp = find_pass(pipeline, "fsdp")
-    raf = getattr(fsdp, "reshard_after_forward", True)
-    if fsdp is None or raf is True:
-        return 0
-    ep = find_pass(pipeline, "ep") is not None and d.ep > 1
-    param_dtype = getattr(fsdp, "param_dtype", None)
-    low = param_dtype not in (None, "float32")
-    fp32 = set(getattr(fsdp, "fp32_modules", ())) if low else set()
-    total = 0
-    for p, count in shapes.grouped:
-        expert = p.role == "expert" and ep
-        numel = math.prod(p.shape) // (d.ep if expert else 1)
-        itemsize = 4 if p.role in fp32 else (2 if low else p.itemsize)
-        gathered = count * numel * itemsize
-        # FSDP2's int: after forward, keep a copy resharded over groups of that size (1/raf per
-        # rank); equal to the unit's shard-group size it is True, 1 is False.
-        group = d.dp_replicate * d.ep_shard if expert else d.dp_shard_cp
-        if raf is False or raf == 1:
-            total += gathered
-        elif raf != group:
-            total += gathered // int(raf)
-    return total
-
-
 def predict(
     model: nn.Module | MoEConfig | ModelShapes,
     degrees: MeshDegrees,
@@ -187,17 +156,6 @@ def predict(
             f"`predict` models the stages {MODELLED} only, not {what}: its bytes would be wrong.\n"
             "  fix: use `Pipeline.plan` for parameter bytes of other passes."
         )
-    fsdp_pass = find_pass(pipeline, "fsdp")
-    if fsdp_pass is not None and (
-        getattr(fsdp_pass, "reshard_after_forward", True) == "auto"
-        or getattr(fsdp_pass, "min_unit_bytes", 0)
-    ):
-        raise PlanningError(
-            f"`predict` does not model {fsdp_pass!r} yet (per-unit resharding or units joined "
-            "into the root): its bytes would be wrong.\n"
-            "  fix: predict with `FSDP()` (reshard_after_forward=True, min_unit_bytes=0); "
-            "`Pipeline.plan` reports the auto policy's resident bytes."
-        )
     shapes = model if isinstance(model, ModelShapes) else ModelShapes.of(model)
     source: nn.Module | MoEConfig | None = (
         shapes.config if isinstance(model, ModelShapes) else model
@@ -219,7 +177,7 @@ def predict(
         state=state_bytes(shapes, degrees, pipeline),
         activations=activation_bytes(none, with_ac, shapes, pipeline),
         fsdp_transient=_transient(shapes, degrees, pipeline),
-        fsdp_resident=_resident(shapes, degrees, pipeline),
+        fsdp_resident=fsdp_resident(shapes, degrees, pipeline),
         comm=predict_comm(
             shapes,
             degrees,

@@ -7,7 +7,9 @@ collectives are the ones the passes issue (see their docstrings), per step = one
 one backward of one micro-batch:
 
 - `FSDP`: per unit (the root too, in torch 2.13), one all-gather in forward and one in backward
-  (none in backward with `reshard_after_forward=False`), one reduce-scatter of the gradients,
+  (none in backward with `reshard_after_forward=False`, or for the units "auto" keeps gathered;
+  `min_unit_bytes` joins small embedding / lm head units to the root), one reduce-scatter of the
+  gradients,
   and with HSDP an all-reduce over the replicas; FSDP2's padded shards.
 - `ExpertParallel` (all-to-all dispatcher): per MoE layer in forward the int64 count exchange,
   the dispatch and the combine; in backward the two reversed; checkpointing in `full`/`router`
@@ -28,7 +30,8 @@ import attrs
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.planning.predict_activations import BlockTrace
-from moetx.planning.predict_state import ModelShapes, find_pass, fsdp_units, iter_blocks
+from moetx.planning.predict_fsdp import fsdp_units
+from moetx.planning.predict_state import ModelShapes, find_pass, iter_blocks
 
 __all__ = ["Traffic", "predict_comm", "predict_flops", "recomputes_forward"]
 
@@ -71,13 +74,13 @@ def _fsdp(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[Traff
     fsdp = find_pass(pipeline, "fsdp")
     if fsdp is None:
         return []
-    regather = getattr(fsdp, "reshard_after_forward", True) is not False
+    keep_all = getattr(fsdp, "reshard_after_forward", True) is False
     out: dict[tuple[str, str], list[int]] = {}
     for unit in fsdp_units(shapes, d, pipeline):
         axis = "ep_fsdp" if unit.name == "expert" else "dp_shard_cp"
         w, n = unit.mesh_size, unit.count
         if w > 1:
-            gathers = 1 + regather
+            gathers = 1 if keep_all or unit.kept else 2
             row = out.setdefault(("fsdp_all_gather", axis), [0, 0])
             row[0] += n * gathers
             row[1] += n * gathers * (w - 1) * unit.shard_bytes

@@ -24,12 +24,14 @@ import torch
 from torch import nn
 
 from moetx.core.algebra import Pass, Pipeline
+from moetx.core.errors import PassPreconditionError
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig, MoETransformer
+from moetx.passes.tensor_parallel.targets import tp_targets
 from moetx.planning.report import RankBytes
 from moetx.structure.discovery import discover
 
-__all__ = ["FSDPUnit", "ModelShapes", "ParamInfo", "find_pass", "fsdp_units", "state_bytes"]
+__all__ = ["ModelShapes", "ParamInfo", "find_pass", "local_shape", "state_bytes", "uses_tp"]
 
 #: Roles a parameter can have, innermost FSDP unit first.
 ROLES = ("expert", "router", "block", "embedding", "lm_head", "root")
@@ -45,6 +47,7 @@ class ParamInfo:
     trainable: bool
     role: str  # one of ROLES
     block: int  # index in `discover(model).blocks`, -1 outside blocks
+    tp_dim: int | None = None  # the dim `TensorParallel` shards (None: replicated over tp)
 
 
 @attrs.frozen
@@ -68,6 +71,10 @@ class ModelShapes:
     tied_embeddings: bool
     routing_bias: bool
     config: MoEConfig | None = attrs.field(default=None, eq=False)
+    #: Sizes every tp degree must divide (heads, kv heads, MLP inner sizes, vocabulary).
+    tp_sizes: tuple[int, ...] = ()
+    #: Why `TensorParallel` cannot apply to this model at all ("" when it can).
+    tp_refused: str = ""
     #: `params` with identical (shape, itemsize, trainable, role) counted once: what the
     #: byte counts need (DeepSeek-V3 has ~1000 parameters but ~30 distinct ones).
     grouped: tuple[tuple[ParamInfo, int], ...] = attrs.field(default=(), eq=False)
@@ -75,7 +82,7 @@ class ModelShapes:
     def __attrs_post_init__(self) -> None:
         counts: dict[tuple[object, ...], list[object]] = {}
         for p in self.params:
-            key = (p.shape, p.itemsize, p.trainable, p.role)
+            key = (p.shape, p.itemsize, p.trainable, p.role, p.tp_dim)
             counts.setdefault(key, [p, 0])[1] += 1  # type: ignore[operator]
         object.__setattr__(self, "grouped", tuple((p, n) for p, n in counts.values()))
 
@@ -100,9 +107,15 @@ class ModelShapes:
             for name, mod in (("embedding", s.embedding), ("lm_head", s.lm_head)):
                 for p in mod.parameters() if mod is not None else ():
                     role.setdefault(id(p), (name, -1))
+        tp_dims, tp_sizes, tp_refused = _tp_layout(model)
         params = tuple(
             ParamInfo(
-                n, tuple(p.shape), p.element_size(), p.requires_grad, *role.get(id(p), ("root", -1))
+                n,
+                tuple(p.shape),
+                p.element_size(),
+                p.requires_grad,
+                *role.get(id(p), ("root", -1)),
+                tp_dim=tp_dims.get(id(p)),
             )
             for n, p in model.named_parameters()
         )
@@ -126,7 +139,13 @@ class ModelShapes:
             tied_embeddings=s.tied_embeddings,
             routing_bias=bool(first is not None and first.counter_buffer_names),
             config=config,
+            tp_sizes=tp_sizes,
+            tp_refused=tp_refused,
         )
+
+    def tp_legal(self, degree: int) -> bool:
+        """Whether `TensorParallel` can shard this model over `degree` ranks."""
+        return degree == 1 or (not self.tp_refused and all(n % degree == 0 for n in self.tp_sizes))
 
     @property
     def num_parameters(self) -> int:
@@ -134,29 +153,49 @@ class ModelShapes:
         return sum(math.prod(p.shape) for p in self.params)
 
 
+def _tp_layout(model: nn.Module) -> tuple[dict[int, int], tuple[int, ...], str]:
+    """(parameter id -> dim TP shards, sizes a tp degree must divide, why TP cannot apply)."""
+    try:
+        targets = tp_targets(model, 1)
+    except PassPreconditionError as e:
+        return {}, (), str(e).splitlines()[0]
+    dims: dict[int, int] = {}
+    sizes: set[int] = set()
+    for t in targets:
+        if t.kind in ("embedding", "lm_head"):  # vocabulary-parallel: rows of both
+            for p in t.module.parameters():
+                dims[id(p)] = 0
+            sizes.add(_weight(t.module).shape[0])
+            continue
+        for name in t.colwise:
+            for p in t.module.get_submodule(name).parameters():
+                dims[id(p)] = 0
+                sizes.add(int(p.shape[0]))
+        for name in t.rowwise:
+            w = _weight(t.module.get_submodule(name))
+            dims[id(w)] = 1
+            sizes.add(int(w.shape[1]))
+        if t.kind == "attention":
+            head_dim = int(t.module.head_dim)  # type: ignore[arg-type]
+            for name in ("q_proj", "k_proj"):
+                sizes.add(_weight(t.module.get_submodule(name)).shape[0] // head_dim)
+        elif t.kind == "latent_attention":
+            sizes.add(int(t.module.num_heads))  # type: ignore[arg-type]
+    return dims, tuple(sorted(sizes)), ""
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    return typing.cast(torch.Tensor, module.weight)
+
+
 def find_pass(pipeline: Pipeline, stage: str) -> Pass | None:
     """The pass of `pipeline` at `stage`, or None."""
     return next((p for p in pipeline if p.placement.stage == stage), None)
 
 
-@attrs.frozen
-class FSDPUnit:
-    """One FSDP2 unit: its parameters' padded local shapes on one rank and its mesh size."""
-
-    name: str
-    mesh_size: int
-    numels: tuple[int, ...]  # padded local numel of each parameter (the all-gather input)
-    trained: int  # padded local numel of the trained ones (the reduce-scatter output)
-    itemsize: int  # all-gather dtype
-    reduce_itemsize: int
-    replicate: int = 1  # HSDP replicas: gradients all-reduced over them after the reduce-scatter
-    root: bool = False
-    count: int = 1  # identical units (e.g. the same block repeated) described once
-
-    @property
-    def shard_bytes(self) -> int:
-        """Bytes this rank contributes to the unit's all-gather."""
-        return sum(self.numels) * self.itemsize
+def uses_tp(pipeline: Pipeline, degrees: MeshDegrees) -> bool:
+    """Whether `TensorParallel` shards anything (in the pipeline, tp degree above 1)."""
+    return degrees.tp > 1 and find_pass(pipeline, "tp") is not None
 
 
 def _chunk(n: int, w: int, index: int = 0) -> int:
@@ -165,9 +204,17 @@ def _chunk(n: int, w: int, index: int = 0) -> int:
     return max(0, min(size, n - index * size))
 
 
-def _local_shape(p: ParamInfo, d: MeshDegrees, ep: bool, fsdp: bool) -> tuple[tuple[int, ...], int]:
-    """Rank 0's local shape of `p`, and its padded FSDP shard numel (0 without FSDP)."""
+def local_shape(
+    p: ParamInfo, d: MeshDegrees, ep: bool, fsdp: bool, tp: bool = False
+) -> tuple[tuple[int, ...], int]:
+    """Rank 0's local shape of `p`, and its padded FSDP shard numel (0 without FSDP).
+
+    `tp`: `TensorParallel` applies (degree `d.tp`): it splits `p.tp_dim` first, and FSDP2
+    shards that local tensor further on dim 0 (`_StridedShard` when both are dim 0).
+    """
     shape = list(p.shape)
+    if tp and p.tp_dim is not None:
+        shape[p.tp_dim] //= d.tp
     if p.role == "expert" and ep:
         shape[0] //= d.ep
         if not fsdp:
@@ -188,61 +235,14 @@ def state_bytes(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) -
     """Rank 0's parameter, gradient and AdamW bytes (the largest rank: it holds full chunks)."""
     ep = find_pass(pipeline, "ep") is not None and degrees.ep > 1
     fsdp = find_pass(pipeline, "fsdp") is not None
+    tp = uses_tp(pipeline, degrees)
     params = trained = 0
     for p, count in shapes.grouped:
-        local, _ = _local_shape(p, degrees, ep, fsdp)  # type: ignore[arg-type]
+        local, _ = local_shape(p, degrees, ep, fsdp, tp)  # type: ignore[arg-type]
         n = count * math.prod(local) * p.itemsize  # type: ignore[attr-defined]
         params += n
         trained += n if p.trainable else 0  # type: ignore[attr-defined]
     return RankBytes(params, trained, 2 * trained)
-
-
-def fsdp_units(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) -> list[FSDPUnit]:
-    """The FSDP2 units `FSDP.apply` makes, innermost first (empty without `FSDP`)."""
-    fsdp = find_pass(pipeline, "fsdp")
-    if fsdp is None:
-        return []
-    ep = find_pass(pipeline, "ep") is not None and degrees.ep > 1
-    param_dtype = getattr(fsdp, "param_dtype", None)
-    reduce_dtype = getattr(fsdp, "reduce_dtype", None)
-    fp32_roles = (
-        set(getattr(fsdp, "fp32_modules", ())) if param_dtype not in (None, "float32") else set()
-    )
-
-    def size(name: str | None, default: int) -> int:
-        return torch.empty((), dtype=getattr(torch, name)).element_size() if name else default
-
-    units: dict[tuple[str, int], list[tuple[ParamInfo, int]]] = {}
-    for p in shapes.params:
-        _, numel = _local_shape(p, degrees, ep, True)
-        role = p.role
-        if role == "expert" and not ep:
-            role = "block"
-        if role == "router" and "router" not in fp32_roles:
-            role = "block"
-        units.setdefault((role, p.block), []).append((p, numel))
-    out: dict[tuple[object, ...], FSDPUnit] = {}
-    for (role, _block), members in sorted(units.items(), key=lambda kv: ROLES.index(kv[0][0])):
-        fp32 = role in fp32_roles
-        itemsize = 4 if fp32 else size(param_dtype, members[0][0].itemsize)
-        reduce = 4 if fp32 else size(reduce_dtype, itemsize)
-        expert = role == "expert"
-        mesh = degrees.dp_replicate * degrees.ep_shard if expert else degrees.dp_shard_cp
-        unit = FSDPUnit(
-            name=role,
-            mesh_size=mesh,
-            numels=tuple(n for _, n in members),
-            trained=sum(n for p, n in members if p.trainable),
-            itemsize=itemsize,
-            reduce_itemsize=reduce,
-            replicate=1 if expert else degrees.dp_replicate,
-            root=role == "root",
-        )
-        key = attrs.astuple(unit, recurse=False)
-        if key in out:
-            unit = attrs.evolve(out[key], count=out[key].count + 1)
-        out[key] = unit
-    return list(out.values())
 
 
 def iter_blocks(shapes: ModelShapes) -> Iterator[tuple[int, str]]:
