@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import re
 import time
 
 import attrs
@@ -24,12 +25,15 @@ from moetx import (
     NoFittingPlanError,
     ParallelMesh,
     Pipeline,
+    PlanningError,
+    TensorParallel,
 )
 from moetx.__main__ import main
 from moetx.core.algebra import Pass
 from moetx.core.order import Placement
 from moetx.models import MoEConfig, MoETransformer
 from moetx.planning import LiveActivationMeter, autoplan, plan, predict
+from moetx.planning.autoplan import PASSES
 from moetx.planning.predict_fsdp import fsdp_units
 from moetx.planning.predict_state import ModelShapes, state_bytes
 from moetx.testing import RankPool, examples, fake_world
@@ -249,6 +253,61 @@ def test_comm_bytes_equal_counted_bytes_on_real_ranks(pool4: RankPool, case):
             assert abs(p.activations - real) <= 0.05 * real, (rank, p.activations, real)
 
 
+# Sizes tensor parallelism divides at tp=2 (heads, kv heads, vocabulary, MLP widths).
+TP_CONFIG = attrs.evolve(CONFIG, vocab_size=68, num_kv_heads=2, tie_embeddings=False)
+
+
+@st.composite
+def tp_cases(draw: st.DrawFn) -> tuple[Pipeline, MeshDegrees]:
+    """tp=2 on 4 ranks with the other 2 ranks as dp_shard, dp_replicate (under FSDP), cp or
+    ep; any checkpointing mode but selective; FSDP or not."""
+    rest = draw(st.sampled_from(["dp_shard", "dp_replicate", "cp", "ep"]))
+    degrees = MeshDegrees(
+        dp_shard=1 if rest in ("dp_replicate", "cp") else 2,
+        dp_replicate=2 if rest == "dp_replicate" else 1,
+        cp=2 if rest == "cp" else 1,
+        ep=2 if rest == "ep" else 1,
+        tp=2,
+    )
+    passes: list[Pass] = [TensorParallel()]
+    passes += [ContextParallel()] * (degrees.cp > 1)
+    passes += [ExpertParallel()] * (degrees.ep > 1)
+    passes += _ac(draw(st.sampled_from([m for m in MODES if m != "selective"])))
+    if rest == "dp_replicate" or draw(st.booleans()):
+        passes.append(draw(fsdps()))
+    return Pipeline(tuple(passes)), degrees
+
+
+@settings(max_examples=examples(8), deadline=None)
+@given(case=tp_cases())
+def test_tp_predictions_equal_real_ranks(pool4: RankPool, case):
+    """`TensorParallel` at tp=2 on 4 gloo ranks: parameter, gradient and AdamW bytes equal the
+    held shards exactly; every collective (tp all-reduces and the logits all-gather, FSDP's on
+    the tp-local shards, gradient sync) equals the counted calls and bytes; without FSDP and
+    EP, activations are within 5% of each rank's meter."""
+    pipeline, degrees = case
+    spec = attrs.evolve(SPEC, config=TP_CONFIG)
+    fsdp = any(isinstance(p, FSDP) for p in pipeline)
+    held = pool4.run(held_bytes, spec, pipeline, degrees)
+    results = pool4.run(measure_step, spec, pipeline, degrees, meter=not fsdp)
+    for rank, got in enumerate(results):
+        routing = _routing(results, rank) if degrees.ep > 1 else None
+        p = predict(
+            TP_CONFIG, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank,
+            routing=routing, ep_rank=got["ep_rank"],
+        )  # fmt: skip
+        state = p.state
+        assert (state.params, state.grads, state.optimizer) == max(
+            (h["params"], h["grads"], h["optimizer"]) for h in held
+        )
+        want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
+        counted = {k: v for k, v in got["comm"].items() if v[1] or k in want}
+        assert counted == want, f"rank {rank}"
+        if not fsdp and degrees.ep == 1:
+            real = got["activations"]
+            assert abs(p.activations - real) <= 0.05 * real, (rank, p.activations, real)
+
+
 def test_uniform_routing_is_between_best_and_worst():
     """Without a routing the EP bytes are the uniform router's; the worst case is larger."""
     degrees = MeshDegrees(dp_shard=4, ep=4)
@@ -274,6 +333,27 @@ def test_top_candidate_trains_like_one_process(pool4: RankPool):
     best = result.best
     assert best.prediction.memory <= BUDGET
     assert [c.cost for c in result.fits] == sorted(c.cost for c in result.fits)
+    degrees = best.degrees
+    data_ranks = degrees.dp_replicate * degrees.dp_shard
+    rows = data_ranks * spec.rows_per_rank
+    ignore = torch.zeros(spec.steps, rows, spec.seq_len, dtype=torch.bool)
+    results = pool4.run(training_loop.public_loop, spec, best.pipeline, degrees, ignore)
+    ref = train(build_model(spec), training_loop.masked_batches(spec, data_ranks, ignore), spec.lr)
+    assert_matches_reference(results, ref)
+
+
+def test_top_tensor_parallel_candidate_trains_like_one_process(pool4: RankPool):
+    """With tensor parallelism allowed, the best candidate for a 41 KiB budget has tp=2 (it
+    halves the attention and MLP activations); applied on 4 gloo ranks it trains like one
+    process."""
+    spec = attrs.evolve(SPEC, config=TP_CONFIG, steps=2, lr=1e-3)
+    result = autoplan(
+        TP_CONFIG, world=4, memory_per_rank=41 * 1024, seq=spec.seq_len,
+        micro_batch=spec.rows_per_rank, ac_modes=("none", "full"), passes_allowed=PASSES,
+    )  # fmt: skip
+    best = result.best
+    assert best.degrees.tp == 2 and isinstance(best.pipeline.passes[0], TensorParallel)
+    assert best.prediction.memory <= 41 * 1024 and result.misses
     degrees = best.degrees
     data_ranks = degrees.dp_replicate * degrees.dp_shard
     rows = data_ranks * spec.rows_per_rank
@@ -337,8 +417,8 @@ def test_nothing_fits_says_what_is_smallest_and_by_how_much():
 
 def test_unknown_passes_and_modes_are_refused():
     """Passes and checkpointing modes outside the known ones raise ValueError."""
-    with pytest.raises(ValueError, match=r"Unknown pass or checkpointing mode \('tp'\)"):
-        autoplan(CONFIG, world=2, memory_per_rank=2**30, seq=8, passes_allowed=("tp",))
+    with pytest.raises(ValueError, match=r"Unknown pass or checkpointing mode \('pp'\)"):
+        autoplan(CONFIG, world=2, memory_per_rank=2**30, seq=8, passes_allowed=("pp",))
     with pytest.raises(ValueError, match=r"Unknown pass or checkpointing mode \('half'\)"):
         autoplan(CONFIG, world=2, memory_per_rank=2**30, seq=8, ac_modes=("half",))
 
@@ -402,12 +482,14 @@ def test_cli_prints_the_ranking_and_the_miss(capsys: pytest.CaptureFixture[str])
     assert "| 1 |" in out and "best: " in out and "moetx autoplan took" in out
     assert main(["autoplan", "--world", "2", "--memory", "1KiB", "--seq", "8"]) == 1
     assert "No mesh and pipeline fits 1.00 KiB per rank" in capsys.readouterr().out
-    assert main(["autoplan", "--passes", "tp"]) == 2
+    assert main(["autoplan", "--passes", "pp"]) == 2
     assert "Unknown pass" in capsys.readouterr().err
 
 
 def test_passes_it_does_not_model_are_refused():
-    """A pass outside cp / ep / ac / fsdp is refused, never silently mispredicted."""
+    """A pass or option the predictors do not model is refused, never silently mispredicted:
+    an unknown stage, the all-gather dispatcher, ring CP, sequence parallelism, and a tp degree
+    the model's sizes do not allow (CONFIG has one kv head)."""
 
     @attrs.frozen(kw_only=True, repr=False)
     class Compile(Pass):
@@ -416,8 +498,17 @@ def test_passes_it_does_not_model_are_refused():
         def _apply(self, model, mesh, record):  # type: ignore[no-untyped-def]
             return model
 
-    with pytest.raises(ValueError, match=r"^`predict` models the stages .* only, not Compile\(\)"):
+    with pytest.raises(ValueError, match=r"^`predict` models \(.*\) only, not Compile\(\)"):
         predict(CONFIG, MeshDegrees(), Pipeline((Compile(),)), seq=8)
+    for p, d in (
+        (ExpertParallel(dispatcher="all_gather"), MeshDegrees(dp_shard=2, ep=2)),
+        (ContextParallel(comm="p2p"), MeshDegrees(cp=2)),
+        (TensorParallel(sequence_parallel=True), MeshDegrees(tp=2)),
+    ):
+        with pytest.raises(PlanningError, match=rf"only, not {re.escape(repr(p))}: its bytes"):
+            predict(TP_CONFIG, d, Pipeline((p,)), seq=8)
+    with pytest.raises(PlanningError, match=r"^`TensorParallel` cannot shard this model over tp=2"):
+        predict(CONFIG, MeshDegrees(tp=2), Pipeline((TensorParallel(),)), seq=8)
 
 
 def test_a_module_predicts_as_its_config():

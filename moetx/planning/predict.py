@@ -19,11 +19,11 @@ from moetx.planning.report import RankBytes, human_bytes
 
 __all__ = ["Prediction", "activation_bytes", "human_flops", "predict"]
 
-#: The stages whose memory and collectives `predict` models (a new axis, e.g. tp, is refused).
-MODELLED: tuple[str, ...] = ("cp", "ep", "ac", "fsdp")
+#: The stages whose memory and collectives `predict` models (others are refused).
+MODELLED: tuple[str, ...] = ("tp", "cp", "ep", "ac", "fsdp")
 
-#: (cp pass, cp degree, ac pass or None) -> trace; the planner's cache.
-Tracer = Callable[[Pass | None, int, Pass | None], BlockTrace]
+#: (cp pass, cp degree, ac pass or None, tp pass or None, tp degree) -> trace; the planner's cache.
+Tracer = Callable[[Pass | None, int, Pass | None, Pass | None, int], BlockTrace]
 
 
 @attrs.frozen
@@ -150,13 +150,30 @@ def predict(
     if isinstance(pipeline, Pass):
         pipeline = Pipeline() | pipeline
     unknown = [p for p in pipeline if p.placement.stage not in MODELLED]
-    if unknown or getattr(degrees, "tp", 1) > 1:
-        what = repr(unknown[0]) if unknown else f"tp={degrees.tp}"  # type: ignore[attr-defined]
+    tp = find_pass(pipeline, "tp")
+    for stage, option, modelled in (
+        ("tp", "sequence_parallel", False),
+        ("ep", "dispatcher", "all_to_all"),
+        ("cp", "comm", "allgather"),
+    ):
+        found = find_pass(pipeline, stage)
+        if found is not None and getattr(found, option, modelled) != modelled:
+            unknown.append(found)
+    if unknown or (degrees.tp > 1 and tp is None):
+        what = repr(unknown[0]) if unknown else f"tp={degrees.tp} without TensorParallel"
         raise PlanningError(
-            f"`predict` models the stages {MODELLED} only, not {what}: its bytes would be wrong.\n"
+            f"`predict` models {MODELLED} (TensorParallel without sequence parallelism, the "
+            f"all-to-all dispatcher, all-gather CP) only, not {what}: its bytes would be "
+            "wrong.\n"
             "  fix: use `Pipeline.plan` for parameter bytes of other passes."
         )
     shapes = model if isinstance(model, ModelShapes) else ModelShapes.of(model)
+    if tp is not None and not shapes.tp_legal(degrees.tp):
+        raise PlanningError(
+            f"`TensorParallel` cannot shard this model over tp={degrees.tp} "
+            f"({shapes.tp.refused or f'sizes {shapes.tp.sizes} must all be divisible'}).\n"
+            "  fix: pick a tp degree that divides them, or leave TensorParallel out."
+        )
     source: nn.Module | MoEConfig | None = (
         shapes.config if isinstance(model, ModelShapes) else model
     )
@@ -164,11 +181,12 @@ def predict(
 
     def trace(cp_: Pass | None, degree: int, ac_: Pass | None) -> BlockTrace:
         if tracer is not None:
-            return tracer(cp_, degree, ac_)
+            return tracer(cp_, degree, ac_, tp, degrees.tp)
         assert source is not None, "ModelShapes without a config: pass the model"
         return trace_blocks(
-            source, micro_batch=micro_batch, seq=seq, ac=ac_, cp=cp_, cp_degree=degree
-        )
+            source, micro_batch=micro_batch, seq=seq, ac=ac_, cp=cp_, cp_degree=degree,
+            tp=tp, tp_degree=degrees.tp,
+        )  # fmt: skip
 
     none = trace(cp, degrees.cp, None)
     with_ac = trace(cp, degrees.cp, ac) if ac is not None else None

@@ -18,6 +18,11 @@ one backward of one micro-batch:
   one per expert parameter over dp_replicate × ep_shard.
 - `ContextParallel` (allgather): per attention layer one all-gather of the stacked K/V, its
   reduce-scatter in backward, and a second all-gather under `full`/`router` checkpointing.
+- `TensorParallel` (no sequence parallelism; DTensor redistributions): in forward one
+  all-reduce of the `[B, S, H]` activation per row-wise layer (attention `o_proj`, MLP
+  `down_proj`) and for the vocabulary-parallel embedding, and one all-gather of the logits;
+  in backward one all-reduce per column-wise layer's input gradient (q/k/v, gate/up, lm head);
+  a recomputed block redoes its forward sums but the last (checkpointing stops there).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.planning.predict_activations import BlockTrace
 from moetx.planning.predict_fsdp import fsdp_units
-from moetx.planning.predict_state import ModelShapes, find_pass, iter_blocks
+from moetx.planning.predict_state import ModelShapes, find_pass, iter_blocks, uses_tp
 
 __all__ = ["Traffic", "predict_comm", "predict_flops", "recomputes_forward"]
 
@@ -102,12 +107,16 @@ def _grad_sync(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[
     if find_pass(pipeline, "fsdp") is not None:
         return []
     ep = find_pass(pipeline, "ep") is not None and d.ep > 1
-    world, replicas = d.world_size, d.dp_replicate * d.ep_shard
+    tp = uses_tp(pipeline, d)
+    world, replicas = d.token_ranks, d.dp_replicate * d.ep_shard
     dense = experts = calls = 0
     for p, count in shapes.grouped:
         if not p.trainable:
             continue
-        numel = math.prod(p.shape)
+        # DTensor's embedding backward returns the vocabulary-parallel table's gradient whole
+        # (Replicate), and `sync_gradients` reduces what it gets.
+        split = tp and p.tp_dim is not None and p.role != "embedding"
+        numel = math.prod(p.shape) // (d.tp if split else 1)
         if p.role == "expert" and ep:
             if replicas > 1:
                 calls += count
@@ -173,13 +182,40 @@ def _cp(
     guard = Traffic("cp_all_gather", "cp", 1, (d.cp - 1) * 2 * 8)
     if getattr(cp, "comm", "allgather") != "allgather":
         return [guard]
-    kv = 2 * micro_batch * shapes.kv_heads * (seq // d.cp) * shapes.head_dim
+    kv_heads = shapes.kv_heads // (d.tp if uses_tp(pipeline, d) else 1)
+    kv = 2 * micro_batch * kv_heads * (seq // d.cp) * shapes.head_dim
     kv *= _compute_itemsize(shapes, pipeline)
     gathers = sum(1 + recomputes_forward(pipeline, i) for i in range(shapes.num_blocks))
     return [
         Traffic("cp_all_gather", "cp", gathers + 1, gathers * (d.cp - 1) * kv + guard.bytes),
         Traffic("cp_reduce_scatter", "cp", shapes.num_blocks, shapes.num_blocks * (d.cp - 1) * kv),
     ]
+
+
+def _tp(
+    shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline, micro_batch: int, seq: int
+) -> list[Traffic]:
+    if not uses_tp(pipeline, d):
+        return []
+    t, itemsize, tokens = d.tp, _compute_itemsize(shapes, pipeline), micro_batch * (seq // d.cp)
+    calls = sum(shapes.tp.outside_calls)
+    for i, (forward, backward) in enumerate(shapes.tp.block_calls):
+        calls += forward + backward
+        if recomputes_forward(pipeline, i):
+            # the recomputation stops at the last saved tensor: the block's last sum is not redone
+            calls += max(forward - 1, 0)
+    out = [
+        Traffic(
+            "tp_all_reduce",
+            "tp",
+            calls,
+            calls * (2 * (t - 1) * tokens * shapes.hidden_size * itemsize // t),
+        )
+    ]
+    if shapes.tp.logits:
+        local = tokens * (shapes.tp.logits // t) * itemsize
+        out.append(Traffic("tp_all_gather", "tp", 1, (t - 1) * local))
+    return out
 
 
 def predict_comm(
@@ -211,6 +247,7 @@ def predict_comm(
         + _grad_sync(shapes, degrees, pipeline)
         + _ep(shapes, degrees, pipeline, tokens, routing, ep_rank)
         + _cp(shapes, degrees, pipeline, micro_batch, seq)
+        + _tp(shapes, degrees, pipeline, micro_batch, seq)
     )
 
 

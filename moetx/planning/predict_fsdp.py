@@ -120,6 +120,15 @@ def fsdp_units(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) ->
         return []
     ep = find_pass(pipeline, "ep") is not None and degrees.ep > 1
     tp = uses_tp(pipeline, degrees)
+    key = ("fsdp_units", degrees, fsdp, ep, tp)
+    if key not in shapes.cache:
+        shapes.cache[key] = _units(shapes, degrees, fsdp, ep, tp)
+    return list(shapes.cache[key])  # type: ignore[call-overload]
+
+
+def _units(
+    shapes: ModelShapes, degrees: MeshDegrees, fsdp: Pass, ep: bool, tp: bool
+) -> list[FSDPUnit]:
     param_dtype = getattr(fsdp, "param_dtype", None)
     reduce_dtype = getattr(fsdp, "reduce_dtype", None)
     fp32_roles = _fp32_roles(fsdp)

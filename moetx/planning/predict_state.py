@@ -29,9 +29,17 @@ from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig, MoETransformer
 from moetx.passes.tensor_parallel.targets import tp_targets
 from moetx.planning.report import RankBytes
-from moetx.structure.discovery import discover
+from moetx.structure.discovery import ModelStructure, discover
 
-__all__ = ["ModelShapes", "ParamInfo", "find_pass", "local_shape", "state_bytes", "uses_tp"]
+__all__ = [
+    "ModelShapes",
+    "ParamInfo",
+    "TPLayout",
+    "find_pass",
+    "local_shape",
+    "state_bytes",
+    "uses_tp",
+]
 
 #: Roles a parameter can have, innermost FSDP unit first.
 ROLES = ("expert", "router", "block", "embedding", "lm_head", "root")
@@ -48,6 +56,27 @@ class ParamInfo:
     role: str  # one of ROLES
     block: int  # index in `discover(model).blocks`, -1 outside blocks
     tp_dim: int | None = None  # the dim `TensorParallel` shards (None: replicated over tp)
+
+
+@attrs.frozen
+class TPLayout:
+    """What `TensorParallel` would do to a model, at any degree that divides `sizes`.
+
+    Attributes:
+        sizes: Sizes every tp degree must divide (heads, kv heads, MLP inner sizes, vocabulary).
+        refused: Why TP cannot apply to this model at all ("" when it can).
+        block_calls: Per block, the activation all-reduces over tp (forward: one per row-wise
+            layer's output; backward: one per column-wise layer's input gradient).
+        outside_calls: The same outside blocks (the vocabulary-parallel embedding in forward,
+            the lm head's input gradient in backward).
+        logits: The vocabulary the lm head's logits are all-gathered over (0: not sharded).
+    """
+
+    sizes: tuple[int, ...] = ()
+    refused: str = ""
+    block_calls: tuple[tuple[int, int], ...] = ()
+    outside_calls: tuple[int, int] = (0, 0)
+    logits: int = 0
 
 
 @attrs.frozen
@@ -71,10 +100,10 @@ class ModelShapes:
     tied_embeddings: bool
     routing_bias: bool
     config: MoEConfig | None = attrs.field(default=None, eq=False)
-    #: Sizes every tp degree must divide (heads, kv heads, MLP inner sizes, vocabulary).
-    tp_sizes: tuple[int, ...] = ()
-    #: Why `TensorParallel` cannot apply to this model at all ("" when it can).
-    tp_refused: str = ""
+    tp: TPLayout = attrs.field(factory=lambda: TPLayout(refused="not read"))
+    #: Results the predictors derive from these shapes, keyed by what they depend on (the
+    #: planner asks for the same FSDP units thousands of times).
+    cache: dict[object, object] = attrs.field(factory=dict, eq=False, repr=False, init=False)
     #: `params` with identical (shape, itemsize, trainable, role) counted once: what the
     #: byte counts need (DeepSeek-V3 has ~1000 parameters but ~30 distinct ones).
     grouped: tuple[tuple[ParamInfo, int], ...] = attrs.field(default=(), eq=False)
@@ -107,7 +136,7 @@ class ModelShapes:
             for name, mod in (("embedding", s.embedding), ("lm_head", s.lm_head)):
                 for p in mod.parameters() if mod is not None else ():
                     role.setdefault(id(p), (name, -1))
-        tp_dims, tp_sizes, tp_refused = _tp_layout(model)
+        tp_dims, tp = _tp_layout(model, s)
         params = tuple(
             ParamInfo(
                 n,
@@ -139,13 +168,12 @@ class ModelShapes:
             tied_embeddings=s.tied_embeddings,
             routing_bias=bool(first is not None and first.counter_buffer_names),
             config=config,
-            tp_sizes=tp_sizes,
-            tp_refused=tp_refused,
+            tp=tp,
         )
 
     def tp_legal(self, degree: int) -> bool:
         """Whether `TensorParallel` can shard this model over `degree` ranks."""
-        return degree == 1 or (not self.tp_refused and all(n % degree == 0 for n in self.tp_sizes))
+        return degree == 1 or (not self.tp.refused and all(n % degree == 0 for n in self.tp.sizes))
 
     @property
     def num_parameters(self) -> int:
@@ -153,20 +181,31 @@ class ModelShapes:
         return sum(math.prod(p.shape) for p in self.params)
 
 
-def _tp_layout(model: nn.Module) -> tuple[dict[int, int], tuple[int, ...], str]:
-    """(parameter id -> dim TP shards, sizes a tp degree must divide, why TP cannot apply)."""
+def _tp_layout(model: nn.Module, s: ModelStructure) -> tuple[dict[int, int], TPLayout]:
+    """(parameter id -> the dim TP shards, the layout) from `tp_targets`."""
     try:
         targets = tp_targets(model, 1)
     except PassPreconditionError as e:
-        return {}, (), str(e).splitlines()[0]
+        return {}, TPLayout(refused=str(e).splitlines()[0])
     dims: dict[int, int] = {}
     sizes: set[int] = set()
+    calls = [[0, 0] for _ in s.blocks]
+    outside = [0, 0]
+    logits = 0
     for t in targets:
         if t.kind in ("embedding", "lm_head"):  # vocabulary-parallel: rows of both
             for p in t.module.parameters():
                 dims[id(p)] = 0
             sizes.add(_weight(t.module).shape[0])
+            if t.kind == "embedding":
+                outside[0] += 1  # the partial lookups summed
+            else:
+                outside[1] += 1  # the input's gradient summed
+                logits = _weight(t.module).shape[0]
             continue
+        block = next(i for i, b in enumerate(s.blocks) if t.fqn.startswith(f"{b.fqn}."))
+        calls[block][0] += len(t.rowwise)  # each row-wise output summed in forward
+        calls[block][1] += len(t.colwise)  # each column-wise input's gradient in backward
         for name in t.colwise:
             for p in t.module.get_submodule(name).parameters():
                 dims[id(p)] = 0
@@ -181,7 +220,15 @@ def _tp_layout(model: nn.Module) -> tuple[dict[int, int], tuple[int, ...], str]:
                 sizes.add(_weight(t.module.get_submodule(name)).shape[0] // head_dim)
         elif t.kind == "latent_attention":
             sizes.add(int(t.module.num_heads))  # type: ignore[arg-type]
-    return dims, tuple(sorted(sizes)), ""
+        if t.per_head:
+            return {}, TPLayout(refused=f"`{t.fqn}` has per-head norms (not modelled)")
+    layout = TPLayout(
+        sizes=tuple(sorted(sizes)),
+        block_calls=tuple((f, b) for f, b in calls),
+        outside_calls=(outside[0], outside[1]),
+        logits=logits,
+    )
+    return dims, layout
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -236,13 +283,17 @@ def state_bytes(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) -
     ep = find_pass(pipeline, "ep") is not None and degrees.ep > 1
     fsdp = find_pass(pipeline, "fsdp") is not None
     tp = uses_tp(pipeline, degrees)
-    params = trained = 0
+    params = trained = grads = 0
     for p, count in shapes.grouped:
-        local, _ = local_shape(p, degrees, ep, fsdp, tp)  # type: ignore[arg-type]
-        n = count * math.prod(local) * p.itemsize  # type: ignore[attr-defined]
+        local, _ = local_shape(p, degrees, ep, fsdp, tp)
+        n = count * math.prod(local) * p.itemsize
         params += n
-        trained += n if p.trainable else 0  # type: ignore[attr-defined]
-    return RankBytes(params, trained, 2 * trained)
+        trained += n if p.trainable else 0
+        # Without FSDP (which reduce-scatters into the shard), DTensor's embedding backward
+        # leaves the vocabulary-parallel table's gradient whole (Replicate) on every tp rank.
+        whole = tp and not fsdp and p.role == "embedding" and p.tp_dim is not None
+        grads += (count * math.prod(p.shape) * p.itemsize if whole else n) if p.trainable else 0
+    return RankBytes(params, grads, 2 * trained)
 
 
 def iter_blocks(shapes: ModelShapes) -> Iterator[tuple[int, str]]:

@@ -29,11 +29,14 @@ PREFER = {
     "ep_all_to_all": ("ep",),
     "cp_all_gather": ("cp",),
     "cp_reduce_scatter": ("cp",),
+    "tp_all_reduce": ("tp",),
+    "tp_all_gather": ("tp",),
+    "tp_reduce_scatter": ("tp",),
 }
 
 
 def _axes(mesh: ParallelMesh) -> dict[str, list[str]]:
-    """Process-group name -> the axes whose group it is."""
+    """Process-group name (and member ranks) -> the axes whose group it is."""
     names: dict[str, list[str]] = {}
     for axis, dm in (
         ("dp_shard_cp", mesh["dp_shard_cp"]),
@@ -41,9 +44,13 @@ def _axes(mesh: ParallelMesh) -> dict[str, list[str]]:
         ("ep", mesh["ep"]),
         ("cp", mesh["cp"]),
         ("dp_replicate", mesh["dp_replicate"]),
-        ("world", mesh.root),
+        ("world", mesh.tokens if mesh.degrees.tp > 1 else mesh.root),  # sync_gradients' group
+        *[("tp", dm["tp"]) for dm in (mesh.dense, mesh.fsdp, mesh.moe) if mesh.degrees.tp > 1],
     ):
-        names.setdefault(dm.get_group().group_name, []).append(axis)
+        group = dm.get_group()
+        names.setdefault(group.group_name, []).append(axis)
+        # DTensor may issue on another group with the same ranks (e.g. a tp mesh sliced apart)
+        names.setdefault(str(dist.get_process_group_ranks(group)), []).append(axis)
     return names
 
 
@@ -64,7 +71,8 @@ class CountingMode(TorchDispatchMode):
         self.all_reduce: str | None = None  # what all-reduces are, when the caller knows
 
     def _add(self, kind: str, pg: Any, sent: int) -> None:
-        axes = self.axes.get(pg.group_name, [pg.group_name])
+        ranks = str(dist.get_process_group_ranks(pg))
+        axes = self.axes.get(pg.group_name) or self.axes.get(ranks, [pg.group_name])
         axis = next((a for a in PREFER[kind] if a in axes), axes[0])
         row = self.log[(kind, axis)]
         row[0] += 1
@@ -98,11 +106,23 @@ class CountingMode(TorchDispatchMode):
             self._add("ep_all_to_all", pg, sum(s for j, s in enumerate(splits) if j != me) * row)
         elif ns == "_c10d_functional" and name == "all_gather_into_tensor":
             pg = _resolve_process_group(args[2])
-            self._add("cp_all_gather", pg, (pg.size() - 1) * _nbytes(args[0]))
+            self._add(self._on(pg, "all_gather"), pg, (pg.size() - 1) * _nbytes(args[0]))
         elif ns == "_c10d_functional" and name == "reduce_scatter_tensor":
             pg = _resolve_process_group(args[3])
-            self._add("cp_reduce_scatter", pg, (pg.size() - 1) * _nbytes(args[0]) // pg.size())
+            sent = (pg.size() - 1) * _nbytes(args[0]) // pg.size()
+            self._add(self._on(pg, "reduce_scatter"), pg, sent)
+        elif ns == "_c10d_functional" and name == "all_reduce":  # DTensor's (tensor parallel)
+            pg = _resolve_process_group(args[2])
+            w = pg.size()
+            self._add("tp_all_reduce", pg, 2 * (w - 1) * _nbytes(args[0]) // w)
         return func(*args, **kwargs)
+
+    def _on(self, pg: Any, what: str) -> str:
+        """`tp_<what>` on the tp group (DTensor redistributions), else CP's `cp_<what>`."""
+        axes = self.axes.get(pg.group_name) or self.axes.get(
+            str(dist.get_process_group_ranks(pg)), []
+        )
+        return f"tp_{what}" if "tp" in axes else f"cp_{what}"
 
 
 def _unbox(pg: Any) -> dist.ProcessGroup:
