@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import flop_registry
 
 from moetx.core.algebra import Pass, Pipeline
+from moetx.core.errors import PlanningError
 from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.models import MoEConfig
 from moetx.passes import ActivationCheckpoint
@@ -199,6 +200,14 @@ def trace_blocks(
     gc.freeze()
     try:
         return _trace(model, micro_batch, seq, ac, cp, cp_degree, tp, tp_degree)
+    except (RuntimeError, NotImplementedError, TypeError) as e:  # e.g. `.item()` on meta
+        raise PlanningError(
+            f"`predict` cannot trace {type(model).__name__}'s forward on meta for its "
+            f"activations ({type(e).__name__}: {str(e).splitlines()[0]}).\n"
+            "  fix: `state_bytes(ModelShapes.of(model), degrees, pipeline)` gives its "
+            "parameter, gradient and AdamW bytes; measure activations with "
+            "`LiveActivationMeter`."
+        ) from e
     finally:
         gc.unfreeze()
 

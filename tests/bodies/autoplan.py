@@ -8,12 +8,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh
 from moetx.planning.meter import LiveActivationMeter
 from moetx.structure.discovery import discover
+from moetx.testing.hf import HFSpec
+from moetx.testing.hf import build_model as hf_build_model
+from moetx.testing.hf import global_batches as hf_global_batches
 from moetx.testing.train import TrainSpec, build_model, mesh_for
 from moetx.training.grad_sync import sync_gradients
 from tests.bodies.plan import _batch
@@ -183,3 +187,28 @@ def measure_step(
         "ep_ranks": dist.get_process_group_ranks(ep_group),
         "ep_rank": dist.get_rank(ep_group),
     }
+
+
+def hf_held_bytes(spec: HFSpec, pipeline: Pipeline, degrees: MeshDegrees) -> dict[str, int]:
+    """One AdamW step of the spec's HF model: bytes of local parameter, gradient and AdamW shards."""
+    model = pipeline.apply(hf_build_model(spec), mesh_for(degrees))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
+    ids, labels = hf_global_batches(spec, degrees.dp_replicate * degrees.dp_shard)[0]
+    index = mesh_for(degrees).data_rank
+    rows = slice(index * spec.rows_per_rank, (index + 1) * spec.rows_per_rank)
+    model(input_ids=ids[rows], labels=labels[rows]).loss.backward()
+    opt.step()
+    moments = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    return {
+        "params": _local_bytes(model.parameters()),
+        "grads": _local_bytes(p.grad for p in model.parameters() if p.grad is not None),
+        "optimizer": _local_bytes(moments),
+    }
+
+
+def _local_bytes(tensors: Any) -> int:
+    out = 0
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        out += local.numel() * local.element_size()
+    return out
