@@ -69,7 +69,10 @@ def cases(draw: st.DrawFn, *, world_size: int) -> tuple[Pipeline, MeshDegrees, s
     degrees = draw(mesh_degrees(world_size=world_size))
     mode = draw(st.sampled_from(MODES))
     passes = [ContextParallel()] * (degrees.cp > 1)
-    passes += [ExpertParallel()] * (degrees.ep > 1 or draw(st.booleans()))
+    if degrees.ep > 1 or draw(st.booleans()):
+        # the all-gather dispatcher where its all-gathers cannot be taken for CP's in the count
+        gather = degrees.cp == 1 and draw(st.booleans())
+        passes.append(ExpertParallel(dispatcher="all_gather" if gather else "all_to_all"))
     passes += _ac(mode)
     if draw(st.booleans()):
         passes.append(draw(fsdps()))
@@ -233,7 +236,8 @@ def _routing(results: list[dict], rank: int) -> list[list[list[int]]]:
 @given(case=cases(world_size=4))
 def test_comm_bytes_equal_counted_bytes_on_real_ranks(pool4: RankPool, case):
     """Every collective a step issues (FSDP all-gather / reduce-scatter / HSDP all-reduce,
-    gradient all-reduce without FSDP, EP all-to-all for the routing drawn, CP K/V all-gather /
+    gradient all-reduce without FSDP, EP all-to-all for the routing drawn or the all-gather
+    dispatcher's all-gathers / reduce-scatters, CP K/V all-gather /
     reduce-scatter), counted on 4 gloo ranks, equals the prediction: calls and bytes, per kind
     and axis, on every rank. Without FSDP (whose buffers the meter would see) and EP (whose
     activations follow the routing drawn), activations are within 5% of each rank's meter."""
@@ -494,7 +498,7 @@ def test_cli_prints_the_ranking_and_the_miss(capsys: pytest.CaptureFixture[str])
 
 def test_passes_it_does_not_model_are_refused():
     """A pass or option the predictors do not model is refused, never silently mispredicted:
-    an unknown stage, the all-gather dispatcher, ring CP, sequence parallelism, and a tp degree
+    an unknown stage, ring CP, sequence parallelism, and a tp degree
     the model's sizes do not allow (CONFIG has one kv head)."""
 
     @attrs.frozen(kw_only=True, repr=False)
@@ -507,7 +511,6 @@ def test_passes_it_does_not_model_are_refused():
     with pytest.raises(ValueError, match=r"^`predict` models \(.*\) only, not Compile\(\)"):
         predict(CONFIG, MeshDegrees(), Pipeline((Compile(),)), seq=8)
     for p, d in (
-        (ExpertParallel(dispatcher="all_gather"), MeshDegrees(dp_shard=2, ep=2)),
         (ContextParallel(comm="p2p"), MeshDegrees(cp=2)),
         (TensorParallel(sequence_parallel=True), MeshDegrees(tp=2)),
     ):

@@ -153,7 +153,6 @@ def predict(
     tp = find_pass(pipeline, "tp")
     for stage, option, modelled in (
         ("tp", "sequence_parallel", False),
-        ("ep", "dispatcher", "all_to_all"),
         ("cp", "comm", "allgather"),
     ):
         found = find_pass(pipeline, stage)
@@ -162,8 +161,8 @@ def predict(
     if unknown or (degrees.tp > 1 and tp is None):
         what = repr(unknown[0]) if unknown else f"tp={degrees.tp} without TensorParallel"
         raise PlanningError(
-            f"`predict` models {MODELLED} (TensorParallel without sequence parallelism, the "
-            f"all-to-all dispatcher, all-gather CP) only, not {what}: its bytes would be "
+            f"`predict` models {MODELLED} (TensorParallel without sequence parallelism, "
+            f"all-gather CP) only, not {what}: its bytes would be "
             "wrong.\n"
             "  fix: use `Pipeline.plan` for parameter bytes of other passes."
         )

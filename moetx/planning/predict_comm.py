@@ -11,7 +11,7 @@ one backward of one micro-batch:
   `min_unit_bytes` joins small embedding / lm head units to the root), one reduce-scatter of the
   gradients,
   and with HSDP an all-reduce over the replicas; FSDP2's padded shards.
-- `ExpertParallel` (all-to-all dispatcher): per MoE layer in forward the int64 count exchange,
+- `ExpertParallel` (the all-gather dispatcher: `_ep_all_gather`; all-to-all): per MoE layer in forward the int64 count exchange,
   the dispatch and the combine; in backward the two reversed; checkpointing in `full`/`router`
   mode reissues the forward three in backward (`selective` saves them).
 - no `FSDP`: `moetx.sync_gradients`, one all-reduce of the dense gradients over the world and
@@ -140,8 +140,10 @@ def _ep(
     ep_rank: int,
 ) -> list[Traffic]:
     ep = find_pass(pipeline, "ep")
-    if ep is None or d.ep == 1 or getattr(ep, "dispatcher", "all_to_all") != "all_to_all":
+    if ep is None or d.ep == 1:
         return []
+    if getattr(ep, "dispatcher", "all_to_all") == "all_gather":
+        return _ep_all_gather(shapes, d, pipeline, tokens)
     e, k, row = (
         shapes.num_experts,
         shapes.top_k,
@@ -169,6 +171,31 @@ def _ep(
         counts += (1 + again) * (d.ep - 1) * (e // d.ep) * 8
     return [
         Traffic("ep_all_to_all", "ep", calls, total + counts, worst + counts),
+    ]
+
+
+def _ep_all_gather(
+    shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline, tokens: int
+) -> list[Traffic]:
+    """The all-gather dispatcher: per MoE layer in forward all-gathers of the token count, the
+    expert ids, the hidden states and the routing weights, and a reduce-scatter of the partial
+    outputs; in backward the reverse of the three autograd ones (reduce-scatters of the hidden and
+    weight gradients, an all-gather of the output gradient); recomputation redoes the forward."""
+    w, k, h = d.ep, shapes.top_k, shapes.hidden_size
+    b = _compute_itemsize(shapes, pipeline)
+    weights = b  # the routing weights arrive in the compute dtype (an fp32 router's too)
+    rows = (w - 1) * tokens
+    forward_ag = (w - 1) * 8 + rows * (k * 8 + h * b + k * weights)  # count, ids, hidden, weights
+    gathers = scatters = ag_bytes = rs_bytes = 0
+    for block in shapes.moe_blocks:
+        again = recomputes_forward(pipeline, block)
+        gathers += 4 * (1 + again) + 1
+        scatters += 1 + again + 2
+        ag_bytes += forward_ag * (1 + again) + rows * h * b
+        rs_bytes += rows * h * b * (1 + again) + rows * (h * b + k * weights)
+    return [
+        Traffic("ep_all_gather", "ep", gathers, ag_bytes),
+        Traffic("ep_reduce_scatter", "ep", scatters, rs_bytes),
     ]
 
 

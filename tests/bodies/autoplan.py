@@ -36,6 +36,8 @@ PREFER = {
     "tp_all_reduce": ("tp",),
     "tp_all_gather": ("tp",),
     "tp_reduce_scatter": ("tp",),
+    "ep_all_gather": ("ep",),
+    "ep_reduce_scatter": ("ep",),
 }
 
 
@@ -73,6 +75,7 @@ class CountingMode(TorchDispatchMode):
         self.log: defaultdict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         self.c10d: defaultdict[str, int] = defaultdict(int)
         self.all_reduce: str | None = None  # what all-reduces are, when the caller knows
+        self.ep_gathers = False  # all-gathers on the ep group are EP's (all-gather dispatcher)
 
     def _add(self, kind: str, pg: Any, sent: int) -> None:
         ranks = str(dist.get_process_group_ranks(pg))
@@ -108,10 +111,10 @@ class CountingMode(TorchDispatchMode):
             splits = args[2] if args[2] is not None else [x.shape[0] // w] * w
             row = _nbytes(x) // x.shape[0] if x.shape[0] else 0
             self._add("ep_all_to_all", pg, sum(s for j, s in enumerate(splits) if j != me) * row)
-        elif ns == "_c10d_functional" and name == "all_gather_into_tensor":
+        elif ns.startswith("_c10d_functional") and name == "all_gather_into_tensor":
             pg = _resolve_process_group(args[2])
             self._add(self._on(pg, "all_gather"), pg, (pg.size() - 1) * _nbytes(args[0]))
-        elif ns == "_c10d_functional" and name == "reduce_scatter_tensor":
+        elif ns.startswith("_c10d_functional") and name == "reduce_scatter_tensor":
             pg = _resolve_process_group(args[3])
             sent = (pg.size() - 1) * _nbytes(args[0]) // pg.size()
             self._add(self._on(pg, "reduce_scatter"), pg, sent)
@@ -126,7 +129,8 @@ class CountingMode(TorchDispatchMode):
         axes = self.axes.get(pg.group_name) or self.axes.get(
             str(dist.get_process_group_ranks(pg)), []
         )
-        return f"tp_{what}" if "tp" in axes else f"cp_{what}"
+        prefix = "tp" if "tp" in axes else "ep" if self.ep_gathers and "ep" in axes else "cp"
+        return f"{prefix}_{what}"
 
 
 def _unbox(pg: Any) -> dist.ProcessGroup:
@@ -164,6 +168,7 @@ def measure_step(
 
         handles.append(moe.router.register_forward_hook(hook))
     log = CountingMode(_axes(mesh))
+    log.ep_gathers = any(getattr(p, "dispatcher", "") == "all_gather" for p in pipeline)
     live = LiveActivationMeter(exclude=[model, *batch.values()])
     with log:
         if meter:
