@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import re
 import time
 
 import attrs
@@ -25,19 +26,24 @@ from moetx import (
     ParallelMesh,
     Pipeline,
     PlanningError,
+    TensorParallel,
 )
 from moetx.__main__ import main
 from moetx.core.algebra import Pass
 from moetx.core.order import Placement
 from moetx.models import MoEConfig, MoETransformer
 from moetx.planning import LiveActivationMeter, autoplan, plan, predict
+from moetx.planning.autoplan import PASSES
+from moetx.planning.predict_fsdp import fsdp_units
 from moetx.planning.predict_state import ModelShapes, state_bytes
 from moetx.testing import RankPool, examples, fake_world
+from moetx.testing.hf import HFSpec
+from moetx.testing.hf import build_model as hf_build_model
 from moetx.testing.strategies import mesh_degrees
 from moetx.testing.train import TrainSpec, assert_matches_reference, build_model, train
 from tests.bodies import training_loop
-from tests.bodies.autoplan import measure_step
-from tests.bodies.plan import held_bytes
+from tests.bodies.autoplan import hf_held_bytes, measure_step
+from tests.bodies.plan import gathered_after_forward, held_bytes
 
 # Odd sizes (vocab 67, hidden 12, widths 6 / 10) split unevenly over 2 and 4 ranks. No routing
 # bias or aux loss: their small all-reduces are not predicted (README: Auto-planner).
@@ -63,12 +69,27 @@ def cases(draw: st.DrawFn, *, world_size: int) -> tuple[Pipeline, MeshDegrees, s
     degrees = draw(mesh_degrees(world_size=world_size))
     mode = draw(st.sampled_from(MODES))
     passes = [ContextParallel()] * (degrees.cp > 1)
-    passes += [ExpertParallel()] * (degrees.ep > 1 or draw(st.booleans()))
+    if degrees.ep > 1 or draw(st.booleans()):
+        # the all-gather dispatcher where its all-gathers cannot be taken for CP's in the count
+        gather = degrees.cp == 1 and draw(st.booleans())
+        passes.append(ExpertParallel(dispatcher="all_gather" if gather else "all_to_all"))
     passes += _ac(mode)
     if draw(st.booleans()):
-        mixed = draw(st.booleans())  # bf16 all-gathers, fp32 reduce-scatters, an fp32 router unit
-        passes.append(FSDP(param_dtype="bfloat16", reduce_dtype="float32") if mixed else FSDP())
+        passes.append(draw(fsdps()))
     return Pipeline(tuple(passes)), degrees, mode
+
+
+@st.composite
+def fsdps(draw: st.DrawFn) -> FSDP:
+    """FSDP in fp32 or mixed (bf16 all-gathers, fp32 reduce-scatters, an fp32 router unit),
+    resharding every unit or by the "auto" policy, with the small units joined to the root or not."""
+    mixed = draw(st.booleans())
+    return FSDP(
+        param_dtype="bfloat16" if mixed else None,
+        reduce_dtype="float32" if mixed else None,
+        reshard_after_forward=draw(st.sampled_from([True, "auto"])),
+        min_unit_bytes=draw(st.sampled_from([0, 1 << 20])),
+    )
 
 
 def _spec(degrees: MeshDegrees, **config: int) -> TrainSpec:
@@ -115,6 +136,44 @@ def test_kept_gathered_parameters_equal_the_plan(fsdp: FSDP, degrees: MeshDegree
     pipeline = ExpertParallel() | fsdp
     got = predict(config, degrees, pipeline, seq=8)
     assert got.fsdp_resident == plan(pipeline, config, degrees).resident_after_forward > 0
+
+
+@settings(max_examples=examples(6), deadline=None)
+@given(
+    degrees=mesh_degrees(world_size=4),
+    fsdp=fsdps(),
+    frozen=st.sampled_from([(), ("model.layers.1", "lm_head"), ("model.embed_tokens",)]),
+)
+def test_auto_policy_keeps_what_real_ranks_keep(pool4: RankPool, degrees, fsdp, frozen):
+    """`reshard_after_forward="auto"` (and `min_unit_bytes`): the gathered bytes `predict` says
+    a rank keeps after forward equal `plan`'s and the all-gather buffers FSDP2 holds on 4 gloo
+    ranks, exactly; frozen parameters shrink the budget so that some units reshard."""
+    spec = attrs.evolve(_spec(degrees, num_experts=8), frozen=frozen)
+    fsdp = attrs.evolve(fsdp, reshard_after_forward="auto")
+    pipeline = Pipeline((*[ExpertParallel()] * (degrees.ep > 1), fsdp))
+    model = build_model(spec, meta=True)
+    got = predict(model, degrees, pipeline, seq=spec.seq_len).fsdp_resident
+    assert got == plan(pipeline, model, degrees).resident_after_forward
+    assert pool4.run(gathered_after_forward, spec, pipeline, degrees) == [got] * 4
+
+
+def test_auto_policy_units_and_budget_follow_the_pass():
+    """The units "auto" keeps and those `min_unit_bytes` joins to the root are the pass's own
+    (`FSDP.facts`), on a mesh where only some fit."""
+    spec = attrs.evolve(SPEC, frozen=("model.layers.1", "lm_head"))
+    degrees = MeshDegrees(dp_shard=4, ep=2)
+    for fsdp in (
+        FSDP(reshard_after_forward="auto"),
+        FSDP(reshard_after_forward="auto", min_unit_bytes=1 << 20),
+    ):
+        pipeline = ExpertParallel() | fsdp
+        model = build_model(spec, meta=True)
+        units = fsdp_units(ModelShapes.of(model), degrees, pipeline)
+        p = plan(pipeline, model, degrees)
+        kept = sum(u.count for u in units if u.kept)
+        total = sum(u.count for u in units)
+        assert f"keeps {kept} of {total} FSDP units" in str(p), str(p)
+        assert 0 < kept < total
 
 
 # --------------------------------------------------------------------------------- activations
@@ -177,7 +236,8 @@ def _routing(results: list[dict], rank: int) -> list[list[list[int]]]:
 @given(case=cases(world_size=4))
 def test_comm_bytes_equal_counted_bytes_on_real_ranks(pool4: RankPool, case):
     """Every collective a step issues (FSDP all-gather / reduce-scatter / HSDP all-reduce,
-    gradient all-reduce without FSDP, EP all-to-all for the routing drawn, CP K/V all-gather /
+    gradient all-reduce without FSDP, EP all-to-all for the routing drawn or the all-gather
+    dispatcher's all-gathers / reduce-scatters, CP K/V all-gather /
     reduce-scatter), counted on 4 gloo ranks, equals the prediction: calls and bytes, per kind
     and axis, on every rank. Without FSDP (whose buffers the meter would see) and EP (whose
     activations follow the routing drawn), activations are within 5% of each rank's meter."""
@@ -191,6 +251,61 @@ def test_comm_bytes_equal_counted_bytes_on_real_ranks(pool4: RankPool, case):
             spec.config, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank,
             routing=routing, ep_rank=got["ep_rank"],
         )  # fmt: skip
+        want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
+        counted = {k: v for k, v in got["comm"].items() if v[1] or k in want}
+        assert counted == want, f"rank {rank}"
+        if not fsdp and degrees.ep == 1:
+            real = got["activations"]
+            assert abs(p.activations - real) <= 0.05 * real, (rank, p.activations, real)
+
+
+# Sizes tensor parallelism divides at tp=2 (heads, kv heads, vocabulary, MLP widths).
+TP_CONFIG = attrs.evolve(CONFIG, vocab_size=68, num_kv_heads=2, tie_embeddings=False)
+
+
+@st.composite
+def tp_cases(draw: st.DrawFn) -> tuple[Pipeline, MeshDegrees]:
+    """tp=2 on 4 ranks with the other 2 ranks as dp_shard, dp_replicate (under FSDP), cp or
+    ep; any checkpointing mode but selective; FSDP or not."""
+    rest = draw(st.sampled_from(["dp_shard", "dp_replicate", "cp", "ep"]))
+    degrees = MeshDegrees(
+        dp_shard=1 if rest in ("dp_replicate", "cp") else 2,
+        dp_replicate=2 if rest == "dp_replicate" else 1,
+        cp=2 if rest == "cp" else 1,
+        ep=2 if rest == "ep" else 1,
+        tp=2,
+    )
+    passes: list[Pass] = [TensorParallel()]
+    passes += [ContextParallel()] * (degrees.cp > 1)
+    passes += [ExpertParallel()] * (degrees.ep > 1)
+    passes += _ac(draw(st.sampled_from([m for m in MODES if m != "selective"])))
+    if rest == "dp_replicate" or draw(st.booleans()):
+        passes.append(draw(fsdps()))
+    return Pipeline(tuple(passes)), degrees
+
+
+@settings(max_examples=examples(8), deadline=None)
+@given(case=tp_cases())
+def test_tp_predictions_equal_real_ranks(pool4: RankPool, case):
+    """`TensorParallel` at tp=2 on 4 gloo ranks: parameter, gradient and AdamW bytes equal the
+    held shards exactly; every collective (tp all-reduces and the logits all-gather, FSDP's on
+    the tp-local shards, gradient sync) equals the counted calls and bytes; without FSDP and
+    EP, activations are within 5% of each rank's meter."""
+    pipeline, degrees = case
+    spec = attrs.evolve(SPEC, config=TP_CONFIG)
+    fsdp = any(isinstance(p, FSDP) for p in pipeline)
+    held = pool4.run(held_bytes, spec, pipeline, degrees)
+    results = pool4.run(measure_step, spec, pipeline, degrees, meter=not fsdp)
+    for rank, got in enumerate(results):
+        routing = _routing(results, rank) if degrees.ep > 1 else None
+        p = predict(
+            TP_CONFIG, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank,
+            routing=routing, ep_rank=got["ep_rank"],
+        )  # fmt: skip
+        state = p.state
+        assert (state.params, state.grads, state.optimizer) == max(
+            (h["params"], h["grads"], h["optimizer"]) for h in held
+        )
         want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
         counted = {k: v for k, v in got["comm"].items() if v[1] or k in want}
         assert counted == want, f"rank {rank}"
@@ -224,6 +339,31 @@ def test_top_candidate_trains_like_one_process(pool4: RankPool):
     best = result.best
     assert best.prediction.memory <= BUDGET
     assert [c.cost for c in result.fits] == sorted(c.cost for c in result.fits)
+    degrees = best.degrees
+    data_ranks = degrees.dp_replicate * degrees.dp_shard
+    rows = data_ranks * spec.rows_per_rank
+    ignore = torch.zeros(spec.steps, rows, spec.seq_len, dtype=torch.bool)
+    results = pool4.run(training_loop.public_loop, spec, best.pipeline, degrees, ignore)
+    ref = train(build_model(spec), training_loop.masked_batches(spec, data_ranks, ignore), spec.lr)
+    assert_matches_reference(results, ref)
+
+
+def test_top_tensor_parallel_candidate_trains_like_one_process(pool4: RankPool):
+    """With tensor parallelism allowed, the best candidate for a 41 KiB budget has tp=2 (it
+    halves the attention and MLP activations); applied on 4 gloo ranks it trains like one
+    process."""
+    spec = attrs.evolve(SPEC, config=TP_CONFIG, steps=2, lr=1e-3)
+    result = autoplan(
+        TP_CONFIG, world=4, memory_per_rank=41 * 1024, seq=spec.seq_len,
+        micro_batch=spec.rows_per_rank, ac_modes=("none", "full", "selective"), passes_allowed=PASSES,
+    )  # fmt: skip
+    best = result.best
+    assert best.degrees.tp == 2 and isinstance(best.pipeline.passes[0], TensorParallel)
+    assert best.prediction.memory <= 41 * 1024 and result.misses
+    tp_modes = {
+        repr(p) for c in result.fits + result.misses if c.degrees.tp > 1 for p in c.pipeline
+    }
+    assert not any("selective" in m for m in tp_modes)  # fails in forward with TP (see autoplan)
     degrees = best.degrees
     data_ranks = degrees.dp_replicate * degrees.dp_shard
     rows = data_ranks * spec.rows_per_rank
@@ -279,7 +419,7 @@ def test_nothing_fits_says_what_is_smallest_and_by_how_much():
     assert close.closest is not None and not close.fits
     with pytest.raises(
         NoFittingPlanError,
-        match=r"the smallest needs [\d.]+ KiB \(\+[\d.]+ KiB\): Pipeline\(\(FSDP\(\),\)\) on dp_replicate=1 dp_shard=2 cp=1 ep=1: memory",
+        match=r"the smallest needs [\d.]+ KiB \(\+[\d.]+ KiB\): Pipeline\(\(FSDP\(reshard_after_forward=True\),\)\) on dp_replicate=1 dp_shard=2 cp=1 ep=1: memory",
     ):
         _ = close.best
     assert "No mesh and pipeline fits" in str(close)
@@ -287,8 +427,8 @@ def test_nothing_fits_says_what_is_smallest_and_by_how_much():
 
 def test_unknown_passes_and_modes_are_refused():
     """Passes and checkpointing modes outside the known ones raise ValueError."""
-    with pytest.raises(ValueError, match=r"Unknown pass or checkpointing mode \('tp'\)"):
-        autoplan(CONFIG, world=2, memory_per_rank=2**30, seq=8, passes_allowed=("tp",))
+    with pytest.raises(ValueError, match=r"Unknown pass or checkpointing mode \('pp'\)"):
+        autoplan(CONFIG, world=2, memory_per_rank=2**30, seq=8, passes_allowed=("pp",))
     with pytest.raises(ValueError, match=r"Unknown pass or checkpointing mode \('half'\)"):
         autoplan(CONFIG, world=2, memory_per_rank=2**30, seq=8, ac_modes=("half",))
 
@@ -310,16 +450,23 @@ def test_frontier_and_cost_model():
 
 
 def test_fsdp_options_trade_memory_for_bytes():
-    """Offered `FSDP(reshard_after_forward=False)`, the planner sees it keep more and send less."""
-    keep = FSDP(reshard_after_forward=False)
+    """The reshard policy is a candidate dimension: "auto" (the default) keeps the units that
+    fit gathered, True none, False all; memory rises and bytes sent fall in that order, and the
+    table shows what each keeps."""
+    keep, lean, auto = (FSDP(reshard_after_forward=v) for v in (False, True, "auto"))
     r = autoplan(
         CONFIG, world=4, memory_per_rank=2**30, seq=8, passes_allowed=("fsdp",),
-        fsdp_options=(FSDP(), keep),
+        fsdp_options=(auto, lean, keep),
     )  # fmt: skip
     by = {(c.degrees, c.pipeline): c.prediction for c in r.fits}
     d = MeshDegrees(dp_shard=4)
-    lean, kept = by[(d, Pipeline((FSDP(),)))], by[(d, Pipeline((keep,)))]
-    assert kept.memory > lean.memory and kept.bytes_moved < lean.bytes_moved
+    p_lean, p_auto, p_keep = (by[(d, Pipeline((f,)))] for f in (lean, auto, keep))
+    assert p_lean.memory < p_auto.memory <= p_keep.memory
+    assert p_lean.bytes_moved > p_auto.bytes_moved >= p_keep.bytes_moved
+    assert p_lean.fsdp_resident == 0 < p_auto.fsdp_resident
+    assert "| kept gathered |" in r.table()
+    default = autoplan(CONFIG, world=4, memory_per_rank=2**30, seq=8, passes_allowed=("fsdp",))
+    assert {c.pipeline for c in default.fits} == {Pipeline((auto,)), Pipeline((lean,)), Pipeline()}
 
 
 def test_deepseek_v3_at_256_and_1024_ranks_in_seconds():
@@ -345,12 +492,14 @@ def test_cli_prints_the_ranking_and_the_miss(capsys: pytest.CaptureFixture[str])
     assert "| 1 |" in out and "best: " in out and "moetx autoplan took" in out
     assert main(["autoplan", "--world", "2", "--memory", "1KiB", "--seq", "8"]) == 1
     assert "No mesh and pipeline fits 1.00 KiB per rank" in capsys.readouterr().out
-    assert main(["autoplan", "--passes", "tp"]) == 2
+    assert main(["autoplan", "--passes", "pp"]) == 2
     assert "Unknown pass" in capsys.readouterr().err
 
 
 def test_passes_it_does_not_model_are_refused():
-    """A pass outside cp / ep / ac / fsdp is refused, never silently mispredicted."""
+    """A pass or option the predictors do not model is refused, never silently mispredicted:
+    an unknown stage, ring CP, sequence parallelism, and a tp degree
+    the model's sizes do not allow (CONFIG has one kv head)."""
 
     @attrs.frozen(kw_only=True, repr=False)
     class Compile(Pass):
@@ -359,8 +508,41 @@ def test_passes_it_does_not_model_are_refused():
         def _apply(self, model, mesh, record):  # type: ignore[no-untyped-def]
             return model
 
-    with pytest.raises(ValueError, match=r"^`predict` models the stages .* only, not Compile\(\)"):
+    with pytest.raises(ValueError, match=r"^`predict` models \(.*\) only, not Compile\(\)"):
         predict(CONFIG, MeshDegrees(), Pipeline((Compile(),)), seq=8)
+    for p, d in (
+        (ContextParallel(comm="p2p"), MeshDegrees(cp=2)),
+        (TensorParallel(sequence_parallel=True), MeshDegrees(tp=2)),
+    ):
+        with pytest.raises(PlanningError, match=rf"only, not {re.escape(repr(p))}: its bytes"):
+            predict(TP_CONFIG, d, Pipeline((p,)), seq=8)
+    with pytest.raises(PlanningError, match=r"^`TensorParallel` cannot shard this model over tp=2"):
+        predict(CONFIG, MeshDegrees(tp=2), Pipeline((TensorParallel(),)), seq=8)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_hf_state_bytes_equal_real_ranks(pool4: RankPool, family: str):
+    """A tiny Hugging Face MoE model's parameter, gradient and AdamW bytes from its shapes
+    equal the shards 4 gloo ranks hold under EP | FSDP ("auto") and under EP | AC | FSDP(True)
+    with HSDP, exactly; its activations (HF's forward does not run on meta) are refused with a
+    typed error, not guessed."""
+    spec = HFSpec(family=family, steps=1)
+    model = hf_build_model(spec)
+    shapes = ModelShapes.of(model)
+    for degrees, pipeline in (
+        (MeshDegrees(dp_shard=4, ep=2), ExpertParallel() | FSDP()),
+        (
+            MeshDegrees(dp_replicate=2, dp_shard=2, ep=2),
+            ExpertParallel() | ActivationCheckpoint() | FSDP(reshard_after_forward=True),
+        ),
+    ):
+        got = state_bytes(shapes, degrees, pipeline)
+        held = pool4.run(hf_held_bytes, spec, pipeline, degrees)
+        assert (got.params, got.grads, got.optimizer) == max(
+            (h["params"], h["grads"], h["optimizer"]) for h in held
+        )
+    with pytest.raises(PlanningError, match=r"^`predict` cannot trace \w+ForCausalLM's forward"):
+        predict(model, MeshDegrees(dp_shard=4, ep=2), ExpertParallel() | FSDP(), seq=8)
 
 
 def test_a_module_predicts_as_its_config():
@@ -377,10 +559,3 @@ def test_public_names():
     assert {"AutoPlan", "Candidate", "CostModel", "NoFittingPlanError", "Prediction"} <= set(
         moetx.__all__
     )
-
-
-def test_opt_in_fsdp_policies_are_refused_until_modelled() -> None:
-    """`predict` refuses the auto reshard policy and joined units instead of guessing bytes."""
-    for fsdp in (FSDP(reshard_after_forward="auto"), FSDP(min_unit_bytes=1 << 20)):
-        with pytest.raises(PlanningError, match=r"^`predict` does not model FSDP\(.*\) yet"):
-            predict(MoEConfig(), MeshDegrees(dp_shard=2), Pipeline((fsdp,)), seq=8, micro_batch=1)

@@ -219,20 +219,20 @@ def test_reshard_after_forward_takes_a_bool_or_a_group_size(value):
 def test_reshard_after_forward_values_are_distinct():
     """`repr`, `==` and `hash` tell every accepted value apart, and round-trip."""
     values = [
-        FSDP(reshard_after_forward="auto"),
+        FSDP(reshard_after_forward=True),
         FSDP(),
         FSDP(reshard_after_forward=False),
         FSDP(reshard_after_forward=2),
     ]
     assert [repr(p) for p in values] == [
-        "FSDP(reshard_after_forward='auto')",
+        "FSDP(reshard_after_forward=True)",
         "FSDP()",
         "FSDP(reshard_after_forward=False)",
         "FSDP(reshard_after_forward=2)",
     ]
     assert len(set(values)) == 4
-    assert FSDP(reshard_after_forward=True) == FSDP()
-    assert hash(FSDP(reshard_after_forward=True)) == hash(FSDP())
+    assert FSDP(reshard_after_forward="auto") == FSDP()  # the default
+    assert hash(FSDP(reshard_after_forward="auto")) == hash(FSDP())
     unit = torch.nn.Linear(1, 1)
     for p in values:
         assert eval(repr(p), {"FSDP": FSDP}) == p

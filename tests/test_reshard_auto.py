@@ -29,20 +29,28 @@ SMALL = MoEConfig(num_experts=4, num_shared_experts=1)
 # On 4 ranks the frozen parameters shrink the budget (no gradients, no AdamW state): "auto"
 # keeps 3 of the 5 units gathered and reshards the other 2.
 PARTIAL = TrainSpec(config=SMALL, frozen=("model.layers.1", "lm_head"))
-# Issue 17's policy, opt-in: units gathered once per step when they fit, small units in the root.
+# Issue 17's policy (the default) with the small units joined to the root.
 AUTO = FSDP(reshard_after_forward="auto", min_unit_bytes=1 << 20)
 
 
-def test_auto_is_opt_in_and_every_value_round_trips() -> None:
-    """`FSDP()` still means True (the planner does not model "auto" yet); "auto" and the unit
-    grouping are values of their own; all round-trip."""
-    assert FSDP().reshard_after_forward is True and FSDP().min_unit_bytes == 0
-    assert repr(AUTO) == "FSDP(reshard_after_forward='auto', min_unit_bytes=1048576)"
-    for p in (FSDP(), AUTO, FSDP(reshard_after_forward=2)):
+def test_auto_is_the_default_and_every_value_round_trips() -> None:
+    """`FSDP()` means "auto" (the planner models it); True, the unit grouping and the ints are
+    values of their own; all round-trip."""
+    assert FSDP().reshard_after_forward == "auto" and FSDP().min_unit_bytes == 0
+    assert FSDP(reshard_after_forward="auto") == FSDP()
+    assert repr(AUTO) == "FSDP(min_unit_bytes=1048576)"
+    assert repr(FSDP(reshard_after_forward=True)) == "FSDP(reshard_after_forward=True)"
+    for p in (FSDP(), AUTO, FSDP(reshard_after_forward=2), FSDP(reshard_after_forward=True)):
         assert eval(repr(p), {"FSDP": FSDP}) == p
-    assert len({FSDP(), AUTO, FSDP(reshard_after_forward=False)}) == 3
+    assert (
+        len({FSDP(), AUTO, FSDP(reshard_after_forward=False), FSDP(reshard_after_forward=True)})
+        == 4
+    )
     assert Pipeline.parse("fsdp(reshard_after_forward='auto', min_unit_bytes=1048576)") == Pipeline(
         [AUTO]
+    )
+    assert Pipeline.parse("fsdp(reshard_after_forward=True)") == Pipeline(
+        [FSDP(reshard_after_forward=True)]
     )
 
 

@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", type=parse_bytes, default=None, help="per rank, e.g. 80GiB")
     ap.add_argument("--seq", type=int, default=None, help="sequence length (default 4096 / 16)")
     ap.add_argument("--micro-batch", type=int, default=1, help="rows per data rank")
-    ap.add_argument("--passes", default="cp,ep,ac,fsdp", help="passes allowed, comma-separated")
+    ap.add_argument(
+        "--passes",
+        default="cp,ep,ac,fsdp",
+        help="passes allowed, comma-separated (add tp to try it)",
+    )
     ap.add_argument("--ac-modes", default="none,router,selective,full,full/2")
     ap.add_argument("--max-cp", type=int, default=8, help="largest cp degree tried")
     ap.add_argument("--bandwidth", type=parse_bytes, default=None, help="bytes/s (ranks by time)")

@@ -1,12 +1,15 @@
 """`autoplan`: the meshes and pipelines that fit a memory budget, ranked by bytes moved per token.
 
 1. Enumerate legal degrees (`_degree_options`: every factorisation of the world into
-   dp_replicate × dp_shard × cp with ep dividing dp_shard × cp and the expert count; a future
-   `tp` axis is one more factor in `_factorisations`) and, for each, the pipelines the allowed
-   passes make (cp and ep whenever their degree is above 1; each allowed checkpointing mode).
+   dp_replicate × cp × dp_shard × tp, tp innermost and dividing every head count, MLP width and
+   the vocabulary, with ep dividing dp_shard × cp and the expert count) and, for each, the
+   pipelines the allowed passes make (tp, cp and ep whenever their degree is above 1; each
+   allowed checkpointing mode).
 2. Prune by parameter + gradient + AdamW bytes (`predict_state`, no tracing) before anything else.
 3. Predict activations (one meta trace per cp degree and checkpointing mode, cached), FSDP
    buffers, communication and FLOPs (`predict`) for the rest.
+   FSDP's reshard policy is a candidate dimension (`fsdp_options`: "auto" and True by
+   default); the gathered bytes "auto" keeps per rank are in the memory and the table.
 4. Rank what fits by `CostModel.cost`: by default bytes sent per token per rank; give bandwidths
    and a latency to rank by modelled seconds per token instead. Ties go to less memory.
 
@@ -27,18 +30,41 @@ from moetx.core.algebra import Pass, Pipeline
 from moetx.core.errors import MoetxError, PlanningError
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
-from moetx.passes import FSDP, ActivationCheckpoint, ContextParallel, ExpertParallel
+from moetx.passes import (
+    FSDP,
+    ActivationCheckpoint,
+    ContextParallel,
+    ExpertParallel,
+    TensorParallel,
+)
 from moetx.planning.predict import Prediction, human_flops, predict
 from moetx.planning.predict_activations import BlockTrace, trace_blocks
 from moetx.planning.predict_comm import Traffic
 from moetx.planning.predict_state import ModelShapes, state_bytes
 from moetx.planning.report import human_bytes
 
-__all__ = ["AC_MODES", "AutoPlan", "Candidate", "CostModel", "NoFittingPlanError", "autoplan"]
+__all__ = [
+    "AC_MODES",
+    "FSDP_OPTIONS",
+    "AutoPlan",
+    "Candidate",
+    "CostModel",
+    "NoFittingPlanError",
+    "autoplan",
+]
 
 #: Checkpointing choices: none, a mode on every block, or a mode on every 2nd block.
 AC_MODES: tuple[str, ...] = ("none", "router", "selective", "full", "full/2")
-PASSES: tuple[str, ...] = ("cp", "ep", "ac", "fsdp")
+PASSES: tuple[str, ...] = ("tp", "cp", "ep", "ac", "fsdp")
+#: Those tried unless told: tensor parallelism is opt-in (each tp degree costs a meta trace per
+#: checkpointing mode: on DeepSeek-V3 at world 256, ~4 s becomes ~20 s of CPU).
+DEFAULT_PASSES: tuple[str, ...] = ("cp", "ep", "ac", "fsdp")
+#: The reshard policies tried by default: units kept gathered while they fit the rank's sharded
+#: training state (one all-gather per unit and step), or every unit resharded (two; less memory).
+FSDP_OPTIONS: tuple[FSDP, ...] = (
+    FSDP(reshard_after_forward="auto"),
+    FSDP(reshard_after_forward=True),
+)
 
 
 class NoFittingPlanError(MoetxError, ValueError):
@@ -85,7 +111,7 @@ class Candidate:
         d = self.degrees
         return (
             f"{self.pipeline!r} on dp_replicate={d.dp_replicate} dp_shard={d.dp_shard} "
-            f"cp={d.cp} ep={d.ep}: {self.prediction}"
+            f"cp={d.cp} ep={d.ep}{f' tp={d.tp}' if d.tp > 1 else ''}: {self.prediction}"
         )
 
 
@@ -151,17 +177,17 @@ class AutoPlan:
     def table(self, top: int = 10) -> str:
         """A markdown table of the `top` candidates."""
         rows = [
-            "| # | pipeline | dp_rep | dp_shard | cp | ep | memory | activations | bytes/token "
-            "| sent/step (worst) | FLOP/step (worst) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| # | pipeline | dp_rep | dp_shard | cp | ep | tp | memory | activations "
+            "| kept gathered | bytes/token | sent/step (worst) | FLOP/step (worst) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for i, c in enumerate(self.fits[:top], 1):
             d, p = c.degrees, c.prediction
             pipe = repr(c.pipeline).replace("|", "\\|")  # a `|` would end the table cell
             rows.append(
-                f"| {i} | `{pipe}` | {d.dp_replicate} | {d.dp_shard} | {d.cp} | {d.ep} "
+                f"| {i} | `{pipe}` | {d.dp_replicate} | {d.dp_shard} | {d.cp} | {d.ep} | {d.tp} "
                 f"| {human_bytes(p.memory)} | {human_bytes(p.activations)} "
-                f"| {p.bytes_per_token:,.0f} | {human_bytes(p.bytes_moved)} "
+                f"| {human_bytes(p.fsdp_resident)} | {p.bytes_per_token:,.0f} | {human_bytes(p.bytes_moved)} "
                 f"({human_bytes(p.bytes_moved_worst)}) | {human_flops(p.flops)} "
                 f"({human_flops(p.flops_worst)}) |"
             )
@@ -193,9 +219,18 @@ def _factorisations(world: int, axes: int) -> Iterator[tuple[int, ...]]:
 
 
 def _degree_options(
-    world: int, *, experts: int, seq: int, allowed: frozenset[str], max_cp: int
+    world: int,
+    *,
+    shapes: ModelShapes,
+    seq: int,
+    allowed: frozenset[str],
+    max_cp: int,
+    max_tp: int,
 ) -> Iterator[MeshDegrees]:
-    for dp_replicate, cp, dp_shard in _factorisations(world, 3):
+    experts = shapes.num_experts
+    for dp_replicate, cp, dp_shard, tp in _factorisations(world, 4):  # tp innermost
+        if tp > 1 and ("tp" not in allowed or tp > max_tp or not shapes.tp_legal(tp)):
+            continue
         if dp_replicate > 1 and "fsdp" not in allowed:
             continue  # without FSDP, replicas and shards are the same data parallelism
         if cp > 1 and ("cp" not in allowed or cp > max_cp or seq % (2 * cp)):
@@ -203,7 +238,7 @@ def _degree_options(
         for ep in _divisors(dp_shard * cp):
             if ep > 1 and ("ep" not in allowed or not experts or experts % ep):
                 continue
-            yield MeshDegrees(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, ep=ep)
+            yield MeshDegrees(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, ep=ep, tp=tp)
 
 
 def _ac_pass(mode: str) -> ActivationCheckpoint | None:
@@ -220,7 +255,12 @@ def _pipelines(
     for mode, fsdp in itertools.product(modes if "ac" in allowed else ["none"], options):
         if d.dp_replicate > 1 and fsdp is None:
             continue
+        if d.tp > 1 and mode.startswith("selective"):
+            # TensorParallel | ActivationCheckpoint(mode="selective") fails in forward on real
+            # ranks ("invalid python storage" in the selective policy over DTensor ops)
+            continue
         passes: list[Pass | None] = [
+            TensorParallel() if d.tp > 1 else None,
             ContextParallel() if d.cp > 1 else None,
             ExpertParallel() if d.ep > 1 else None,
             _ac_pass(mode),
@@ -236,11 +276,12 @@ def autoplan(
     memory_per_rank: int,
     seq: int,
     micro_batch: int = 1,
-    passes_allowed: Sequence[str] = PASSES,
+    passes_allowed: Sequence[str] = DEFAULT_PASSES,
     ac_modes: Sequence[str] = AC_MODES,
     cost: CostModel | None = None,
     max_cp: int = 8,
-    fsdp_options: Sequence[FSDP] = (FSDP(),),
+    max_tp: int = 8,
+    fsdp_options: Sequence[FSDP] = FSDP_OPTIONS,
 ) -> AutoPlan:
     """Find the meshes and pipelines that fit `memory_per_rank`, ranked by `cost`.
 
@@ -252,12 +293,16 @@ def autoplan(
             activations and FSDP's gathered buffers).
         seq: Sequence length (global; context parallelism splits it).
         micro_batch: Rows per data rank per step.
-        passes_allowed: Stages the planner may use, among `("cp", "ep", "ac", "fsdp")`.
+        passes_allowed: Stages the planner may use, among `PASSES` (`("tp", "cp", "ep", "ac",
+            "fsdp")`); default `DEFAULT_PASSES`, all but tp.
         ac_modes: Checkpointing choices among `AC_MODES` (`"full/2"`: every 2nd block).
         cost: The ranking `CostModel` (default: bytes sent per token).
         max_cp: The largest context-parallel degree tried.
-        fsdp_options: The `FSDP` configurations tried (e.g. add
-            `FSDP(reshard_after_forward=False)`: more memory, no backward all-gathers).
+        max_tp: The largest tensor-parallel degree tried (tp is the innermost axis; a degree
+            is tried when it divides every head count, MLP width and the vocabulary).
+        fsdp_options: The `FSDP` configurations tried (default: the reshard policies "auto"
+            and True; e.g. add `FSDP(reshard_after_forward=False)`: more memory, no backward
+            all-gathers). The table's `kept gathered` column is what the policy costs per rank.
 
     Returns:
         An `AutoPlan`: `.best` is the top `Candidate` (`.pipeline`, `.degrees`,
@@ -282,15 +327,19 @@ def autoplan(
     cost = cost or CostModel()
     shapes = ModelShapes.of(model)
     source = model
-    traces: dict[tuple[int, Pass | None], BlockTrace | MoetxError] = {}
+    traces: dict[tuple[int, Pass | None, int], BlockTrace | MoetxError] = {}
 
-    def tracer(cp: Pass | None, degree: int, ac: Pass | None) -> BlockTrace:
-        key = (degree, attrs.evolve(ac, every=1) if isinstance(ac, ActivationCheckpoint) else ac)
+    def tracer(
+        cp: Pass | None, degree: int, ac: Pass | None, tp: Pass | None, tp_degree: int
+    ) -> BlockTrace:
+        every = attrs.evolve(ac, every=1) if isinstance(ac, ActivationCheckpoint) else ac
+        key = (degree, every, tp_degree if tp is not None else 1)
         if key not in traces:
             try:
                 traces[key] = trace_blocks(
-                    source, micro_batch=micro_batch, seq=seq, ac=key[1], cp=cp, cp_degree=degree
-                )
+                    source, micro_batch=micro_batch, seq=seq, ac=every, cp=cp, cp_degree=degree,
+                    tp=tp, tp_degree=tp_degree,
+                )  # fmt: skip
             except MoetxError as e:  # a pass refuses this model (e.g. CP with an MTP head)
                 traces[key] = e
         found = traces[key]
@@ -304,7 +353,7 @@ def autoplan(
     refused: dict[str, str] = {}
     smallest = None
     for degrees in _degree_options(
-        world, experts=shapes.num_experts, seq=seq, allowed=allowed, max_cp=max_cp
+        world, shapes=shapes, seq=seq, allowed=allowed, max_cp=max_cp, max_tp=max_tp
     ):
         for pipeline in _pipelines(degrees, allowed, ac_modes, fsdp_options):
             considered += 1

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
@@ -313,21 +314,40 @@ def _resident(model: nn.Module, mesh: ParallelMesh) -> tuple[int, int]:
     resident = entry.facts.get("resident")
     kept_params = set(resident.resident_params) if resident is not None else set()
     sizes = {True: mesh.expert_fsdp_mesh().size(), False: mesh.degrees.dp_shard_cp}
+    padded = _padded_numels(model)
     total = expert_total = 0
-    for name, (_, gathered, expert) in gathered_bytes(model, fsdp, record).items():
+    for name, (numel, gathered, expert) in gathered_bytes(model, fsdp, record).items():
+        # A kept parameter holds FSDP2's all-gather output: every rank's padded shard.
+        whole = padded.get(name, numel) * (gathered // numel if numel else 0)
         # FSDP2's int: after forward, keep a copy resharded over groups of that size (1/raf per
         # rank); equal to the unit's shard-group size it is True, 1 is False. "auto": the
         # units `choose_resident` kept are False, the others True.
         if raf == AUTO:
-            kept = gathered if name in kept_params else 0
+            kept = whole if name in kept_params else 0
         elif raf is False or raf == 1:
-            kept = gathered
+            kept = whole
         else:
             kept = 0 if raf == sizes[expert] else gathered // int(raf)
         total += kept
         if expert:
             expert_total += kept
     return total, expert_total
+
+
+def _padded_numels(model: nn.Module) -> dict[str, int]:
+    """Parameter FQN -> elements of its FSDP2 all-gather output (shards padded to equal size)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, int] = {}
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        # Private FSDP2 state: the padded shard size is not public.
+        group = module._get_fsdp_state()._fsdp_param_group  # type: ignore[attr-defined]
+        for fp in group.fsdp_params if group is not None else ():
+            name = names.get(id(fp.sharded_param))
+            if name is not None:
+                out[name] = fp.padded_sharded_param_size.numel() * fp.mesh_info.shard_mesh_size
+    return out
 
 
 def _notes(planned: nn.Module, resident: tuple[int, int]) -> tuple[str, ...]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import attrs
@@ -14,22 +13,17 @@ from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.planning.predict_activations import BlockTrace, trace_blocks
 from moetx.planning.predict_comm import Routing, Traffic, predict_comm, predict_flops
-from moetx.planning.predict_state import (
-    ModelShapes,
-    find_pass,
-    fsdp_units,
-    iter_blocks,
-    state_bytes,
-)
+from moetx.planning.predict_fsdp import fsdp_resident, fsdp_units
+from moetx.planning.predict_state import ModelShapes, find_pass, iter_blocks, state_bytes
 from moetx.planning.report import RankBytes, human_bytes
 
 __all__ = ["Prediction", "activation_bytes", "human_flops", "predict"]
 
-#: The stages whose memory and collectives `predict` models (a new axis, e.g. tp, is refused).
-MODELLED: tuple[str, ...] = ("cp", "ep", "ac", "fsdp")
+#: The stages whose memory and collectives `predict` models (others are refused).
+MODELLED: tuple[str, ...] = ("tp", "cp", "ep", "ac", "fsdp")
 
-#: (cp pass, cp degree, ac pass or None) -> trace; the planner's cache.
-Tracer = Callable[[Pass | None, int, Pass | None], BlockTrace]
+#: (cp pass, cp degree, ac pass or None, tp pass or None, tp degree) -> trace; the planner's cache.
+Tracer = Callable[[Pass | None, int, Pass | None, Pass | None, int], BlockTrace]
 
 
 @attrs.frozen
@@ -41,8 +35,9 @@ class Prediction:
         activations: Bytes forward leaves resident for backward (traced; uniform routing).
         fsdp_transient: Gathered parameters of the two largest FSDP units (the one computing
             and the one prefetched): an estimate of FSDP2's peak all-gather buffers.
-        fsdp_resident: Gathered parameters `FSDP(reshard_after_forward=False | int)` keeps
-            from forward to backward (as `Plan.resident_after_forward`; 0 when it reshards).
+        fsdp_resident: Gathered parameters `FSDP(reshard_after_forward=False | int | "auto")`
+            keeps from forward to backward (as `Plan.resident_after_forward`; 0 when every
+            unit reshards).
         comm: Collective bytes sent per step, per kind and axis.
         tokens: Tokens this rank processes per step.
         flops: FLOPs per step (forward, backward, recomputation), uniform routing.
@@ -83,7 +78,7 @@ class Prediction:
         return (
             f"memory {human_bytes(self.memory)} (state {human_bytes(self.state.total)}, "
             f"activations {human_bytes(self.activations)}, FSDP buffers "
-            f"{human_bytes(self.fsdp_transient + self.fsdp_resident)}); sends {human_bytes(self.bytes_moved)}/step "
+            f"{human_bytes(self.fsdp_transient)} + kept gathered {human_bytes(self.fsdp_resident)}); sends {human_bytes(self.bytes_moved)}/step "
             f"({comm}); {human_flops(self.flops)}/step (worst rank {human_flops(self.flops_worst)})"
         )
 
@@ -125,32 +120,6 @@ def _transient(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) ->
     return sum(gathered[:2])
 
 
-def _resident(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> int:
-    """What FSDP2 keeps gathered after forward (the rule `plan` checks against real ranks)."""
-    fsdp = find_pass(pipeline, "fsdp")
-    raf = getattr(fsdp, "reshard_after_forward", True)
-    if fsdp is None or raf is True:
-        return 0
-    ep = find_pass(pipeline, "ep") is not None and d.ep > 1
-    param_dtype = getattr(fsdp, "param_dtype", None)
-    low = param_dtype not in (None, "float32")
-    fp32 = set(getattr(fsdp, "fp32_modules", ())) if low else set()
-    total = 0
-    for p, count in shapes.grouped:
-        expert = p.role == "expert" and ep
-        numel = math.prod(p.shape) // (d.ep if expert else 1)
-        itemsize = 4 if p.role in fp32 else (2 if low else p.itemsize)
-        gathered = count * numel * itemsize
-        # FSDP2's int: after forward, keep a copy resharded over groups of that size (1/raf per
-        # rank); equal to the unit's shard-group size it is True, 1 is False.
-        group = d.dp_replicate * d.ep_shard if expert else d.dp_shard_cp
-        if raf is False or raf == 1:
-            total += gathered
-        elif raf != group:
-            total += gathered // int(raf)
-    return total
-
-
 def predict(
     model: nn.Module | MoEConfig | ModelShapes,
     degrees: MeshDegrees,
@@ -181,24 +150,29 @@ def predict(
     if isinstance(pipeline, Pass):
         pipeline = Pipeline() | pipeline
     unknown = [p for p in pipeline if p.placement.stage not in MODELLED]
-    if unknown or getattr(degrees, "tp", 1) > 1:
-        what = repr(unknown[0]) if unknown else f"tp={degrees.tp}"  # type: ignore[attr-defined]
+    tp = find_pass(pipeline, "tp")
+    for stage, option, modelled in (
+        ("tp", "sequence_parallel", False),
+        ("cp", "comm", "allgather"),
+    ):
+        found = find_pass(pipeline, stage)
+        if found is not None and getattr(found, option, modelled) != modelled:
+            unknown.append(found)
+    if unknown or (degrees.tp > 1 and tp is None):
+        what = repr(unknown[0]) if unknown else f"tp={degrees.tp} without TensorParallel"
         raise PlanningError(
-            f"`predict` models the stages {MODELLED} only, not {what}: its bytes would be wrong.\n"
+            f"`predict` models {MODELLED} (TensorParallel without sequence parallelism, "
+            f"all-gather CP) only, not {what}: its bytes would be "
+            "wrong.\n"
             "  fix: use `Pipeline.plan` for parameter bytes of other passes."
         )
-    fsdp_pass = find_pass(pipeline, "fsdp")
-    if fsdp_pass is not None and (
-        getattr(fsdp_pass, "reshard_after_forward", True) == "auto"
-        or getattr(fsdp_pass, "min_unit_bytes", 0)
-    ):
-        raise PlanningError(
-            f"`predict` does not model {fsdp_pass!r} yet (per-unit resharding or units joined "
-            "into the root): its bytes would be wrong.\n"
-            "  fix: predict with `FSDP()` (reshard_after_forward=True, min_unit_bytes=0); "
-            "`Pipeline.plan` reports the auto policy's resident bytes."
-        )
     shapes = model if isinstance(model, ModelShapes) else ModelShapes.of(model)
+    if tp is not None and not shapes.tp_legal(degrees.tp):
+        raise PlanningError(
+            f"`TensorParallel` cannot shard this model over tp={degrees.tp} "
+            f"({shapes.tp.refused or f'sizes {shapes.tp.sizes} must all be divisible'}).\n"
+            "  fix: pick a tp degree that divides them, or leave TensorParallel out."
+        )
     source: nn.Module | MoEConfig | None = (
         shapes.config if isinstance(model, ModelShapes) else model
     )
@@ -206,11 +180,12 @@ def predict(
 
     def trace(cp_: Pass | None, degree: int, ac_: Pass | None) -> BlockTrace:
         if tracer is not None:
-            return tracer(cp_, degree, ac_)
+            return tracer(cp_, degree, ac_, tp, degrees.tp)
         assert source is not None, "ModelShapes without a config: pass the model"
         return trace_blocks(
-            source, micro_batch=micro_batch, seq=seq, ac=ac_, cp=cp_, cp_degree=degree
-        )
+            source, micro_batch=micro_batch, seq=seq, ac=ac_, cp=cp_, cp_degree=degree,
+            tp=tp, tp_degree=degrees.tp,
+        )  # fmt: skip
 
     none = trace(cp, degrees.cp, None)
     with_ac = trace(cp, degrees.cp, ac) if ac is not None else None
@@ -219,7 +194,7 @@ def predict(
         state=state_bytes(shapes, degrees, pipeline),
         activations=activation_bytes(none, with_ac, shapes, pipeline),
         fsdp_transient=_transient(shapes, degrees, pipeline),
-        fsdp_resident=_resident(shapes, degrees, pipeline),
+        fsdp_resident=fsdp_resident(shapes, degrees, pipeline),
         comm=predict_comm(
             shapes,
             degrees,

@@ -7,15 +7,22 @@ collectives are the ones the passes issue (see their docstrings), per step = one
 one backward of one micro-batch:
 
 - `FSDP`: per unit (the root too, in torch 2.13), one all-gather in forward and one in backward
-  (none in backward with `reshard_after_forward=False`), one reduce-scatter of the gradients,
+  (none in backward with `reshard_after_forward=False`, or for the units "auto" keeps gathered;
+  `min_unit_bytes` joins small embedding / lm head units to the root), one reduce-scatter of the
+  gradients,
   and with HSDP an all-reduce over the replicas; FSDP2's padded shards.
-- `ExpertParallel` (all-to-all dispatcher): per MoE layer in forward the int64 count exchange,
+- `ExpertParallel` (the all-gather dispatcher: `_ep_all_gather`; all-to-all): per MoE layer in forward the int64 count exchange,
   the dispatch and the combine; in backward the two reversed; checkpointing in `full`/`router`
   mode reissues the forward three in backward (`selective` saves them).
 - no `FSDP`: `moetx.sync_gradients`, one all-reduce of the dense gradients over the world and
   one per expert parameter over dp_replicate × ep_shard.
 - `ContextParallel` (allgather): per attention layer one all-gather of the stacked K/V, its
   reduce-scatter in backward, and a second all-gather under `full`/`router` checkpointing.
+- `TensorParallel` (no sequence parallelism; DTensor redistributions): in forward one
+  all-reduce of the `[B, S, H]` activation per row-wise layer (attention `o_proj`, MLP
+  `down_proj`) and for the vocabulary-parallel embedding, and one all-gather of the logits;
+  in backward one all-reduce per column-wise layer's input gradient (q/k/v, gate/up, lm head);
+  a recomputed block redoes its forward sums but the last (checkpointing stops there).
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import attrs
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.planning.predict_activations import BlockTrace
-from moetx.planning.predict_state import ModelShapes, find_pass, fsdp_units, iter_blocks
+from moetx.planning.predict_fsdp import fsdp_units
+from moetx.planning.predict_state import ModelShapes, find_pass, iter_blocks, uses_tp
 
 __all__ = ["Traffic", "predict_comm", "predict_flops", "recomputes_forward"]
 
@@ -71,13 +79,13 @@ def _fsdp(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[Traff
     fsdp = find_pass(pipeline, "fsdp")
     if fsdp is None:
         return []
-    regather = getattr(fsdp, "reshard_after_forward", True) is not False
+    keep_all = getattr(fsdp, "reshard_after_forward", True) is False
     out: dict[tuple[str, str], list[int]] = {}
     for unit in fsdp_units(shapes, d, pipeline):
         axis = "ep_fsdp" if unit.name == "expert" else "dp_shard_cp"
         w, n = unit.mesh_size, unit.count
         if w > 1:
-            gathers = 1 + regather
+            gathers = 1 if keep_all or unit.kept else 2
             row = out.setdefault(("fsdp_all_gather", axis), [0, 0])
             row[0] += n * gathers
             row[1] += n * gathers * (w - 1) * unit.shard_bytes
@@ -99,12 +107,16 @@ def _grad_sync(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[
     if find_pass(pipeline, "fsdp") is not None:
         return []
     ep = find_pass(pipeline, "ep") is not None and d.ep > 1
-    world, replicas = d.world_size, d.dp_replicate * d.ep_shard
+    tp = uses_tp(pipeline, d)
+    world, replicas = d.token_ranks, d.dp_replicate * d.ep_shard
     dense = experts = calls = 0
     for p, count in shapes.grouped:
         if not p.trainable:
             continue
-        numel = math.prod(p.shape)
+        # DTensor's embedding backward returns the vocabulary-parallel table's gradient whole
+        # (Replicate), and `sync_gradients` reduces what it gets.
+        split = tp and p.tp_dim is not None and p.role != "embedding"
+        numel = math.prod(p.shape) // (d.tp if split else 1)
         if p.role == "expert" and ep:
             if replicas > 1:
                 calls += count
@@ -128,8 +140,10 @@ def _ep(
     ep_rank: int,
 ) -> list[Traffic]:
     ep = find_pass(pipeline, "ep")
-    if ep is None or d.ep == 1 or getattr(ep, "dispatcher", "all_to_all") != "all_to_all":
+    if ep is None or d.ep == 1:
         return []
+    if getattr(ep, "dispatcher", "all_to_all") == "all_gather":
+        return _ep_all_gather(shapes, d, pipeline, tokens)
     e, k, row = (
         shapes.num_experts,
         shapes.top_k,
@@ -160,6 +174,31 @@ def _ep(
     ]
 
 
+def _ep_all_gather(
+    shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline, tokens: int
+) -> list[Traffic]:
+    """The all-gather dispatcher: per MoE layer in forward all-gathers of the token count, the
+    expert ids, the hidden states and the routing weights, and a reduce-scatter of the partial
+    outputs; in backward the reverse of the three autograd ones (reduce-scatters of the hidden and
+    weight gradients, an all-gather of the output gradient); recomputation redoes the forward."""
+    w, k, h = d.ep, shapes.top_k, shapes.hidden_size
+    b = _compute_itemsize(shapes, pipeline)
+    weights = b  # the routing weights arrive in the compute dtype (an fp32 router's too)
+    rows = (w - 1) * tokens
+    forward_ag = (w - 1) * 8 + rows * (k * 8 + h * b + k * weights)  # count, ids, hidden, weights
+    gathers = scatters = ag_bytes = rs_bytes = 0
+    for block in shapes.moe_blocks:
+        again = recomputes_forward(pipeline, block)
+        gathers += 4 * (1 + again) + 1
+        scatters += 1 + again + 2
+        ag_bytes += forward_ag * (1 + again) + rows * h * b
+        rs_bytes += rows * h * b * (1 + again) + rows * (h * b + k * weights)
+    return [
+        Traffic("ep_all_gather", "ep", gathers, ag_bytes),
+        Traffic("ep_reduce_scatter", "ep", scatters, rs_bytes),
+    ]
+
+
 def _cp(
     shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline, micro_batch: int, seq: int
 ) -> list[Traffic]:
@@ -170,13 +209,40 @@ def _cp(
     guard = Traffic("cp_all_gather", "cp", 1, (d.cp - 1) * 2 * 8)
     if getattr(cp, "comm", "allgather") != "allgather":
         return [guard]
-    kv = 2 * micro_batch * shapes.kv_heads * (seq // d.cp) * shapes.head_dim
+    kv_heads = shapes.kv_heads // (d.tp if uses_tp(pipeline, d) else 1)
+    kv = 2 * micro_batch * kv_heads * (seq // d.cp) * shapes.head_dim
     kv *= _compute_itemsize(shapes, pipeline)
     gathers = sum(1 + recomputes_forward(pipeline, i) for i in range(shapes.num_blocks))
     return [
         Traffic("cp_all_gather", "cp", gathers + 1, gathers * (d.cp - 1) * kv + guard.bytes),
         Traffic("cp_reduce_scatter", "cp", shapes.num_blocks, shapes.num_blocks * (d.cp - 1) * kv),
     ]
+
+
+def _tp(
+    shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline, micro_batch: int, seq: int
+) -> list[Traffic]:
+    if not uses_tp(pipeline, d):
+        return []
+    t, itemsize, tokens = d.tp, _compute_itemsize(shapes, pipeline), micro_batch * (seq // d.cp)
+    calls = sum(shapes.tp.outside_calls)
+    for i, (forward, backward) in enumerate(shapes.tp.block_calls):
+        calls += forward + backward
+        if recomputes_forward(pipeline, i):
+            # the recomputation stops at the last saved tensor: the block's last sum is not redone
+            calls += max(forward - 1, 0)
+    out = [
+        Traffic(
+            "tp_all_reduce",
+            "tp",
+            calls,
+            calls * (2 * (t - 1) * tokens * shapes.hidden_size * itemsize // t),
+        )
+    ]
+    if shapes.tp.logits:
+        local = tokens * (shapes.tp.logits // t) * itemsize
+        out.append(Traffic("tp_all_gather", "tp", 1, (t - 1) * local))
+    return out
 
 
 def predict_comm(
@@ -208,6 +274,7 @@ def predict_comm(
         + _grad_sync(shapes, degrees, pipeline)
         + _ep(shapes, degrees, pipeline, tokens, routing, ep_rank)
         + _cp(shapes, degrees, pipeline, micro_batch, seq)
+        + _tp(shapes, degrees, pipeline, micro_batch, seq)
     )
 
 

@@ -24,12 +24,22 @@ import torch
 from torch import nn
 
 from moetx.core.algebra import Pass, Pipeline
+from moetx.core.errors import PassPreconditionError
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig, MoETransformer
+from moetx.passes.tensor_parallel.targets import tp_targets
 from moetx.planning.report import RankBytes
-from moetx.structure.discovery import discover
+from moetx.structure.discovery import ModelStructure, discover
 
-__all__ = ["FSDPUnit", "ModelShapes", "ParamInfo", "find_pass", "fsdp_units", "state_bytes"]
+__all__ = [
+    "ModelShapes",
+    "ParamInfo",
+    "TPLayout",
+    "find_pass",
+    "local_shape",
+    "state_bytes",
+    "uses_tp",
+]
 
 #: Roles a parameter can have, innermost FSDP unit first.
 ROLES = ("expert", "router", "block", "embedding", "lm_head", "root")
@@ -45,6 +55,28 @@ class ParamInfo:
     trainable: bool
     role: str  # one of ROLES
     block: int  # index in `discover(model).blocks`, -1 outside blocks
+    tp_dim: int | None = None  # the dim `TensorParallel` shards (None: replicated over tp)
+
+
+@attrs.frozen
+class TPLayout:
+    """What `TensorParallel` would do to a model, at any degree that divides `sizes`.
+
+    Attributes:
+        sizes: Sizes every tp degree must divide (heads, kv heads, MLP inner sizes, vocabulary).
+        refused: Why TP cannot apply to this model at all ("" when it can).
+        block_calls: Per block, the activation all-reduces over tp (forward: one per row-wise
+            layer's output; backward: one per column-wise layer's input gradient).
+        outside_calls: The same outside blocks (the vocabulary-parallel embedding in forward,
+            the lm head's input gradient in backward).
+        logits: The vocabulary the lm head's logits are all-gathered over (0: not sharded).
+    """
+
+    sizes: tuple[int, ...] = ()
+    refused: str = ""
+    block_calls: tuple[tuple[int, int], ...] = ()
+    outside_calls: tuple[int, int] = (0, 0)
+    logits: int = 0
 
 
 @attrs.frozen
@@ -68,6 +100,10 @@ class ModelShapes:
     tied_embeddings: bool
     routing_bias: bool
     config: MoEConfig | None = attrs.field(default=None, eq=False)
+    tp: TPLayout = attrs.field(factory=lambda: TPLayout(refused="not read"))
+    #: Results the predictors derive from these shapes, keyed by what they depend on (the
+    #: planner asks for the same FSDP units thousands of times).
+    cache: dict[object, object] = attrs.field(factory=dict, eq=False, repr=False, init=False)
     #: `params` with identical (shape, itemsize, trainable, role) counted once: what the
     #: byte counts need (DeepSeek-V3 has ~1000 parameters but ~30 distinct ones).
     grouped: tuple[tuple[ParamInfo, int], ...] = attrs.field(default=(), eq=False)
@@ -75,7 +111,7 @@ class ModelShapes:
     def __attrs_post_init__(self) -> None:
         counts: dict[tuple[object, ...], list[object]] = {}
         for p in self.params:
-            key = (p.shape, p.itemsize, p.trainable, p.role)
+            key = (p.shape, p.itemsize, p.trainable, p.role, p.tp_dim)
             counts.setdefault(key, [p, 0])[1] += 1  # type: ignore[operator]
         object.__setattr__(self, "grouped", tuple((p, n) for p, n in counts.values()))
 
@@ -100,9 +136,15 @@ class ModelShapes:
             for name, mod in (("embedding", s.embedding), ("lm_head", s.lm_head)):
                 for p in mod.parameters() if mod is not None else ():
                     role.setdefault(id(p), (name, -1))
+        tp_dims, tp = _tp_layout(model, s)
         params = tuple(
             ParamInfo(
-                n, tuple(p.shape), p.element_size(), p.requires_grad, *role.get(id(p), ("root", -1))
+                n,
+                tuple(p.shape),
+                p.element_size(),
+                p.requires_grad,
+                *role.get(id(p), ("root", -1)),
+                tp_dim=tp_dims.get(id(p)),
             )
             for n, p in model.named_parameters()
         )
@@ -126,7 +168,12 @@ class ModelShapes:
             tied_embeddings=s.tied_embeddings,
             routing_bias=bool(first is not None and first.counter_buffer_names),
             config=config,
+            tp=tp,
         )
+
+    def tp_legal(self, degree: int) -> bool:
+        """Whether `TensorParallel` can shard this model over `degree` ranks."""
+        return degree == 1 or (not self.tp.refused and all(n % degree == 0 for n in self.tp.sizes))
 
     @property
     def num_parameters(self) -> int:
@@ -134,29 +181,68 @@ class ModelShapes:
         return sum(math.prod(p.shape) for p in self.params)
 
 
+def _tp_layout(model: nn.Module, s: ModelStructure) -> tuple[dict[int, int], TPLayout]:
+    """(parameter id -> the dim TP shards, the layout) from `tp_targets`."""
+    try:
+        targets = tp_targets(model, 1)
+    except PassPreconditionError as e:
+        return {}, TPLayout(refused=str(e).splitlines()[0])
+    dims: dict[int, int] = {}
+    sizes: set[int] = set()
+    calls = [[0, 0] for _ in s.blocks]
+    outside = [0, 0]
+    logits = 0
+    for t in targets:
+        if t.kind in ("embedding", "lm_head"):  # vocabulary-parallel: rows of both
+            for p in t.module.parameters():
+                dims[id(p)] = 0
+            sizes.add(_weight(t.module).shape[0])
+            if t.kind == "embedding":
+                outside[0] += 1  # the partial lookups summed
+            else:
+                outside[1] += 1  # the input's gradient summed
+                logits = _weight(t.module).shape[0]
+            continue
+        block = next(i for i, b in enumerate(s.blocks) if t.fqn.startswith(f"{b.fqn}."))
+        calls[block][0] += len(t.rowwise)  # each row-wise output summed in forward
+        calls[block][1] += len(t.colwise)  # each column-wise input's gradient in backward
+        for name in t.colwise:
+            for p in t.module.get_submodule(name).parameters():
+                dims[id(p)] = 0
+                sizes.add(int(p.shape[0]))
+        for name in t.rowwise:
+            w = _weight(t.module.get_submodule(name))
+            dims[id(w)] = 1
+            sizes.add(int(w.shape[1]))
+        if t.kind == "attention":
+            head_dim = int(t.module.head_dim)  # type: ignore[arg-type]
+            for name in ("q_proj", "k_proj"):
+                sizes.add(_weight(t.module.get_submodule(name)).shape[0] // head_dim)
+        elif t.kind == "latent_attention":
+            sizes.add(int(t.module.num_heads))  # type: ignore[arg-type]
+        if t.per_head:
+            return {}, TPLayout(refused=f"`{t.fqn}` has per-head norms (not modelled)")
+    layout = TPLayout(
+        sizes=tuple(sorted(sizes)),
+        block_calls=tuple((f, b) for f, b in calls),
+        outside_calls=(outside[0], outside[1]),
+        logits=logits,
+    )
+    return dims, layout
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    return typing.cast(torch.Tensor, module.weight)
+
+
 def find_pass(pipeline: Pipeline, stage: str) -> Pass | None:
     """The pass of `pipeline` at `stage`, or None."""
     return next((p for p in pipeline if p.placement.stage == stage), None)
 
 
-@attrs.frozen
-class FSDPUnit:
-    """One FSDP2 unit: its parameters' padded local shapes on one rank and its mesh size."""
-
-    name: str
-    mesh_size: int
-    numels: tuple[int, ...]  # padded local numel of each parameter (the all-gather input)
-    trained: int  # padded local numel of the trained ones (the reduce-scatter output)
-    itemsize: int  # all-gather dtype
-    reduce_itemsize: int
-    replicate: int = 1  # HSDP replicas: gradients all-reduced over them after the reduce-scatter
-    root: bool = False
-    count: int = 1  # identical units (e.g. the same block repeated) described once
-
-    @property
-    def shard_bytes(self) -> int:
-        """Bytes this rank contributes to the unit's all-gather."""
-        return sum(self.numels) * self.itemsize
+def uses_tp(pipeline: Pipeline, degrees: MeshDegrees) -> bool:
+    """Whether `TensorParallel` shards anything (in the pipeline, tp degree above 1)."""
+    return degrees.tp > 1 and find_pass(pipeline, "tp") is not None
 
 
 def _chunk(n: int, w: int, index: int = 0) -> int:
@@ -165,9 +251,17 @@ def _chunk(n: int, w: int, index: int = 0) -> int:
     return max(0, min(size, n - index * size))
 
 
-def _local_shape(p: ParamInfo, d: MeshDegrees, ep: bool, fsdp: bool) -> tuple[tuple[int, ...], int]:
-    """Rank 0's local shape of `p`, and its padded FSDP shard numel (0 without FSDP)."""
+def local_shape(
+    p: ParamInfo, d: MeshDegrees, ep: bool, fsdp: bool, tp: bool = False
+) -> tuple[tuple[int, ...], int]:
+    """Rank 0's local shape of `p`, and its padded FSDP shard numel (0 without FSDP).
+
+    `tp`: `TensorParallel` applies (degree `d.tp`): it splits `p.tp_dim` first, and FSDP2
+    shards that local tensor further on dim 0 (`_StridedShard` when both are dim 0).
+    """
     shape = list(p.shape)
+    if tp and p.tp_dim is not None:
+        shape[p.tp_dim] //= d.tp
     if p.role == "expert" and ep:
         shape[0] //= d.ep
         if not fsdp:
@@ -188,61 +282,18 @@ def state_bytes(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) -
     """Rank 0's parameter, gradient and AdamW bytes (the largest rank: it holds full chunks)."""
     ep = find_pass(pipeline, "ep") is not None and degrees.ep > 1
     fsdp = find_pass(pipeline, "fsdp") is not None
-    params = trained = 0
+    tp = uses_tp(pipeline, degrees)
+    params = trained = grads = 0
     for p, count in shapes.grouped:
-        local, _ = _local_shape(p, degrees, ep, fsdp)  # type: ignore[arg-type]
-        n = count * math.prod(local) * p.itemsize  # type: ignore[attr-defined]
+        local, _ = local_shape(p, degrees, ep, fsdp, tp)
+        n = count * math.prod(local) * p.itemsize
         params += n
-        trained += n if p.trainable else 0  # type: ignore[attr-defined]
-    return RankBytes(params, trained, 2 * trained)
-
-
-def fsdp_units(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) -> list[FSDPUnit]:
-    """The FSDP2 units `FSDP.apply` makes, innermost first (empty without `FSDP`)."""
-    fsdp = find_pass(pipeline, "fsdp")
-    if fsdp is None:
-        return []
-    ep = find_pass(pipeline, "ep") is not None and degrees.ep > 1
-    param_dtype = getattr(fsdp, "param_dtype", None)
-    reduce_dtype = getattr(fsdp, "reduce_dtype", None)
-    fp32_roles = (
-        set(getattr(fsdp, "fp32_modules", ())) if param_dtype not in (None, "float32") else set()
-    )
-
-    def size(name: str | None, default: int) -> int:
-        return torch.empty((), dtype=getattr(torch, name)).element_size() if name else default
-
-    units: dict[tuple[str, int], list[tuple[ParamInfo, int]]] = {}
-    for p in shapes.params:
-        _, numel = _local_shape(p, degrees, ep, True)
-        role = p.role
-        if role == "expert" and not ep:
-            role = "block"
-        if role == "router" and "router" not in fp32_roles:
-            role = "block"
-        units.setdefault((role, p.block), []).append((p, numel))
-    out: dict[tuple[object, ...], FSDPUnit] = {}
-    for (role, _block), members in sorted(units.items(), key=lambda kv: ROLES.index(kv[0][0])):
-        fp32 = role in fp32_roles
-        itemsize = 4 if fp32 else size(param_dtype, members[0][0].itemsize)
-        reduce = 4 if fp32 else size(reduce_dtype, itemsize)
-        expert = role == "expert"
-        mesh = degrees.dp_replicate * degrees.ep_shard if expert else degrees.dp_shard_cp
-        unit = FSDPUnit(
-            name=role,
-            mesh_size=mesh,
-            numels=tuple(n for _, n in members),
-            trained=sum(n for p, n in members if p.trainable),
-            itemsize=itemsize,
-            reduce_itemsize=reduce,
-            replicate=1 if expert else degrees.dp_replicate,
-            root=role == "root",
-        )
-        key = attrs.astuple(unit, recurse=False)
-        if key in out:
-            unit = attrs.evolve(out[key], count=out[key].count + 1)
-        out[key] = unit
-    return list(out.values())
+        trained += n if p.trainable else 0
+        # Without FSDP (which reduce-scatters into the shard), DTensor's embedding backward
+        # leaves the vocabulary-parallel table's gradient whole (Replicate) on every tp rank.
+        whole = tp and not fsdp and p.role == "embedding" and p.tp_dim is not None
+        grads += (count * math.prod(p.shape) * p.itemsize if whole else n) if p.trainable else 0
+    return RankBytes(params, grads, 2 * trained)
 
 
 def iter_blocks(shapes: ModelShapes) -> Iterator[tuple[int, str]]:

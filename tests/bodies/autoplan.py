@@ -8,12 +8,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh
 from moetx.planning.meter import LiveActivationMeter
 from moetx.structure.discovery import discover
+from moetx.testing.hf import HFSpec
+from moetx.testing.hf import build_model as hf_build_model
+from moetx.testing.hf import global_batches as hf_global_batches
 from moetx.testing.train import TrainSpec, build_model, mesh_for
 from moetx.training.grad_sync import sync_gradients
 from tests.bodies.plan import _batch
@@ -29,11 +33,16 @@ PREFER = {
     "ep_all_to_all": ("ep",),
     "cp_all_gather": ("cp",),
     "cp_reduce_scatter": ("cp",),
+    "tp_all_reduce": ("tp",),
+    "tp_all_gather": ("tp",),
+    "tp_reduce_scatter": ("tp",),
+    "ep_all_gather": ("ep",),
+    "ep_reduce_scatter": ("ep",),
 }
 
 
 def _axes(mesh: ParallelMesh) -> dict[str, list[str]]:
-    """Process-group name -> the axes whose group it is."""
+    """Process-group name (and member ranks) -> the axes whose group it is."""
     names: dict[str, list[str]] = {}
     for axis, dm in (
         ("dp_shard_cp", mesh["dp_shard_cp"]),
@@ -41,9 +50,13 @@ def _axes(mesh: ParallelMesh) -> dict[str, list[str]]:
         ("ep", mesh["ep"]),
         ("cp", mesh["cp"]),
         ("dp_replicate", mesh["dp_replicate"]),
-        ("world", mesh.root),
+        ("world", mesh.tokens if mesh.degrees.tp > 1 else mesh.root),  # sync_gradients' group
+        *[("tp", dm["tp"]) for dm in (mesh.dense, mesh.fsdp, mesh.moe) if mesh.degrees.tp > 1],
     ):
-        names.setdefault(dm.get_group().group_name, []).append(axis)
+        group = dm.get_group()
+        names.setdefault(group.group_name, []).append(axis)
+        # DTensor may issue on another group with the same ranks (e.g. a tp mesh sliced apart)
+        names.setdefault(str(dist.get_process_group_ranks(group)), []).append(axis)
     return names
 
 
@@ -62,9 +75,11 @@ class CountingMode(TorchDispatchMode):
         self.log: defaultdict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         self.c10d: defaultdict[str, int] = defaultdict(int)
         self.all_reduce: str | None = None  # what all-reduces are, when the caller knows
+        self.ep_gathers = False  # all-gathers on the ep group are EP's (all-gather dispatcher)
 
     def _add(self, kind: str, pg: Any, sent: int) -> None:
-        axes = self.axes.get(pg.group_name, [pg.group_name])
+        ranks = str(dist.get_process_group_ranks(pg))
+        axes = self.axes.get(pg.group_name) or self.axes.get(ranks, [pg.group_name])
         axis = next((a for a in PREFER[kind] if a in axes), axes[0])
         row = self.log[(kind, axis)]
         row[0] += 1
@@ -96,13 +111,26 @@ class CountingMode(TorchDispatchMode):
             splits = args[2] if args[2] is not None else [x.shape[0] // w] * w
             row = _nbytes(x) // x.shape[0] if x.shape[0] else 0
             self._add("ep_all_to_all", pg, sum(s for j, s in enumerate(splits) if j != me) * row)
-        elif ns == "_c10d_functional" and name == "all_gather_into_tensor":
+        elif ns.startswith("_c10d_functional") and name == "all_gather_into_tensor":
             pg = _resolve_process_group(args[2])
-            self._add("cp_all_gather", pg, (pg.size() - 1) * _nbytes(args[0]))
-        elif ns == "_c10d_functional" and name == "reduce_scatter_tensor":
+            self._add(self._on(pg, "all_gather"), pg, (pg.size() - 1) * _nbytes(args[0]))
+        elif ns.startswith("_c10d_functional") and name == "reduce_scatter_tensor":
             pg = _resolve_process_group(args[3])
-            self._add("cp_reduce_scatter", pg, (pg.size() - 1) * _nbytes(args[0]) // pg.size())
+            sent = (pg.size() - 1) * _nbytes(args[0]) // pg.size()
+            self._add(self._on(pg, "reduce_scatter"), pg, sent)
+        elif ns == "_c10d_functional" and name == "all_reduce":  # DTensor's (tensor parallel)
+            pg = _resolve_process_group(args[2])
+            w = pg.size()
+            self._add("tp_all_reduce", pg, 2 * (w - 1) * _nbytes(args[0]) // w)
         return func(*args, **kwargs)
+
+    def _on(self, pg: Any, what: str) -> str:
+        """`tp_<what>` on the tp group (DTensor redistributions), else CP's `cp_<what>`."""
+        axes = self.axes.get(pg.group_name) or self.axes.get(
+            str(dist.get_process_group_ranks(pg)), []
+        )
+        prefix = "tp" if "tp" in axes else "ep" if self.ep_gathers and "ep" in axes else "cp"
+        return f"{prefix}_{what}"
 
 
 def _unbox(pg: Any) -> dist.ProcessGroup:
@@ -140,6 +168,7 @@ def measure_step(
 
         handles.append(moe.router.register_forward_hook(hook))
     log = CountingMode(_axes(mesh))
+    log.ep_gathers = any(getattr(p, "dispatcher", "") == "all_gather" for p in pipeline)
     live = LiveActivationMeter(exclude=[model, *batch.values()])
     with log:
         if meter:
@@ -163,3 +192,28 @@ def measure_step(
         "ep_ranks": dist.get_process_group_ranks(ep_group),
         "ep_rank": dist.get_rank(ep_group),
     }
+
+
+def hf_held_bytes(spec: HFSpec, pipeline: Pipeline, degrees: MeshDegrees) -> dict[str, int]:
+    """One AdamW step of the spec's HF model: bytes of local parameter, gradient and AdamW shards."""
+    model = pipeline.apply(hf_build_model(spec), mesh_for(degrees))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
+    ids, labels = hf_global_batches(spec, degrees.dp_replicate * degrees.dp_shard)[0]
+    index = mesh_for(degrees).data_rank
+    rows = slice(index * spec.rows_per_rank, (index + 1) * spec.rows_per_rank)
+    model(input_ids=ids[rows], labels=labels[rows]).loss.backward()
+    opt.step()
+    moments = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    return {
+        "params": _local_bytes(model.parameters()),
+        "grads": _local_bytes(p.grad for p in model.parameters() if p.grad is not None),
+        "optimizer": _local_bytes(moments),
+    }
+
+
+def _local_bytes(tensors: Any) -> int:
+    out = 0
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        out += local.numel() * local.element_size()
+    return out

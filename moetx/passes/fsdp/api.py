@@ -115,16 +115,16 @@ class FSDP(Pass):
         reduce_dtype: Dtype gradients are reduced in (None: `param_dtype`).
         output_dtype: Dtype of unit outputs (None: no cast).
         fp32_modules: Roles kept in fp32 under a low `param_dtype`: "router", "lm_head".
-        reshard_after_forward: `"auto"` (opt-in; the planner does not model it yet, so it is
-            not the default this release): each unit decides, so that it is
+        reshard_after_forward: `"auto"` (the default): each unit decides, so that it is
             all-gathered once per step when memory allows: the root always stays gathered
             from forward to backward, and the other units too, in backward order, while the
             bytes they keep gathered fit the rank's sharded parameters + gradients + AdamW
             state (`moetx.passes.fsdp.reshard`: every unit up to 4 shards in fp32); the rest
-            reshard. `plan` reports the bytes kept (`resident_after_forward`) and the units.
-            Or FSDP2's option for every unit: free gathered params after forward (True, the
-            default: two all-gathers per unit and step), keep them (False; more
-            memory, less communication), or reshard to a smaller group of this size (an int
+            reshard. `plan` reports the bytes kept (`resident_after_forward`) and the units;
+            `predict` / `autoplan` model it. Or FSDP2's option for every unit: free gathered
+            params after forward (True: two all-gathers per unit and step, the least memory;
+            on a tight budget), keep them (False; more memory, less communication), or
+            reshard to a smaller group of this size (an int
             >= 2 that divides every unit's shard group; checked per unit mesh). The ints 0
             and 1 are refused: `1 == True` in Python, but FSDP2 reads the int 1 as False.
         min_unit_bytes: The embedding and the lm head join the root unit when they gather to
@@ -144,7 +144,7 @@ class FSDP(Pass):
     reduce_dtype: str | None = option(None, _dtype)
     output_dtype: str | None = option(None, _dtype)
     fp32_modules: tuple[str, ...] = option(("router",), _ROLES, converter=_roles)
-    reshard_after_forward: bool | int | str = option(True, _RESHARD)
+    reshard_after_forward: bool | int | str = option("auto", _RESHARD)
     min_unit_bytes: int = option(0, at_least(0))
     cpu_offload: bool = option(False, flag())
     wrap_root: bool = option(True, flag())
