@@ -89,6 +89,27 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
         "unit).",
     ),
     (
+        "overlap.py",
+        ["--reps", "200"],
+        "Overlap: expert dispatch all-to-all behind the shared expert",
+        "Issue 17 item 4, one MoE layer's forward on 2 ranks (256 tokens per rank, top-2, fp32): "
+        "the dispatch `all_to_all_single` alone, the shared expert (`DenseMLP`, intermediate = "
+        "hidden) alone, both in series (moetx's order) and overlapped (issue, compute, wait); "
+        "medians of the slowest rank over interleaved repetitions, with interquartile ranges. "
+        "`overlapped / serial` below 1 means overlap helps; `best possible` is "
+        "max(a2a, shared) / serial.",
+    ),
+    (
+        "compile.py",
+        ["--steps", "6"],
+        "Compile: compile time and step time, compiled vs eager",
+        "The step-anatomy workload on 2 ranks, each README pipeline with and without "
+        "`Compile()` (inductor, C++ kernels on the CPU): the first step of each (the compiled one "
+        "holds the compilation), the median of the 5 steady steps after it (eager and compiled "
+        "steps interleaved), their ratio, and the graphs / graph breaks per block the compiled "
+        "model reported (slowest rank).",
+    ),
+    (
         "checkpoint_integrity.py",
         [],
         "Checkpoints: the cost of integrity hashes",

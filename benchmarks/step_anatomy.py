@@ -12,9 +12,10 @@ counts), and their bytes (each collective's largest buffer: gathered parameters,
 gradients, tokens sent), averaged over ranks. Collective counts and bytes are deterministic;
 times are not (compare ratios within one run).
 
-Run: `python -m benchmarks.step_anatomy [--steps 5] [--ranks 2 4] [--fsdp fsdp ...]`; each
-`--fsdp` text (a `Pipeline.parse` step, e.g. `"fsdp(reshard_after_forward=True)"`) gives one
-row per pipeline and mesh.
+Run: `python -m benchmarks.step_anatomy [--steps 5] [--ranks 2 4] [--fsdp fsdp ...]
+[--backend nccl]`; each `--fsdp` text (a `Pipeline.parse` step, e.g.
+`"fsdp(reshard_after_forward=True)"`) gives one row per pipeline and mesh. `--backend nccl` runs
+the ranks on one GPU each (`make gpu-check`), with times that wait for the GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import statistics
 
 from moetx import MeshDegrees, Pipeline
 from moetx.models import MoEConfig
-from moetx.testing.ranks import RankPool
+from moetx.testing.ranks import BACKENDS, RankPool
 from moetx.testing.train import TrainSpec
 from tests.bodies.anatomy import anatomy
 
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--fsdp", nargs="+", default=["fsdp"], help="FSDP steps to compare")
+    ap.add_argument("--backend", choices=BACKENDS, default="gloo")
     args = ap.parse_args()
     print(
         "| ranks | pipeline | mesh | step ms | step vs first row | compute ms | step / compute | "
@@ -77,7 +79,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for world in args.ranks:
-        with RankPool(world, timeout=900) as pool:
+        with RankPool(world, timeout=900, backend=args.backend) as pool:
             for head, w, degrees in CASES:
                 if w != world:
                     continue

@@ -39,10 +39,12 @@ from moetx.mesh import MeshDegrees, ParallelMesh
 from moetx.passes import (
     FSDP,
     ActivationCheckpoint,
+    Compile,
     ContextParallel,
     ExpertParallel,
     TensorParallel,
 )
+from moetx.passes.compile import CompileReport, EagerBlockWarning, compile_report
 from moetx.planning import (
     AutoPlan,
     Candidate,
@@ -85,10 +87,13 @@ __all__ = [
     "Candidate",
     "CheckpointError",
     "CommandLineError",
+    "Compile",
+    "CompileReport",
     "ContextParallel",
     "ContextParallelInputError",
     "CostModel",
     "DuplicatePassError",
+    "EagerBlockWarning",
     "ExpertDivisibilityError",
     "ExpertParallel",
     "GradientSyncError",
@@ -124,6 +129,7 @@ __all__ = [
     "applied_passes",
     "autoplan",
     "clip_grad_norm_",
+    "compile_report",
     "count_tokens",
     "data_sampler",
     "full_state_dict",

@@ -14,7 +14,14 @@ from moetx.testing.strategies import passes, pipelines
 
 ALL_PASSES = [
     getattr(moetx, n)
-    for n in ("TensorParallel", "ContextParallel", "ExpertParallel", "ActivationCheckpoint", "FSDP")
+    for n in (
+        "TensorParallel",
+        "ContextParallel",
+        "ExpertParallel",
+        "ActivationCheckpoint",
+        "Compile",
+        "FSDP",
+    )
     if hasattr(moetx, n)
 ]
 NAMESPACE = {cls.__name__: cls for cls in ALL_PASSES} | {"Pipeline": moetx.Pipeline}

@@ -100,7 +100,7 @@ def ordered_lists(draw):
 
 @given(st.lists(passes(), max_size=6))
 def test_accepts_exactly_the_strictly_ordered_lists(ps):
-    """A pass list is valid iff its stages strictly increase along tp -> cp -> ep -> ac -> fsdp."""
+    """A pass list is valid iff its stages strictly increase along tp -> cp -> ep -> ac -> compile -> fsdp."""
     ranks = [BUILTIN_ORDER.index(p.placement.stage) for p in ps]
     if ranks == sorted(set(ranks)):
         assert Pipeline(ps).passes == tuple(ps)
@@ -140,7 +140,7 @@ def test_a_wrong_order_names_both_passes_the_rule_and_the_fix(order):
     with pytest.raises(PipelineOrderError) as err:
         Pipeline(ps)
     msg = str(err.value)
-    assert "required: tp -> cp -> ep -> ac -> fsdp, each at most once" in msg
+    assert "required: tp -> cp -> ep -> ac -> compile -> fsdp, each at most once" in msg
     assert "reordered: Cp(degree=1) | Ep(degree=1) | Ac(mode='full') | Fsdp(explode=False)" in msg
     assert len(err.value.problems) >= 1
 
@@ -151,7 +151,7 @@ def test_order_error_message_is_pinned():
         PipelineOrderError,
         match=r"(?s)^`Ac` must come after `Ep`\.\n"
         r"  pipeline: Ac\(mode='full'\) \| Ep\(degree=2\)\n"
-        r"  required: tp -> cp -> ep -> ac -> fsdp, each at most once\n"
+        r"  required: tp -> cp -> ep -> ac -> compile -> fsdp, each at most once\n"
         r"  reordered: Ep\(degree=2\) \| Ac\(mode='full'\)$",
     ):
         Ac() | Ep(degree=2)

@@ -29,18 +29,30 @@ def test_the_order_error_is_exactly_as_shown():
 
 
 def test_the_custom_pass_recipe_declares_its_place_and_applies():
-    """`Compile` from the README sits after ac and before fsdp, and applies on a real mesh."""
+    """`FreezeRouters` from the README sits after ep and before fsdp, parses, and applies."""
     namespace: dict = {}
-    exec(_block("class Compile(Pass)"), namespace)
-    compile_pass = namespace["Compile"]
-    pipeline = moetx.ExpertParallel() | moetx.ActivationCheckpoint() | compile_pass() | moetx.FSDP()
-    assert repr(pipeline).endswith("| Compile() | FSDP()")
-    with pytest.raises(moetx.PipelineOrderError, match=r"^`FSDP` must come after `Compile`\."):
-        moetx.FSDP() | compile_pass()
+    exec(_block("class FreezeRouters(Pass)"), namespace)
+    freeze = namespace["FreezeRouters"]
+    pipeline = moetx.ExpertParallel() | freeze() | moetx.Compile() | moetx.FSDP()
+    assert repr(pipeline).endswith("| FreezeRouters() | Compile() | FSDP()")
+    assert moetx.Pipeline.parse("ep|freeze_routers|fsdp") == (
+        moetx.ExpertParallel() | freeze() | moetx.FSDP()
+    )
+    with pytest.raises(moetx.PipelineOrderError, match=r"^`FSDP` must come after `FreezeRouters`"):
+        moetx.FSDP() | freeze()
     with pytest.raises(
-        moetx.PipelineOrderError, match=r"^`Compile` must come after `ExpertParallel`\."
+        moetx.PipelineOrderError, match=r"^`FreezeRouters` must come after `ExpertParallel`\."
     ):
-        compile_pass() | moetx.ExpertParallel()
+        freeze() | moetx.ExpertParallel()
+    dense = MoEConfig(num_layers=1, num_dense_layers=1, num_mtp_layers=0)
     with fake_world(1):
-        model = compile_pass().apply(MoETransformer(MoEConfig()), moetx.ParallelMesh.build())
-    assert [type(a.pass_).__name__ for a in moetx.applied_passes(model)] == ["Compile"]
+        mesh = moetx.ParallelMesh.build()
+        with pytest.raises(moetx.NoMoELayersError, match="has no router to freeze"):
+            freeze().apply(MoETransformer(dense), mesh)
+        model = freeze().apply(MoETransformer(MoEConfig()), mesh)
+    (applied,) = moetx.applied_passes(model)
+    assert type(applied.pass_).__name__ == "FreezeRouters"
+    routers = applied.facts["routers"]
+    assert routers and all(
+        not p.requires_grad for r in routers for p in model.get_submodule(r).parameters()
+    )

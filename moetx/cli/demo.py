@@ -181,9 +181,16 @@ def _run_local(
 def _run_torchrun(
     spec: Any, pipeline: Pipeline, degrees: MeshDegrees
 ) -> list[dict[str, Any]] | None:
-    """Under torchrun: run this rank's part, gather results on rank 0 (None elsewhere)."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    """Under torchrun: run this rank's part, gather results on rank 0 (None elsewhere).
+
+    With CUDA, NCCL and one GPU per rank (`LOCAL_RANK`): the model and its batches move there
+    (`moetx.testing.train` follows the backend); results come back as CPU copies.
+    """
+    device = None
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("gloo" if device is None else "nccl", device_id=device)
     try:
         mine = rank_train(spec, pipeline, degrees)
         gathered: list[Any] = [None] * dist.get_world_size()

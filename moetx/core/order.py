@@ -1,9 +1,9 @@
 """Ordering rules between passes, held as data so user-defined passes can declare their place.
 
 A pass class declares a `Placement`: its *stage* name and the stages it must come after or
-before when they are present. The built-in chain `tp -> cp -> ep -> ac -> fsdp` is one such set of
-rules (`BUILTIN_ORDER`). Constraints are closed transitively over every stage known to a
-pipeline, so a `compile` stage declared "after ac, before fsdp" also sits after `ep`.
+before when they are present. The built-in chain `tp -> cp -> ep -> ac -> compile -> fsdp` is one such
+set of rules (`BUILTIN_ORDER`). Constraints are closed transitively over every stage known to
+a pipeline, so a `prefetch` stage declared "after ac, before fsdp" also sits after `ep`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-#: The built-in order: tensor, context and expert parallel, activation checkpointing, FSDP.
-BUILTIN_ORDER: tuple[str, ...] = ("tp", "cp", "ep", "ac", "fsdp")
+#: The built-in order: tensor, context and expert parallel, activation checkpointing,
+#: compilation (per block, so FSDP's hooks stay outside), FSDP.
+BUILTIN_ORDER: tuple[str, ...] = ("tp", "cp", "ep", "ac", "compile", "fsdp")
 
 
 def _frozen_strs(value: Iterable[str]) -> frozenset[str]:
@@ -33,8 +34,8 @@ class Placement:
         before: Stages that must come later in a pipeline when both are present.
 
     Example:
-        >>> Placement("compile", after={"ac"}, before={"fsdp"})
-        Placement(stage='compile', after=frozenset({'ac'}), before=frozenset({'fsdp'}))
+        >>> Placement("prefetch", after={"ac"}, before={"fsdp"})
+        Placement(stage='prefetch', after=frozenset({'ac'}), before=frozenset({'fsdp'}))
     """
 
     stage: str = attrs.field(
@@ -104,7 +105,7 @@ def stable_sort(stages: Sequence[str], must_precede: dict[str, set[str]]) -> lis
 
 
 def chain_text(stages: Iterable[str], must_precede: dict[str, set[str]]) -> str:
-    """Render the rule over `stages` as ``tp -> cp -> ep -> ac -> fsdp``."""
+    """Render the rule over `stages` as ``tp -> cp -> ep -> ac -> compile -> fsdp``."""
     present = list(dict.fromkeys(stages))
     known = [s for s in BUILTIN_ORDER if s not in present] + present
     order = [known[i] for i in stable_sort(known, must_precede)]

@@ -27,25 +27,32 @@ def _buffer(module: nn.Module, name: str) -> torch.Tensor:
 def install_load_sync(model: nn.Module, group: dist.ProcessGroup) -> int:
     """Hook every MoE layer with counter buffers so their increments are summed over `group`.
 
-    Idempotent (a second call on the same layer does nothing). Returns the number of layers
-    hooked. Increments made while autograd runs backward (checkpoint recomputation, which the
-    model already refuses to count) are not reduced, so recomputation adds no collective.
+    The hooks sit on the layer's *block* (the increment of a block call is the layer's): under
+    `Compile` a block's module hooks run outside its compiled forward, so the snapshot and the
+    all-reduce (an in-place c10d collective) stay eager while the block compiles whole, and a
+    recomputation under `ActivationCheckpoint` (which calls the block's inner forward) never
+    triggers them. Idempotent (a second call on the same layer does nothing). Returns the
+    number of layers hooked. Increments made while autograd runs backward are not reduced, so
+    recomputation adds no collective.
     """
     hooked = 0
-    for layer in discover(model).moe_layers():
+    for block in discover(model).blocks:
+        layer = block.moe
+        if layer is None:
+            continue
         moe, names = layer.module, layer.counter_buffer_names
         if not names or getattr(moe, _INSTALLED, False):
             continue
         snapshots: dict[str, torch.Tensor] = {}
-        moe.register_forward_pre_hook(_snapshot(names, snapshots))
-        moe.register_forward_hook(_reduce_increment(names, snapshots, group))
+        block.module.register_forward_pre_hook(_snapshot(moe, names, snapshots))
+        block.module.register_forward_hook(_reduce_increment(moe, names, snapshots, group))
         moe.__dict__[_INSTALLED] = True
         hooked += 1
     return hooked
 
 
-def _snapshot(names: tuple[str, ...], snapshots: dict[str, torch.Tensor]) -> Any:
-    def hook(moe: nn.Module, args: Any) -> None:
+def _snapshot(moe: nn.Module, names: tuple[str, ...], snapshots: dict[str, torch.Tensor]) -> Any:
+    def hook(block: nn.Module, args: Any) -> None:
         for n in names:
             snapshots[n] = _buffer(moe, n).clone()
 
@@ -53,9 +60,12 @@ def _snapshot(names: tuple[str, ...], snapshots: dict[str, torch.Tensor]) -> Any
 
 
 def _reduce_increment(
-    names: tuple[str, ...], snapshots: dict[str, torch.Tensor], group: dist.ProcessGroup
+    moe: nn.Module,
+    names: tuple[str, ...],
+    snapshots: dict[str, torch.Tensor],
+    group: dist.ProcessGroup,
 ) -> Any:
-    def hook(moe: nn.Module, args: Any, output: Any) -> None:
+    def hook(block: nn.Module, args: Any, output: Any) -> None:
         if torch._C._current_graph_task_id() != -1:  # recompute inside backward: not counted
             snapshots.clear()
             return

@@ -168,7 +168,7 @@ def _handlers(model: nn.Module) -> dict[str, tuple[str, ...]]:
         facts = entry.facts
         if stage == "ep":
             chosen = set(facts.get("expert_params", ()))
-        elif stage == "ac":
+        elif stage in ("ac", "compile"):  # both record the blocks they wrap
             chosen = {
                 n for n in names if n.startswith(tuple(f"{b}." for b in facts.get("blocks", ())))
             }

@@ -18,16 +18,19 @@ from moetx.testing.parity import (
 )
 from moetx.testing.profiles import examples, load_profile
 from moetx.testing.ranks import (
+    BackendUnavailableError,
     BodyNotPicklableError,
     PoolStats,
     RankError,
     RankPool,
     RankTimeoutError,
     cached,
+    rank_device,
     warm_up,
 )
 
 __all__ = [
+    "BackendUnavailableError",
     "BodyNotPicklableError",
     "LiveActivationMeter",
     "ModelSnapshot",
@@ -47,6 +50,7 @@ __all__ = [
     "load_profile",
     "missing_gradients",
     "parameters",
+    "rank_device",
     "snapshot",
     "warm_up",
 ]

@@ -1,4 +1,4 @@
-"""The parent's handle on one rank process of a `RankPool`: start it, read its replies and logs."""
+"""The parent's handle on one rank process of a `RankPool`: start it, read replies and logs, report."""
 
 from __future__ import annotations
 
@@ -6,16 +6,47 @@ import contextlib
 import sys
 from typing import Any
 
+from moetx.core.errors import MoetxError
 from moetx.testing._worker import loads, rank_main
 
-__all__ = ["RankProcess"]
+__all__ = ["RankError", "RankProcess", "RankTimeoutError", "rank_error"]
+
+
+class RankError(MoetxError, RuntimeError):
+    """A rank body raised, or a rank process died; every rank has been killed and will restart.
+
+    Attributes:
+        failures: Rank -> formatted traceback or description, for every rank that did not return.
+        exceptions: Rank -> the exception the body raised, where it could be sent back.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        failures: dict[int, str],
+        exceptions: dict[int, BaseException] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.failures = failures
+        self.exceptions = exceptions or {}
+
+
+class RankTimeoutError(RankError):
+    """No rank raised, but some did not finish within the pool's timeout (deadlock or slow body)."""
 
 
 class RankProcess:
     """Parent-side handle of one rank process: its process, connection and log offsets."""
 
     def __init__(
-        self, ctx: Any, rank: int, world_size: int, store: str, timeout: float, log_base: str
+        self,
+        ctx: Any,
+        rank: int,
+        world_size: int,
+        store: str,
+        timeout: float,
+        log_base: str,
+        backend: str = "gloo",
     ) -> None:
         self.rank = rank
         self.logs = (log_base + ".out", log_base + ".err")
@@ -30,6 +61,7 @@ class RankProcess:
                 timeout,
                 child,
                 self.logs,
+                backend,
             ),
             name=f"moetx-rank{rank}",
             daemon=True,
@@ -90,3 +122,33 @@ class RankProcess:
             self.process.kill()
         self.process.join(5)
         self.conn.close()
+
+
+def rank_error(
+    what: str,
+    world_size: int,
+    failures: dict[int, str],
+    exceptions: dict[int, BaseException],
+    stuck: list[int],
+    timeout: float,
+    grace: float,
+) -> RankError:
+    """Build the error for a failed call: which ranks failed, how, and their tracebacks."""
+    lines = []
+    if failures:
+        names = ", ".join(map(str, sorted(failures)))
+        plural = "s" if len(failures) > 1 else ""
+        lines.append(f"{what} failed on rank{plural} {names} (of {world_size}).")
+    else:
+        names = ", ".join(map(str, stuck))
+        plural = "s" if len(stuck) > 1 else ""
+        lines.append(f"{what} did not finish on rank{plural} {names} within {timeout:g} s.")
+    for rank in stuck:
+        after = f"the {grace:g} s grace period" if failures else f"{timeout:g} s"
+        lines.append(f"  rank {rank}: still running after {after}; killed")
+    lines.append("  every rank was killed; the next `run` starts fresh ranks")
+    for rank, text in sorted(failures.items()):
+        lines.append(f"--- rank {rank} ---")
+        lines.append(text.rstrip())
+    cls = RankError if failures else RankTimeoutError
+    return cls("\n".join(lines), failures | dict.fromkeys(stuck, "killed"), exceptions)

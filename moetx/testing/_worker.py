@@ -1,7 +1,7 @@
-"""The rank side of `RankPool`: init gloo once, then run bodies and send back `torch.save` bytes.
+"""The rank side of `RankPool`: init the process group once, then run bodies, reply in bytes.
 
 Each rank process runs `rank_main`. It redirects its stdout/stderr to log files (the parent echoes
-them), starts gloo, then serves `(fn, args, kwargs)` messages until it reads `STOP` or its pipe
+them), starts gloo (or NCCL on its own CUDA device: `cuda:<rank>`), then serves `(fn, args, kwargs)` messages until it reads `STOP` or its pipe
 closes. Every reply is `(ok, result or formatted traceback, pickled exception or None)`, serialized with
 `torch.save` because tensors sent through mp queues die with the child (TORCH-CPU-NOTES §4.6).
 """
@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 STOP = b""  # sent to a rank to make it leave its loop and exit cleanly
+BACKENDS = ("gloo", "nccl")
+"""Process-group backends a `RankPool` can start: gloo on the CPU, NCCL with one GPU per rank."""
 _CP_OPTIONS_DEFAULTS: dict[str, Any] = {}
 
 
@@ -71,6 +73,16 @@ def _reject_dtensors(result: object) -> None:
         )
 
 
+def rank_device() -> torch.device:
+    """The device this rank computes on: `cuda:<its GPU>` under NCCL, else the CPU.
+
+    Rank bodies move their model and batch here, so one body serves gloo and NCCL pools alike.
+    """
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def dumps(obj: object) -> bytes:
     """Serialize `obj` with `torch.save` (functions by reference, tensors by value)."""
     buf = io.BytesIO()
@@ -104,8 +116,13 @@ def rank_main(
     timeout_s: float,
     conn: Connection,
     logs: tuple[str, str],
+    backend: str = "gloo",
 ) -> None:
-    """Entry point of a rank process: init gloo once, then serve calls until told to stop."""
+    """Entry point of a rank process: init the group once, then serve calls until told to stop.
+
+    Under NCCL, rank r binds `cuda:r` (`device_id`: the communicator starts eagerly, so a broken
+    GPU setup fails here, at start, rather than in the first body's first collective).
+    """
     for fd, path in zip((1, 2), logs, strict=True):
         log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(log, fd)
@@ -113,12 +130,17 @@ def rank_main(
     faulthandler.enable()
     torch.set_num_threads(1)  # one intra-op thread per rank: 2 cores, and fork-safe OpenMP (§4.7)
     try:
+        device = None
+        if backend == "nccl":
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
         dist.init_process_group(
-            "gloo",
+            backend,
             store=dist.FileStore(store_path, world_size),
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
+            device_id=device,
         )
         _snapshot_global_state()
         _reset_between_calls()

@@ -25,6 +25,11 @@ raises `RankError`; when no rank finishes within `timeout`, it kills them and ra
 Between calls each rank resets the torch globals a body may have changed (grad mode, default dtype,
 ...; see `moetx.testing._worker._reset_between_calls`).
 
+`RankPool(n, backend="nccl")` starts NCCL ranks instead, rank r on GPU `cuda:r` (it refuses a
+machine with fewer GPUs than ranks, `BackendUnavailableError`). A body written against
+`rank_device()` (move the model and the batch there; results come back as CPU copies through
+`full_tensor`) runs unchanged on both, so its gloo run proves everything but the device plumbing.
+
 Rank output (prints, warnings, faulthandler dumps) goes to per-rank log files that the parent copies
 to its own stdout/stderr after each call, each line prefixed with `[rank N]`; under pytest it is
 captured per test and shown only when the test fails.
@@ -44,12 +49,16 @@ from multiprocessing.connection import wait
 from typing import Any, TypeVar
 
 import attrs
+import torch
+import torch.distributed as dist
 
 from moetx.core.errors import MoetxError, WorldSizeError
-from moetx.testing._rank_process import RankProcess
-from moetx.testing._worker import STOP, dumps
+from moetx.testing._rank_process import RankError, RankProcess, RankTimeoutError, rank_error
+from moetx.testing._worker import BACKENDS, STOP, dumps, rank_device
 
 __all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
     "BodyNotPicklableError",
     "PoolStats",
     "RankError",
@@ -57,6 +66,7 @@ __all__ = [
     "RankTimeoutError",
     "WorldSizeError",
     "cached",
+    "rank_device",
     "warm_up",
 ]
 
@@ -80,31 +90,31 @@ PRELOAD = (
 )
 
 
-class RankError(MoetxError, RuntimeError):
-    """A rank body raised, or a rank process died; every rank has been killed and will restart.
-
-    Attributes:
-        failures: Rank -> formatted traceback or description, for every rank that did not return.
-        exceptions: Rank -> the exception the body raised, where it could be sent back.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        failures: dict[int, str],
-        exceptions: dict[int, BaseException] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.failures = failures
-        self.exceptions = exceptions or {}
-
-
-class RankTimeoutError(RankError):
-    """No rank raised, but some did not finish within the pool's timeout (deadlock or slow body)."""
-
-
 class BodyNotPicklableError(MoetxError, TypeError):
     """A rank body or its arguments cannot be pickled, so it cannot be sent to the ranks."""
+
+
+class BackendUnavailableError(MoetxError, RuntimeError):
+    """The pool's backend cannot run here (NCCL without one CUDA device per rank)."""
+
+
+def _check_backend(backend: str, world_size: int) -> None:
+    """Refuse an unknown backend, or NCCL without NCCL or one CUDA device per rank."""
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"`backend` ({backend!r}) must be one of {', '.join(map(repr, BACKENDS))}."
+        )
+    if backend != "nccl":
+        return
+    gpus = torch.cuda.device_count()
+    if gpus < world_size or not dist.is_nccl_available():
+        build = f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}"
+        nccl = "" if dist.is_nccl_available() else ", without NCCL"
+        raise BackendUnavailableError(
+            f"`RankPool({world_size}, backend='nccl')` needs one CUDA device per rank "
+            f"({world_size}), but this machine has {gpus} ({build}{nccl}).\n"
+            "  fix: run on a machine with that many GPUs, or use backend='gloo' (CPU)."
+        )
 
 
 @attrs.define
@@ -158,6 +168,10 @@ def _context() -> Any:
     """The forkserver context, with the preload list set (global to the forkserver)."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD))
+    # NCCL ranks use CUDA, which a fork after CUDA's initialisation breaks: should a preloaded
+    # import ask `torch.cuda.is_available()`, the forkserver (which inherits this environment
+    # when it starts) answers through NVML and leaves CUDA uninitialised.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     return ctx
 
 
@@ -173,7 +187,7 @@ def warm_up() -> None:
 
 
 class RankPool:
-    """N real ranks (gloo over a FileStore), started once and reused for many calls.
+    """N real ranks (gloo, or NCCL with one GPU each, over a FileStore), started once, reused.
 
     Args:
         world_size: Number of ranks.
@@ -182,9 +196,13 @@ class RankPool:
         grace: Seconds to wait for the other ranks once one has raised or died.
         pg_timeout: The gloo timeout (`init_process_group(timeout=...)`) when it should differ
             from `timeout`, e.g. shorter, to see a stalled collective fail inside a body.
+        backend: `"gloo"` (CPU) or `"nccl"`: rank r computes on `cuda:r` (bodies find their
+            device with `rank_device()`).
 
     Raises:
         WorldSizeError: `world_size` is below 1.
+        ValueError: `backend` is not one of `BACKENDS`.
+        BackendUnavailableError: NCCL, but no NCCL or fewer CUDA devices than ranks.
         RankError: A rank failed to start.
 
     Example:
@@ -199,9 +217,12 @@ class RankPool:
         timeout: float = 60.0,
         grace: float = 3.0,
         pg_timeout: float | None = None,
+        backend: str = "gloo",
     ) -> None:
         if world_size < 1:
             raise WorldSizeError(f"`world_size` ({world_size}) must be at least 1.")
+        _check_backend(backend, world_size)
+        self.backend = backend
         self.world_size = world_size
         self.timeout = timeout
         self.pg_timeout = timeout if pg_timeout is None else pg_timeout
@@ -223,7 +244,10 @@ class RankPool:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self._ranks else "stopped"
-        return f"RankPool(world_size={self.world_size}, {state}, starts={self.stats.starts})"
+        backend = "" if self.backend == "gloo" else f", backend={self.backend!r}"
+        return (
+            f"RankPool(world_size={self.world_size}{backend}, {state}, starts={self.stats.starts})"
+        )
 
     @property
     def pids(self) -> list[int]:
@@ -239,7 +263,7 @@ class RankPool:
         self._ranks = [
             RankProcess(
                 ctx, r, self.world_size, store, self.pg_timeout,
-                os.path.join(self._tmpdir, f"rank{r}-gen{gen}"),
+                os.path.join(self._tmpdir, f"rank{r}-gen{gen}"), self.backend,
             )
             for r in range(self.world_size)
         ]  # fmt: skip
@@ -329,7 +353,7 @@ class RankPool:
         self.stats.failures += 1
         self._kill()
         stuck = [r.rank for r in ranks if r.rank not in results and r.rank not in failures]
-        raise _rank_error(what, len(ranks), failures, exceptions, stuck, timeout, self.grace)
+        raise rank_error(what, len(ranks), failures, exceptions, stuck, timeout, self.grace)
 
     def _kill(self) -> None:
         for r in self._ranks:
@@ -350,33 +374,3 @@ class RankPool:
             r.echo()
         self._kill()
         shutil.rmtree(self._tmpdir, ignore_errors=True)
-
-
-def _rank_error(
-    what: str,
-    world_size: int,
-    failures: dict[int, str],
-    exceptions: dict[int, BaseException],
-    stuck: list[int],
-    timeout: float,
-    grace: float,
-) -> RankError:
-    """Build the error for a failed call: which ranks failed, how, and their tracebacks."""
-    lines = []
-    if failures:
-        names = ", ".join(map(str, sorted(failures)))
-        plural = "s" if len(failures) > 1 else ""
-        lines.append(f"{what} failed on rank{plural} {names} (of {world_size}).")
-    else:
-        names = ", ".join(map(str, stuck))
-        plural = "s" if len(stuck) > 1 else ""
-        lines.append(f"{what} did not finish on rank{plural} {names} within {timeout:g} s.")
-    for rank in stuck:
-        after = f"the {grace:g} s grace period" if failures else f"{timeout:g} s"
-        lines.append(f"  rank {rank}: still running after {after}; killed")
-    lines.append("  every rank was killed; the next `run` starts fresh ranks")
-    for rank, text in sorted(failures.items()):
-        lines.append(f"--- rank {rank} ---")
-        lines.append(text.rstrip())
-    cls = RankError if failures else RankTimeoutError
-    return cls("\n".join(lines), failures | dict.fromkeys(stuck, "killed"), exceptions)

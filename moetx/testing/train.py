@@ -21,7 +21,7 @@ from moetx.models import MoEConfig, MoETransformer, init_weights_
 from moetx.structure import discover
 from moetx.structure.tensors import local_bytes
 from moetx.testing.parity import compare, gradients, parameters
-from moetx.testing.ranks import cached
+from moetx.testing.ranks import cached, rank_device
 
 
 @attrs.frozen(kw_only=True)
@@ -74,9 +74,9 @@ def build_model(spec: TrainSpec, *, meta: bool = False) -> nn.Module:
     return model
 
 
-def materialize(model: nn.Module, spec: TrainSpec) -> nn.Module:
-    """Allocate a meta-built (possibly sharded) model on the CPU and run the deterministic init."""
-    model.to_empty(device="cpu")
+def materialize(model: nn.Module, spec: TrainSpec, device: torch.device | str = "cpu") -> nn.Module:
+    """Allocate a meta-built (possibly sharded) model on `device` and run the deterministic init."""
+    model.to_empty(device=device)
     init_weights_(model, spec.seed)
     return model
 
@@ -127,7 +127,7 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return {
-            "loss": out.loss.detach().clone(),
+            "loss": out.loss.detach().to("cpu", copy=True),
             "grads": grads,
             "grad_bytes": grad_bytes,
             # fwd + bwd + optimizer step, without the gradient gathering
@@ -170,13 +170,16 @@ def mesh_for(degrees: MeshDegrees) -> ParallelMesh:
 def _rank_setup(
     spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, *, meta: bool = False
 ) -> tuple[nn.Module, list[tuple[Any, ...]]]:
-    """This rank's parallelized model and its part of every global batch (`shard_batch`)."""
+    """This rank's parallelized model and its part of every global batch (`shard_batch`), on
+    the rank's device (`rank_device()`: the CPU under gloo, its GPU under NCCL)."""
     mesh = mesh_for(degrees)
-    model = pipeline.apply(build_model(spec, meta=meta), mesh)
+    device = rank_device()
+    model = build_model(spec, meta=meta)
+    model = pipeline.apply(model if meta else model.to(device), mesh)
     if meta:
-        materialize(model, spec)
+        materialize(model, spec, device)
     batches: list[tuple[Any, ...]] = [
-        tuple(shard_batch(model, mesh, ids, labels))
+        tuple(t if t is None else t.to(device) for t in shard_batch(model, mesh, ids, labels))
         for ids, labels in global_batches(spec, mesh.data_size)
     ]
     return model, batches

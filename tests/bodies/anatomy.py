@@ -1,6 +1,7 @@
 """Rank bodies for `benchmarks/step_anatomy.py`: one training step taken apart.
 
-For a pipeline on real gloo ranks: the step time, the time of the same model without any
+For a pipeline on real ranks (gloo on the CPU, or NCCL with one GPU each: models and batch live on
+`rank_device()`, and times wait for the device): the step time, the time of the same model without any
 parallelism on this rank's share of the batch (compute only), and every collective of one step
 by kind, mesh axis and bytes.
 """
@@ -19,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetx import ActivationCheckpoint, ContextParallel, MeshDegrees, ParallelMesh, Pipeline
+from moetx.testing.ranks import rank_device
 from moetx.testing.train import TrainSpec, build_model, global_batches, mesh_for
 
 
@@ -95,7 +97,14 @@ def _batch(spec: TrainSpec, pipeline: Pipeline, mesh: ParallelMesh) -> dict[str,
     if cp is not None and mesh.degrees.cp > 1:  # cp ranks share rows; each takes its part
         part, part_labels, positions = cp.shard_sequence(mesh, ids[rows], labels[rows])
         batch = {"input_ids": part, "labels": part_labels, "position_ids": positions}
-    return batch
+    device = rank_device()
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _sync() -> None:
+    """Wait for the device's queued work (CUDA), so a wall-clock time covers it."""
+    if rank_device().type == "cuda":
+        torch.cuda.synchronize()
 
 
 def anatomy(
@@ -117,8 +126,9 @@ def anatomy(
     """
     mesh = mesh_for(degrees)
     batch = _batch(spec, pipelines[0], mesh)
-    models = [p.apply(build_model(spec), mesh) for p in pipelines]
-    compute = build_model(spec)
+    device = rank_device()
+    models = [p.apply(build_model(spec).to(device), mesh) for p in pipelines]
+    compute = build_model(spec).to(device)
     ac = next((p for p in pipelines[0] if isinstance(p, ActivationCheckpoint)), None)
     if ac is not None:
         compute = ac.apply(compute, mesh)
@@ -133,9 +143,11 @@ def anatomy(
     times: list[list[float]] = [[] for _ in models]
     for n in range(warmup + steps):
         for i in range(len(models)):
+            _sync()
             dist.barrier()
             start = time.perf_counter()
             step(i)
+            _sync()
             if n >= warmup:
                 times[i].append(time.perf_counter() - start)
     out = []
@@ -159,7 +171,7 @@ def step_collectives(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) 
     """Collectives of the second training step (after FSDP2's lazy init), counted by kind."""
     mesh = mesh_for(degrees)
     batch = _batch(spec, pipeline, mesh)
-    model = pipeline.apply(build_model(spec), mesh)
+    model = pipeline.apply(build_model(spec).to(rank_device()), mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
     counter = AxisCounter(axis_names(mesh))
     for i in range(2):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -16,7 +17,13 @@ from moetx.core.errors import ActivationCheckpointError, NoMoELayersError, PassP
 from moetx.core.options import at_least, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
-from moetx.passes.activation_checkpoint.contexts import SAVED_OPS, BlockState, RouterScope
+from moetx.passes.activation_checkpoint import compiled
+from moetx.passes.activation_checkpoint.contexts import (
+    SAVED_OPS,
+    BlockState,
+    RouterScope,
+    block_contexts,
+)
 from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.structure.discovery import Block, discover
 from moetx.structure.swap import swap_class
@@ -148,6 +155,7 @@ class ActivationCheckpoint(Pass):
         for block in self._blocks(model):
             if self.mode != "full" and block.moe is not None:
                 router = block.moe.router
+                compiled.register_router_class(type(router))
                 scope.names[router] = block.moe.router_fqn
                 router.register_forward_pre_hook(scope.enter)
                 router.register_forward_hook(scope.exit, always_call=True)
@@ -179,8 +187,12 @@ class _CheckpointedBlock(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         state: BlockState = self.__dict__[_STATE_ATTR]
+        if torch.compiler.is_compiling():  # traced: torch's contexts with moetx's policy
+            context_fn = compiled.context_fn(state.mode)
+        else:
+            context_fn = functools.partial(block_contexts, state)
         return checkpoint(
-            super().forward, *args, use_reentrant=False, context_fn=state.context_fn, **kwargs
+            super().forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs
         )
 
 

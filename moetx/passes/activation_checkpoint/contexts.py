@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from moetx.core.errors import ActivationCheckpointError
 from moetx.passes.activation_checkpoint.saved import Cache, SavedStore
 
-__all__ = ["SAVED_OPS", "BlockState", "RouterScope"]
+__all__ = ["SAVED_OPS", "BlockState", "RouterScope", "block_contexts", "router_saves"]
 
 
 def _ops(namespace: str, *names: str) -> frozenset[Any]:
@@ -63,7 +63,8 @@ _CAST_OPS: frozenset[Any] = _ops("aten", "_to_copy")
 # ------------------------------------------------------------------------- what is saved
 
 
-def _router_saves(op: Any) -> bool:
+def router_saves(op: Any) -> bool:
+    """Whether a router call saves the output of `op` (all but casts, views, in-place ops)."""
     # Inside a router everything is saved except dtype casts and views (cheap, deterministic, and
     # saving them could keep the [T, H] input alive) and in-place ops (side effects: they rerun in
     # a recomputation, on the saved tensors' copies (`SavedStore`), and the buffer snapshot/restore
@@ -108,11 +109,15 @@ class RouterScope:
         self.names: dict[nn.Module, str] = {}
 
     def enter(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():  # traced: the compiled policy finds routers itself
+            return
         self.depth += 1
         if self.depth == 1 and self.active is not None:
             self.active.enter_router(self.names.get(module, type(module).__name__))
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
         if self.depth == 1 and self.active is not None:
             self.active.exit_router(output)
         self.depth = max(0, self.depth - 1)
@@ -193,7 +198,7 @@ class _Checkpointing:
             return
         self.router_call += 1
         if self.phase == 0:
-            caches.routers.append(Cache(_router_saves, caches.store, name, caches.mode))
+            caches.routers.append(Cache(router_saves, caches.store, name, caches.mode))
         elif self.router_call >= len(caches.routers):
             raise ActivationCheckpointError(
                 f"A recomputation called more routers than the forward did "
@@ -257,9 +262,15 @@ class BlockState:
     buffers: tuple[torch.Tensor, ...]
     fqn: str
 
-    def context_fn(self) -> tuple[_Checkpointing, _Checkpointing]:
-        caches = None if self.mode == "full" else _Caches(self.fqn, self.mode)
-        return (
-            _Checkpointing(self.scope, caches, 0),
-            _Checkpointing(self.scope, caches, 1, restore=self.buffers),
-        )
+
+def block_contexts(state: BlockState) -> tuple[_Checkpointing, _Checkpointing]:
+    """The eager forward and recompute contexts of one call of the block `state` describes.
+
+    A module-level function (bound with `functools.partial`), not a method: `checkpoint` calls
+    `context_fn()` with no arguments, and dynamo rejects bound methods there.
+    """
+    caches = None if state.mode == "full" else _Caches(state.fqn, state.mode)
+    return (
+        _Checkpointing(state.scope, caches, 0),
+        _Checkpointing(state.scope, caches, 1, restore=state.buffers),
+    )

@@ -30,6 +30,7 @@ from moetx.core.order import Placement
 from moetx.core.record import Applied, applied_passes, find_applied
 from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.passes.foreign import refuse_foreign_parallelism
+from moetx.passes.fsdp.compiled import drive_nested_units
 from moetx.passes.fsdp.reshard import AUTO, choose_resident, experts_are_units, joining_root
 from moetx.passes.load_sync import install_load_sync
 from moetx.structure.discovery import ModelStructure, discover
@@ -308,11 +309,8 @@ class FSDP(Pass):
 
     def _offload(self) -> OffloadPolicy:
         # pin_memory needs an accelerator: the default fails on CPU-only builds (notes §4.3).
-        return (
-            CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-            if self.cpu_offload
-            else OffloadPolicy()
-        )
+        pinned = torch.cuda.is_available()
+        return CPUOffloadPolicy(pin_memory=pinned) if self.cpu_offload else OffloadPolicy()
 
     def _apply(
         self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]
@@ -337,6 +335,8 @@ class FSDP(Pass):
             if moe is not None and "router" in self.fp32_modules and self.param_dtype:
                 shard(moe.router, fp32=True)
             shard(block.module)
+            if find_applied(record, "compile"):  # nested units outside the compiled forward
+                drive_nested_units(block.module)
         if not s.tied_embeddings:
             joined = joining_root(model, s, self, record)
             if not any(s.embedding is j for j in joined):

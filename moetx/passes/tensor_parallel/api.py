@@ -61,7 +61,7 @@ class TensorParallel(Pass):
     token ranks (`MeshDegrees.token_ranks`: the world without tp), and expert gradients are
     divided by that count, never by the world (which would shrink them T times).
 
-    Stage `tp`: first of all (`tp -> cp -> ep -> ac -> fsdp`), as in the reference
+    Stage `tp`: first of all (`tp -> cp -> ep -> ac -> compile -> fsdp`), as in the reference
     parallelizer and torchtitan: FSDP2 then shards the TP DTensors into 2-D `(dp, tp)`
     placements. `apply` consumes its input: it mutates the model in place and returns it.
 
