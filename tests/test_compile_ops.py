@@ -97,6 +97,14 @@ def test_ep_block_compiles_whole_4_ranks(pool4):
         _check(case, pool4.run(bodies.eager_then_compiled, case))
 
 
+def test_ep_block_compiles_inside_checkpoint_2_ranks(pool2):
+    """The EP block under a checkpoint traced by dynamo (its higher-order op refuses side
+    effects such as swapping module parameters): one graph, no break, eager numerics."""
+    for dispatcher in DISPATCHERS:
+        case = BlockCase(dispatcher=dispatcher, routing_bias=True, checkpoint=True)
+        _check(case, pool2.run(bodies.eager_then_compiled, case))
+
+
 def test_ep_block_dynamic_shapes_2_ranks(pool2):
     """`dynamic=True` (symbolic token counts): still one graph, no break, eager numerics."""
     for dispatcher in DISPATCHERS:

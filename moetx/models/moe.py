@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +137,11 @@ class RoutedExperts(nn.Module):
         intermediate_size: I.
         dtype: Parameter dtype.
     """
+
+    #: The forward reads its parameters through `to_local` and E from the local shard, so
+    #: `ExpertParallel` calls it as is, without swapping local tensors into `_parameters` (a
+    #: side effect `torch.compile` refuses inside an activation checkpoint).
+    moetx_shard_aware: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -39,6 +39,8 @@ class BlockCase:
         backend: `torch.compile` backend (`"aot_eager"` or `"inductor"`).
         fullgraph: `torch.compile(fullgraph=...)`.
         dynamic: `torch.compile(dynamic=...)`.
+        checkpoint: Compile the block wrapped in a non-reentrant `torch.utils.checkpoint`
+            (dynamo's checkpoint higher-order op, which refuses side effects inside it).
         seed: Seeds the weights and the data.
     """
 
@@ -49,6 +51,7 @@ class BlockCase:
     backend: str = "aot_eager"
     fullgraph: bool = True
     dynamic: bool | None = None
+    checkpoint: bool = False
     seed: int = 0
 
     @property

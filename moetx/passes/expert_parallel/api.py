@@ -212,11 +212,16 @@ class _ExpertParallelExperts(nn.Module):
         tokens, expert_ids, plan = dispatcher.dispatch(hidden, top_k_index, top_k_weights)
         local = {name: to_local(getattr(self, name)) for name in state.param_names}
         ones = torch.ones(tokens.shape[0], 1, dtype=top_k_weights.dtype, device=tokens.device)
-        saved = _swap_in(self, state, local)
-        try:
+        if getattr(type(self), "moetx_shard_aware", False):
+            # It takes its local shard itself (moetx's `RoutedExperts`): no module mutation,
+            # which dynamo refuses inside a checkpointed region.
             out = super().forward(tokens, expert_ids.unsqueeze(1), ones)
-        finally:
-            _swap_out(self, state, saved)
+        else:
+            saved = _swap_in(self, state, local)
+            try:
+                out = super().forward(tokens, expert_ids.unsqueeze(1), ones)
+            finally:
+                _swap_out(self, state, saved)
         if torch.compiler.is_compiling() or tokens.shape[0] == 0:
             # No token reached this rank: tie the (empty) output to the local parameters so
             # they get zero gradients, never None, even if the experts skip unused weights.

@@ -79,8 +79,9 @@ class AllToAllPlan(NamedTuple):
 
     Attributes:
         unsort: `[T*k]` inverse of the stable sort of the (token, k) copies by global expert id.
-        input_splits: `[D]` int64: copies this rank sent to each ep rank.
-        output_splits: `[D]` int64: copies this rank received from each ep rank.
+        input_splits: Copies this rank sent to each ep rank (a list eagerly, a `[D]` int64
+            tensor while compiling).
+        output_splits: Copies this rank received from each ep rank (likewise).
         restore: `[N]` inverse of the received-order permutation: maps the expert-major rows
             (`[local expert][src rank]`) back to the received order (`[src rank][local expert]`).
         top_k_weights: `[T, k]` routing weights, applied here, on the sending rank, after the
@@ -88,8 +89,8 @@ class AllToAllPlan(NamedTuple):
     """
 
     unsort: Tensor
-    input_splits: Tensor
-    output_splits: Tensor
+    input_splits: Tensor | list[int]
+    output_splits: Tensor | list[int]
     restore: Tensor
     top_k_weights: Tensor
 
@@ -155,8 +156,14 @@ class AllToAllDispatcher(EPGroup):
             recv_per_expert = funcol.all_to_all_single(sent_per_expert, None, None, self.group_name)
             # [src rank][local expert] -> copies this rank receives.
             recv_grid = recv_per_expert.view(d, local_e)
-            input_splits = sent_per_expert.view(d, local_e).sum(1)
-            output_splits = recv_grid.sum(1)
+            sent_tensor, recv_tensor = sent_per_expert.view(d, local_e).sum(1), recv_grid.sum(1)
+            input_splits: Tensor | list[int] = sent_tensor
+            output_splits: Tensor | list[int] = recv_tensor
+            if not torch.compiler.is_compiling():
+                # Eager: the host syncs for the split sizes happen here, once per layer (a sync
+                # in combine or backward would stall the CPU behind the experts' kernels).
+                # Compiled, they stay tensors, inputs of the opaque `ops.all_to_all`.
+                input_splits, output_splits = sent_tensor.tolist(), recv_tensor.tolist()
             order = torch.argsort(flat, stable=True)
             expert_ids, permutation = ops.receive_layout(recv_grid)
         routed = hidden[order // k]

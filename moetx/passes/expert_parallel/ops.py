@@ -12,7 +12,7 @@ to dispatch modes such as selective activation checkpointing) do not change.
 Functions (each rank of the group calls each with its own data):
 
 - `all_to_all(x, output_splits, input_splits, group_name)`: uneven all-to-all of rows, with
-  autograd; splits are `[D]` int64 tensors.
+  autograd; splits are lists (eager) or `[D]` int64 tensors (compiling).
 - `gather_padded(x, counts, fill, group_name)`: every rank's rows, each block padded with `fill` to
   the largest count, `[D * max(counts), ...]`, with autograd (backward: `scatter_padded`).
 - `scatter_padded(x, counts, rows, group_name)`: reduce-scatter (sum) of `[D * max(counts), ...]`,
@@ -88,24 +88,29 @@ _all_to_all_op.register_autograd(_all_to_all_backward, setup_context=_all_to_all
 
 
 def all_to_all(
-    x: Tensor, output_splits: Tensor, input_splits: Tensor, group_name: GroupName
+    x: Tensor,
+    output_splits: Tensor | list[int],
+    input_splits: Tensor | list[int],
+    group_name: GroupName,
 ) -> Tensor:
     """Uneven all-to-all of the rows of `x` (autograd: the reverse all-to-all).
 
     Args:
         x: `[sum(input_splits), ...]` rows, grouped by destination rank.
-        output_splits: `[D]` int64: rows this rank receives from each rank.
-        input_splits: `[D]` int64: rows this rank sends to each rank.
+        output_splits: Rows this rank receives from each rank: a list, or a `[D]` int64 tensor
+            (which must be one while compiling).
+        input_splits: Rows this rank sends to each rank, likewise.
         group_name: The process group's name.
 
     Returns:
         `[sum(output_splits), ...]`, grouped by source rank.
     """
     if torch.compiler.is_compiling():
+        assert isinstance(output_splits, Tensor) and isinstance(input_splits, Tensor)
         return _all_to_all_op(x, output_splits, input_splits, group_name, None)
-    return funcol.all_to_all_single_autograd(
-        x, output_splits.tolist(), input_splits.tolist(), group_name
-    )
+    out_list = output_splits if isinstance(output_splits, list) else output_splits.tolist()
+    in_list = input_splits if isinstance(input_splits, list) else input_splits.tolist()
+    return funcol.all_to_all_single_autograd(x, out_list, in_list, group_name)
 
 
 def _receive_layout_eager(recv_grid: Tensor) -> tuple[Tensor, Tensor]:
