@@ -3,6 +3,7 @@ activation memory, and composition with `ExpertParallel` and FSDP2 on real ranks
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.utils.checkpoint import (
     CheckpointError,
     CheckpointPolicy,
@@ -38,6 +40,7 @@ from moetx.passes.activation_checkpoint.api import (
     ActivationCheckpointError,
     is_checkpointed,
 )
+from moetx.passes.activation_checkpoint.contexts import BlockState, RouterScope, block_contexts
 from moetx.planning.meter import LiveActivationMeter
 from moetx.structure.discovery import discover
 from moetx.testing import compare, examples, fake_world, gradients
@@ -555,6 +558,37 @@ def test_torch_sac_allowing_cache_mutation_gives_wrong_gradients():
     out.square().sum().backward()
     with pytest.raises(AssertionError, match="gradients do not match"):
         compare(expected, {"hidden": hidden.grad, "experts": gradients(experts)}, **EXACT)
+
+
+def test_selective_mode_copies_saved_dtensors_before_in_place_changes(mesh: ParallelMesh):
+    """Under TP the matmuls run on DTensors, so selective mode saves DTensor outputs, which have
+    no storage of their own (the cache keys and copies them by their local shard): a bias added
+    in place to one must not reach the recomputation. Gradients bitwise those without
+    checkpointing (the bias added twice, or an 'invalid python storage' error, otherwise)."""
+    dmesh, rep = mesh["dp_shard_cp"], [Replicate()]
+    torch.manual_seed(0)
+    w, bias, out = (torch.randn(*shape) for shape in ((8, 4), (8,), (2, 8)))
+    x = torch.randn(6, 4, requires_grad=True)
+    params = [distribute_tensor(t, dmesh, rep).requires_grad_() for t in (w, bias, out)]
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        h = DTensor.from_local(x, dmesh, rep) @ params[0].T
+        h.add_(params[1])  # in place on the saved `mm` output
+        return (F.silu(h) @ params[2].T).to_local()
+
+    def grads() -> dict[str, Any]:
+        got = {"x": x.grad, **{str(i): p.grad.to_local() for i, p in enumerate(params)}}
+        x.grad = None
+        for p in params:
+            p.grad = None
+        return got
+
+    block(x).square().sum().backward()
+    expected = grads()
+    state = BlockState("selective", RouterScope(), (), "block")
+    context_fn = functools.partial(block_contexts, state)
+    checkpoint(block, x, use_reentrant=False, context_fn=context_fn).square().sum().backward()
+    compare(expected, grads(), **EXACT)
 
 
 class ScaleInPlace:

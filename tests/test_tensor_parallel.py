@@ -386,3 +386,30 @@ def test_hf_tensor_and_context_parallel_together(pool4):
     degrees = MeshDegrees(dp_shard=1, cp=2, ep=2, tp=2)
     results = pool4.run(hf_cp_rank_train, spec, pipeline, degrees)
     assert_matches_reference(results, hf_cp_reference(spec, 1), atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------- activation checkpoint modes
+
+AC_MODES = ("full", "router", "selective")
+
+
+@pytest.mark.parametrize("tp", [TP, SP], ids=["tp", "sp"])
+@pytest.mark.parametrize("mode", AC_MODES)
+def test_tensor_parallel_with_each_checkpoint_mode_trains_like_one_process(pool2, mode, tp):
+    """tp=2 on 2 ranks under every `ActivationCheckpoint` mode (selective saves TP's collective
+    outputs), with and without sequence parallelism: every gradient each step."""
+    spec = attrs.evolve(SPEC, config=attrs.evolve(CONFIG, aux_loss_coef=0.01))
+    pipeline = tp | ActivationCheckpoint(mode=mode)
+    degrees = MeshDegrees(dp_shard=1, tp=2)
+    assert_training_parity(pool2.run(rank_train, spec, pipeline, degrees), spec, degrees)
+
+
+@pytest.mark.parametrize("tp", [TP, SP], ids=["tp", "sp"])
+@pytest.mark.parametrize("mode", AC_MODES)
+def test_tensor_parallel_fsdp_with_each_checkpoint_mode_trains_like_one_process(pool4, mode, tp):
+    """dp_shard 2 x tp 2 on 4 ranks, `tp | ActivationCheckpoint(mode) | FSDP()`, every second
+    block checkpointed in one case: every gradient each step and the final parameters."""
+    spec = attrs.evolve(SPEC, config=attrs.evolve(CONFIG, aux_loss_coef=0.01))
+    pipeline = tp | ActivationCheckpoint(mode=mode, every=2 if mode == "full" else 1) | FSDP()
+    degrees = MeshDegrees(dp_shard=2, tp=2)
+    assert_training_parity(pool4.run(rank_train, spec, pipeline, degrees), spec, degrees)

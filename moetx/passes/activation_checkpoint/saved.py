@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.checkpoint import SAC_IGNORED_OPS
 
 from moetx.core.errors import ActivationCheckpointError
@@ -61,13 +62,34 @@ def _detach(t: torch.Tensor) -> torch.Tensor:
         return t.detach()
 
 
-def _storage_key(t: object) -> int | None:
-    """The address of `t`'s memory, or None for tensors without plain storage (or empty ones)."""
+def _plain(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding `t`'s memory: `t`, or a wrapper subclass's inner tensors.
+
+    A traceable wrapper subclass (a DTensor under `TensorParallel`/`FSDP`, whose outputs the
+    caches see when a matmul runs on DTensor operands) has no memory of its own: its storage is
+    invalid and `data_ptr()` raises. Its memory is that of its inner tensors (a DTensor's local
+    shard), which plain ops on `to_local()` views of it also write to.
+    """
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    inner = (getattr(t, name) for name in names)  # a DTensor also lists its device mesh
+    return [leaf for x in inner if isinstance(x, torch.Tensor) for leaf in _plain(x)]
+
+
+def _storage_keys(t: object) -> list[int]:
+    """The addresses of the memory `t` lives in (none for non-tensors, sparse or empty ones)."""
     if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+        return []
+    return [key for leaf in _plain(t) if (key := _plain_key(leaf)) is not None]
+
+
+def _plain_key(t: torch.Tensor) -> int | None:
+    if t.layout != torch.strided:
         return None
     try:
         storage = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # wrapper subclasses (DTensor) have none
+    except (RuntimeError, NotImplementedError):  # a subclass that does not flatten: unwatched
         return None
     if not storage.nbytes():
         return None
@@ -127,8 +149,7 @@ class SavedStore:
         self.by_storage: dict[int, list[_Saved]] = {}
 
     def add(self, saved: _Saved) -> _Saved:
-        key = _storage_key(saved.tensor)
-        if key is not None:
+        for key in _storage_keys(saved.tensor):
             self.by_storage.setdefault(key, []).append(saved)
         return saved
 
@@ -140,24 +161,44 @@ class SavedStore:
     def copy_out(self, tensors: Any) -> None:
         """Move the saved tensors that share storage with any of `tensors` onto copies."""
         for t in pytree.tree_leaves(tensors):
-            key = _storage_key(t)
-            group = self.by_storage.pop(key, None) if key is not None else None
-            if group:
-                _copy(group)
+            for key in _storage_keys(t):
+                group = self.by_storage.pop(key, None)
+                if group:
+                    _copy(group)
 
     def clear(self) -> None:
         self.by_storage.clear()
 
 
 def _copy(group: list[_Saved]) -> None:
-    """Give `group` (saved tensors on one storage) one fresh copy of it, keeping their views."""
+    """Give `group` (saved tensors on one storage) fresh copies of their memory, keeping their
+    views (one copy per storage) and wrapper subclasses (rebuilt around copied inner tensors)."""
+    clones: dict[int, torch.UntypedStorage] = {}
+
+    def copy_plain(t: torch.Tensor) -> torch.Tensor:
+        key = _plain_key(t)
+        if key is None:
+            return t.clone()
+        if key not in clones:
+            clones[key] = t.untyped_storage().clone()
+        copy = torch.empty(0, dtype=t.dtype, device=t.device)
+        copy.set_(clones[key], t.storage_offset(), t.size(), t.stride())
+        return copy
+
     with torch.no_grad():
-        storage = group[0].tensor.untyped_storage().clone()
         for saved in group:
-            t = saved.tensor
-            copy = torch.empty(0, dtype=t.dtype, device=t.device)
-            copy.set_(storage, t.storage_offset(), t.size(), t.stride())
-            saved.tensor, saved.version = copy, copy._version
+            saved.tensor = _map_plain(saved.tensor, copy_plain)
+            saved.version = saved.tensor._version
+
+
+def _map_plain(t: torch.Tensor, fn: Any) -> torch.Tensor:
+    """`t` with `fn` applied to each plain tensor holding its memory (see `_plain`)."""
+    if not is_traceable_wrapper_subclass(t):
+        return fn(t)  # type: ignore[no-any-return]
+    names, ctx = t.__tensor_flatten__()
+    inner = {name: getattr(t, name) for name in names}
+    inner = {k: _map_plain(x, fn) if isinstance(x, torch.Tensor) else x for k, x in inner.items()}
+    return type(t).__tensor_unflatten__(inner, ctx, t.size(), t.stride())  # type: ignore[attr-defined, no-any-return]
 
 
 class Cache:
