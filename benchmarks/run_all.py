@@ -75,8 +75,9 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
             "--steps",
             "9",
             "--fsdp",
+            "fsdp(reshard_after_forward=True)",
             "fsdp",
-            "fsdp(reshard_after_forward='auto', min_unit_bytes=1048576)",
+            "fsdp(min_unit_bytes=1048576)",
         ],
         "Step anatomy: step time vs compute only, collectives by kind and axis",
         "Issue 17's workload (hidden 64, 4 layers, 8 experts top-2, seq 64, global batch 8, "
@@ -84,9 +85,10 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
         "first row of its pipeline, steps interleaved), the same model "
         "without parallelism on each rank's share of the batch (interleaved, all ranks at once), "
         "their ratio, and one step's collectives by kind and mesh axis with their bytes; "
-        "each pipeline with the default FSDP (`reshard_after_forward=True`, `min_unit_bytes=0`), "
-        "then with issue 17's opt-in policy (`'auto'`, small embedding and lm head in the root "
-        "unit).",
+        "each pipeline with FSDP as before issue 17 (`reshard_after_forward=True`), with the "
+        "default (`'auto'`: units gathered once per step when they fit), and with "
+        "`min_unit_bytes=1 << 20` (small embedding and lm head in the root unit, consecutive "
+        "small blocks in one unit).",
     ),
     (
         "overlap.py",

@@ -13,9 +13,11 @@ gradients, tokens sent), averaged over ranks. Collective counts and bytes are de
 times are not (compare ratios within one run).
 
 Run: `python -m benchmarks.step_anatomy [--steps 5] [--ranks 2 4] [--fsdp fsdp ...]
-[--backend nccl]`; each `--fsdp` text (a `Pipeline.parse` step, e.g.
-`"fsdp(reshard_after_forward=True)"`) gives one row per pipeline and mesh. `--backend nccl` runs
-the ranks on one GPU each (`make gpu-check`), with times that wait for the GPU.
+[--ep ep ...] [--pipelines ep ...] [--backend nccl]`; each `--fsdp` text (a `Pipeline.parse`
+step, e.g. `"fsdp(reshard_after_forward=True)"`) gives one row per pipeline and mesh, for each
+`--ep` text (e.g. `"ep(dispatcher='all_gather')"`), all their steps interleaved; `--pipelines`
+keeps only the named pipelines (text before fsdp, as in `CASES`). `--backend nccl` runs the
+ranks on one GPU each (`make gpu-check`), with times that wait for the GPU.
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--fsdp", nargs="+", default=["fsdp"], help="FSDP steps to compare")
     ap.add_argument("--backend", choices=BACKENDS, default="gloo")
+    heads = list(dict.fromkeys(h for h, _, _ in CASES))
+    ap.add_argument(
+        "--pipelines", nargs="+", choices=heads, default=heads, help="pipelines before fsdp"
+    )
+    ap.add_argument(
+        "--ep", nargs="+", default=["ep"], help="ep steps to compare (each with every --fsdp)"
+    )
     args = ap.parse_args()
     print(
         "| ranks | pipeline | mesh | step ms | step vs first row | compute ms | step / compute | "
@@ -81,9 +90,15 @@ def main() -> None:
     for world in args.ranks:
         with RankPool(world, timeout=900, backend=args.backend) as pool:
             for head, w, degrees in CASES:
-                if w != world:
+                if w != world or head not in args.pipelines:
                     continue
-                pipelines = [Pipeline.parse(f"{head}|{fsdp}") for fsdp in args.fsdp]
+                pipelines = [
+                    Pipeline.parse(
+                        "|".join([*(ep if s == "ep" else s for s in head.split("|")), f])
+                    )
+                    for ep in args.ep
+                    for f in args.fsdp
+                ]
                 rows = GLOBAL_ROWS // (degrees.dp_replicate * degrees.dp_shard)
                 spec = TrainSpec(config=CONFIG, rows_per_rank=rows, seq_len=SEQ, lr=1e-3)
                 res = pool.run(anatomy, spec, pipelines, degrees, steps=args.steps)

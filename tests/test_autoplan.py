@@ -82,13 +82,14 @@ def cases(draw: st.DrawFn, *, world_size: int) -> tuple[Pipeline, MeshDegrees, s
 @st.composite
 def fsdps(draw: st.DrawFn) -> FSDP:
     """FSDP in fp32 or mixed (bf16 all-gathers, fp32 reduce-scatters, an fp32 router unit),
-    resharding every unit or by the "auto" policy, with the small units joined to the root or not."""
+    resharding every unit or by the "auto" policy, with the small units merged or not (4096 bytes:
+    the blocks of `CONFIG` in pairs in fp32, all in one unit in bf16; 1 MiB: all in one)."""
     mixed = draw(st.booleans())
     return FSDP(
         param_dtype="bfloat16" if mixed else None,
         reduce_dtype="float32" if mixed else None,
         reshard_after_forward=draw(st.sampled_from([True, "auto"])),
-        min_unit_bytes=draw(st.sampled_from([0, 1 << 20])),
+        min_unit_bytes=draw(st.sampled_from([0, 4096, 1 << 20])),
     )
 
 
@@ -158,13 +159,14 @@ def test_auto_policy_keeps_what_real_ranks_keep(pool4: RankPool, degrees, fsdp, 
 
 
 def test_auto_policy_units_and_budget_follow_the_pass():
-    """The units "auto" keeps and those `min_unit_bytes` joins to the root are the pass's own
+    """The units "auto" keeps and those `min_unit_bytes` joins or groups are the pass's own
     (`FSDP.facts`), on a mesh where only some fit."""
     spec = attrs.evolve(SPEC, frozen=("model.layers.1", "lm_head"))
     degrees = MeshDegrees(dp_shard=4, ep=2)
     for fsdp in (
         FSDP(reshard_after_forward="auto"),
         FSDP(reshard_after_forward="auto", min_unit_bytes=1 << 20),
+        FSDP(reshard_after_forward="auto", min_unit_bytes=4096),  # blocks in pairs
     ):
         pipeline = ExpertParallel() | fsdp
         model = build_model(spec, meta=True)

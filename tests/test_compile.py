@@ -229,19 +229,26 @@ def _assert_compiled_parity(results: list[dict[str, Any]], spec: TrainSpec, data
         assert r["graphs"] == {f: (1, 0) for f in blocks}, r["reasons"]
 
 
-def test_ep_compile_fsdp_fullgraph_matches_one_process_on_2_ranks(pool2):
-    """ep = world = 2, `fullgraph=True`: every gradient each step, one graph per block."""
-    pipe = ExpertParallel() | Compile(backend=BACKEND, fullgraph=True) | FSDP()
+@pytest.mark.parametrize("min_unit_bytes", [0, 1 << 20], ids=["per-block", "grouped"])
+def test_ep_compile_fsdp_fullgraph_matches_one_process_on_2_ranks(pool2, min_unit_bytes):
+    """ep = world = 2, `fullgraph=True`: every gradient each step, one graph per block; also
+    with every block in one FSDP unit (`min_unit_bytes`: each block's compiled forward runs
+    between the group's hooks)."""
+    fsdp = FSDP(min_unit_bytes=min_unit_bytes)
+    pipe = ExpertParallel() | Compile(backend=BACKEND, fullgraph=True) | fsdp
     degrees = MeshDegrees(dp_shard=2, ep=2)
     _assert_compiled_parity(pool2.run(compiled_train, SPEC, pipe, degrees), SPEC, 2)
 
 
-def test_bf16_fsdp_with_an_fp32_router_unit_compiles_whole_like_eager_on_2_ranks(pool2):
+@pytest.mark.parametrize("min_unit_bytes", [0, 1 << 20], ids=["per-block", "grouped"])
+def test_bf16_fsdp_with_an_fp32_router_unit_compiles_whole_like_eager_on_2_ranks(
+    pool2, min_unit_bytes
+):
     """`param_dtype="bfloat16"`: each router is its own fp32 FSDP unit nested in its block (its
     input cast done by a traced hook), the experts another; `fullgraph=True` holds, and every
-    loss and gradient equals the same pipeline run eagerly."""
+    loss and gradient equals the same pipeline run eagerly; also with the blocks grouped."""
     spec = attrs.evolve(SPEC, param_dtype="bfloat16")
-    fsdp = FSDP(param_dtype="bfloat16", reduce_dtype="float32")
+    fsdp = FSDP(param_dtype="bfloat16", reduce_dtype="float32", min_unit_bytes=min_unit_bytes)
     degrees = MeshDegrees(dp_shard=2, ep=2)
     eager = pool2.run(rank_train, spec, ExpertParallel() | fsdp, degrees)
     pipe = ExpertParallel() | Compile(backend=BACKEND, fullgraph=True) | fsdp

@@ -7,9 +7,10 @@ sharded training state; the plan reports the bytes, and real ranks hold exactly 
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
-from moetx import FSDP, ExpertParallel, MeshDegrees, PassOptionError, Pipeline
+from moetx import FSDP, ActivationCheckpoint, ExpertParallel, MeshDegrees, PassOptionError, Pipeline
 from moetx.models import MoEConfig
 from moetx.planning.plan import plan
 from moetx.testing import RankPool
@@ -27,9 +28,10 @@ WORKLOAD = TrainSpec(
 )  # fmt: skip
 SMALL = MoEConfig(num_experts=4, num_shared_experts=1)
 # On 4 ranks the frozen parameters shrink the budget (no gradients, no AdamW state): "auto"
-# keeps 3 of the 5 units gathered and reshards the other 2.
+# keeps 3 of the 4 units gathered (the 2 small blocks share one) and reshards the other.
 PARTIAL = TrainSpec(config=SMALL, frozen=("model.layers.1", "lm_head"))
-# Issue 17's policy (the default) with the small units joined to the root.
+# Issue 17's policy (the default) with the small units merged (blocks grouped, embedding and
+# lm head in the root).
 AUTO = FSDP(reshard_after_forward="auto", min_unit_bytes=1 << 20)
 
 
@@ -69,12 +71,22 @@ def test_a_misspelt_auto_is_refused_with_the_spelling() -> None:
 @pytest.mark.parametrize(
     ("fsdp", "expected"),
     [
-        # 5 dense units (4 blocks; the root, which the small embedding and lm head join);
-        # the experts sit on 1-rank meshes
-        (AUTO, {"all_gather": 5, "reduce_scatter": 5, "all_to_all": 16, "all_to_all int64": 4}),
+        # 2 dense units (the 4 small blocks in one; the root, which the small embedding and lm
+        # head join); the experts sit on 1-rank meshes
+        (AUTO, {"all_gather": 2, "reduce_scatter": 2, "all_to_all": 16, "all_to_all int64": 4}),
         (
             FSDP(reshard_after_forward=True, min_unit_bytes=1 << 20),
-            {"all_gather": 10, "reduce_scatter": 5, "all_to_all": 16, "all_to_all int64": 4},
+            {"all_gather": 4, "reduce_scatter": 2, "all_to_all": 16, "all_to_all int64": 4},
+        ),
+        # blocks in pairs (51,712 bytes each): 3 dense units
+        (
+            FSDP(reshard_after_forward="auto", min_unit_bytes=65537),
+            {"all_gather": 3, "reduce_scatter": 3, "all_to_all": 16, "all_to_all int64": 4},
+        ),
+        # every block its own unit (the default): 5 dense units
+        (
+            FSDP(reshard_after_forward="auto", min_unit_bytes=0),
+            {"all_gather": 7, "reduce_scatter": 7, "all_to_all": 16, "all_to_all int64": 4},
         ),
         # before issue 17: embedding and lm head units of their own, resharded after forward
         (
@@ -82,34 +94,35 @@ def test_a_misspelt_auto_is_refused_with_the_spelling() -> None:
             {"all_gather": 14, "reduce_scatter": 7, "all_to_all": 16, "all_to_all int64": 4},
         ),
     ],
-    ids=["auto", "true", "true-ungrouped"],
+    ids=["auto", "true", "auto-pairs", "auto-ungrouped", "true-ungrouped"],
 )
 def test_auto_gathers_each_unit_once_per_step_on_2_ranks(
     pool2: RankPool, fsdp: FSDP, expected: dict[str, int]
 ) -> None:
-    """EP | FSDP on 2 ranks: 30 collectives per step by default, 41 before issue 17."""
+    """EP | FSDP on 2 ranks: 24 collectives per step with 1 MiB units, 34 without, 41 before
+    issue 17."""
     degrees = MeshDegrees(dp_shard=2, ep=2)
     counts = pool2.run(step_collectives, WORKLOAD, ExpertParallel() | fsdp, degrees)
     assert counts == [expected] * 2
 
 
 def test_auto_gathers_each_unit_once_per_step_on_4_ranks(pool4: RankPool) -> None:
-    """ep_shard 2: the 4 expert units all-gather too; 9 all-gathers per step instead of 18."""
+    """ep_shard 2: the 4 expert units all-gather too; 6 all-gathers per step instead of 12."""
     degrees = MeshDegrees(dp_shard=4, ep=2)
     auto, true = (
         pool4.run(step_collectives, WORKLOAD, ExpertParallel() | fsdp, degrees)[0]
         for fsdp in (AUTO, FSDP(reshard_after_forward=True, min_unit_bytes=1 << 20))
     )
-    assert (auto["all_gather"], true["all_gather"]) == (9, 18)
-    assert auto["reduce_scatter"] == true["reduce_scatter"] == 9
-    assert sum(auto.values()) == sum(true.values()) - 9 == 38
+    assert (auto["all_gather"], true["all_gather"]) == (6, 12)
+    assert auto["reduce_scatter"] == true["reduce_scatter"] == 6
+    assert sum(auto.values()) == sum(true.values()) - 6 == 32
 
 
 @pytest.mark.parametrize(
     ("world", "spec", "degrees", "kept"),
     [
-        (2, TrainSpec(config=SMALL, steps=1), MeshDegrees(dp_shard=2, ep=2), "5 of 5"),
-        (4, PARTIAL, MeshDegrees(dp_shard=4, ep=2), "3 of 5"),
+        (2, TrainSpec(config=SMALL, steps=1), MeshDegrees(dp_shard=2, ep=2), "4 of 4"),
+        (4, PARTIAL, MeshDegrees(dp_shard=4, ep=2), "3 of 4"),
     ],
     ids=["all-kept", "partly-kept"],
 )
@@ -134,3 +147,22 @@ def test_partly_kept_units_train_like_one_process(pool4: RankPool) -> None:
     degrees = MeshDegrees(dp_shard=4, ep=2)
     pipeline = ExpertParallel() | AUTO
     assert_training_parity(pool4.run(rank_train, PARTIAL, pipeline, degrees), PARTIAL, degrees)
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        ExpertParallel() | AUTO,
+        ExpertParallel()
+        | ActivationCheckpoint()
+        | FSDP(reshard_after_forward=True, min_unit_bytes=1 << 20),
+        ExpertParallel() | FSDP(reshard_after_forward="auto", min_unit_bytes=65537),
+    ],
+    ids=["auto-one-group", "ac-true-one-group", "auto-pairs"],
+)
+def test_grouped_blocks_train_like_one_process(pool2: RankPool, pipeline: Pipeline) -> None:
+    """Blocks sharing one FSDP unit (one `fully_shard` over several blocks): loss and every
+    gradient match the one-process reference for 2 AdamW steps."""
+    spec = attrs.evolve(WORKLOAD, steps=2)
+    degrees = MeshDegrees(dp_shard=2, ep=2)
+    assert_training_parity(pool2.run(rank_train, spec, pipeline, degrees), spec, degrees)

@@ -8,9 +8,9 @@ one backward of one micro-batch:
 
 - `FSDP`: per unit (the root too, in torch 2.13), one all-gather in forward and one in backward
   (none in backward with `reshard_after_forward=False`, or for the units "auto" keeps gathered;
-  `min_unit_bytes` joins small embedding / lm head units to the root), one reduce-scatter of the
-  gradients,
-  and with HSDP an all-reduce over the replicas; FSDP2's padded shards.
+  `min_unit_bytes` joins small embedding / lm head units to the root and groups small blocks),
+  one reduce-scatter of the gradients, and with HSDP an all-reduce over the replicas; FSDP2's
+  padded shards.
 - `ExpertParallel` (the all-gather dispatcher: `_ep_all_gather`; all-to-all): per MoE layer in forward the int64 count exchange,
   the dispatch and the combine; in backward the two reversed; checkpointing in `full`/`router`
   mode reissues the forward three in backward (`selective` saves them).

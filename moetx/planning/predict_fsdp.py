@@ -1,8 +1,9 @@
 """FSDP2's units from shapes alone: their shards, which join the root, which stay gathered.
 
 `FSDP.apply` makes one unit per routed-experts module (under `ExpertParallel`), per fp32 router
-(with a low-precision `param_dtype`), per block, for the untied embedding and lm head (unless
-`min_unit_bytes` joins them to the root) and the root. `reshard_after_forward="auto"` keeps some
+(with a low-precision `param_dtype`), per block (or per run of consecutive blocks, which
+`min_unit_bytes` groups), for the untied embedding and lm head (unless `min_unit_bytes` joins
+them to the root) and the root. `reshard_after_forward="auto"` keeps some
 of them gathered from forward to backward by the rule of `moetx.passes.fsdp.reshard` (budget:
 the rank's sharded parameters + gradients + AdamW state; root always, then backward order). This
 module applies those rules to `ModelShapes`, so the planner needs no applied model; tests check
@@ -30,6 +31,8 @@ from moetx.planning.predict_state import (
 __all__ = ["FSDPUnit", "fsdp_resident", "fsdp_units"]
 
 AUTO = "auto"
+#: A parameter in a unit: its info, padded local numel, and bytes while gathered.
+Member = tuple[ParamInfo, int, int]
 
 
 @attrs.frozen
@@ -102,6 +105,24 @@ def _budget(shapes: ModelShapes, d: MeshDegrees, ep: bool, tp: bool) -> int:
     return total
 
 
+def _block_groups(members: dict[tuple[str, int], list[Member]], fsdp: Pass) -> dict[int, int]:
+    """Block -> the first block of its unit (`moetx.passes.fsdp.reshard.block_groups`): a unit
+    takes the next block while its dense bytes are under `min_unit_bytes`; a block whose
+    parameters' itemsizes differ from the unit's first starts a new one."""
+    limit = getattr(fsdp, "min_unit_bytes", 0)
+    first: dict[int, int] = {}
+    start, total, kinds = -1, 0, frozenset[int]()
+    for (role, block), group in sorted(members.items(), key=lambda kv: kv[0][1]):
+        if role != "block":
+            continue
+        here = frozenset(p.itemsize for p, _, _ in group)
+        if start < 0 or limit <= 0 or total >= limit or here != kinds:
+            start, total, kinds = block, 0, here
+        first[block] = start
+        total += sum(g for _, _, g in group)
+    return first
+
+
 def _backward_rank(key: tuple[str, int], blocks: int) -> tuple[int, int]:
     role, block = key
     if role == "root":
@@ -134,7 +155,7 @@ def _units(
     fp32_roles = _fp32_roles(fsdp)
     joined = set() if tp else _joined(shapes, degrees, ep, fsdp)
 
-    members: dict[tuple[str, int], list[tuple[ParamInfo, int, int]]] = {}
+    members: dict[tuple[str, int], list[Member]] = {}
     for p in shapes.params:
         _, numel = local_shape(p, degrees, ep, True, tp)
         role, block = p.role, p.block
@@ -146,12 +167,21 @@ def _units(
             role, block = "root", -1
         gathered = _gathered(p, degrees, ep, fsdp, fp32_roles, tp)
         members.setdefault((role, block), []).append((p, numel, gathered))
+    first = _block_groups(members, fsdp)  # consecutive small blocks share one unit
+    last = {f: b for b, f in first.items()}  # ... which backward reaches at its last block
+    for block, start in first.items():
+        if start != block:
+            members[("block", start)] += members.pop(("block", block))
 
     kept: set[tuple[str, int]] = set()
     raf = getattr(fsdp, "reshard_after_forward", True)
     if raf == AUTO:
         budget, total = _budget(shapes, degrees, ep, tp), 0
-        for key in sorted(members, key=lambda k: _backward_rank(k, shapes.num_blocks)):
+
+        def rank(k: tuple[str, int]) -> tuple[int, int]:
+            return _backward_rank((k[0], last[k[1]]) if k[0] == "block" else k, shapes.num_blocks)
+
+        for key in sorted(members, key=rank):
             size = sum(g for _, _, g in members[key])
             if key[0] == "root" or total + size <= budget:
                 total += size

@@ -12,16 +12,13 @@ from typing import Any
 
 import attrs
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
-    FSDPModule,
     MixedPrecisionPolicy,
     OffloadPolicy,
     fully_shard,
 )
-from torch.distributed.tensor import Shard
 
 from moetx.core.algebra import Pass, register_pass
 from moetx.core.errors import PassPreconditionError
@@ -31,7 +28,14 @@ from moetx.core.record import Applied, applied_passes, find_applied
 from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.passes.fsdp.compiled import drive_nested_units
-from moetx.passes.fsdp.reshard import AUTO, choose_resident, experts_are_units, joining_root
+from moetx.passes.fsdp.experts import shard_experts
+from moetx.passes.fsdp.reshard import (
+    AUTO,
+    block_groups,
+    choose_resident,
+    joining_root,
+    nested_units,
+)
 from moetx.passes.load_sync import install_load_sync
 from moetx.structure.discovery import ModelStructure, discover
 
@@ -91,15 +95,15 @@ class FSDP(Pass):
     - the router of each MoE layer, with an fp32 policy, when `param_dtype` is low precision
       and `"router"` is in `fp32_modules` (as Megatron's router dtype option);
     - each transformer block (backbone and MTP), over dp_shard x cp (HSDP with dp_replicate);
+      consecutive blocks share one unit while it gathers fewer than `min_unit_bytes`;
     - the input embedding and the lm head (unless tied: tied weights stay with the root), each
-      unless it gathers to fewer than `min_unit_bytes` (then it joins the root unit: one
-      all-gather and one reduce-scatter fewer per step; not under tensor parallelism, nor for
-      an fp32 lm head or an `output_dtype` other than `param_dtype`);
+      unless it gathers to fewer than `min_unit_bytes` (then it joins the root unit; not under
+      tensor parallelism, nor for an fp32 lm head or an `output_dtype` other than `param_dtype`);
     - the root (final norm and everything left), unless `wrap_root=False`.
 
     Frozen parameters (`requires_grad=False`) stay frozen. Routing-load counters (aux-loss-free
-    balancing) are summed over every data and context-parallel rank after each forward. `apply` consumes its input (FSDP2
-    swaps module classes in place).
+    balancing) are summed over every data and context-parallel rank after each forward.
+    `apply` consumes its input (FSDP2 swaps module classes in place).
 
     Preconditions (checked before anything changes, each a `PassPreconditionError`): the
     blocks are discoverable; the model holds no parallelism from outside moetx (no torch
@@ -124,12 +128,12 @@ class FSDP(Pass):
             `predict` / `autoplan` model it. Or FSDP2's option for every unit: free gathered
             params after forward (True: two all-gathers per unit and step, the least memory;
             on a tight budget), keep them (False; more memory, less communication), or
-            reshard to a smaller group of this size (an int
-            >= 2 that divides every unit's shard group; checked per unit mesh). The ints 0
-            and 1 are refused: `1 == True` in Python, but FSDP2 reads the int 1 as False.
-        min_unit_bytes: The embedding and the lm head join the root unit when they gather to
-            fewer bytes than this (0, the default: always units of their own; e.g. `1 << 20`
-            saves one all-gather and one reduce-scatter per step for each small one).
+            reshard to a smaller group of this size (an int >= 2 that divides every unit's
+            shard group; checked per unit mesh). The ints 0 and 1 are refused: `1 == True` in
+            Python, but FSDP2 reads the int 1 as False.
+        min_unit_bytes: Units smaller than this merge (0, the default: never; see above):
+            each unit fewer saves one all-gather and one reduce-scatter per step (`1 << 20`:
+            30 -> 24 collectives per step at 2 ranks on issue 17's workload under "auto").
         cpu_offload: Keep sharded parameters, gradients and optimizer state on the CPU.
         wrap_root: Also make the root module an FSDP unit (otherwise only the final norm).
 
@@ -323,20 +327,22 @@ class FSDP(Pass):
             kept_units = choose_resident(model, self, mesh.degrees, record).kept_units
             kept = frozenset(id(modules[n]) for n in kept_units)
 
-        def shard(module: nn.Module, *, fp32: bool = False) -> None:
-            fully_shard(
-                module, mesh=dense, mp_policy=self._policy(fp32=fp32), **self._common(module, kept)
-            )
+        def shard(*modules: nn.Module, fp32: bool = False) -> None:
+            one = modules[0] if len(modules) == 1 else list(modules)  # several: one unit
+            common = self._common(modules[0], kept)
+            fully_shard(one, mesh=dense, mp_policy=self._policy(fp32=fp32), **common)
 
-        for block in s.blocks:
-            moe = block.moe
-            if moe is not None and experts_are_units(moe.experts, record):
-                self._shard_experts(moe.experts, moe.num_experts, mesh, kept)
-            if moe is not None and "router" in self.fp32_modules and self.param_dtype:
-                shard(moe.router, fp32=True)
-            shard(block.module)
-            if find_applied(record, "compile"):  # nested units outside the compiled forward
-                drive_nested_units(block.module)
+        for group in block_groups(model, s, self, record):
+            for block in group:
+                for unit in nested_units(block, self, record):
+                    if block.moe is not None and unit is block.moe.experts:
+                        policy, common = self._policy(), self._common(unit, kept)
+                        shard_experts(unit, block.moe.num_experts, mesh, policy, common)
+                    else:
+                        shard(unit, fp32=True)  # the router
+            shard(*(b.module for b in group))
+            for block in group if find_applied(record, "compile") else ():
+                drive_nested_units(block.module)  # nested units outside the compiled forward
         if not s.tied_embeddings:
             joined = joining_root(model, s, self, record)
             if not any(s.embedding is j for j in joined):
@@ -358,35 +364,6 @@ class FSDP(Pass):
             "reshard_after_forward": id(module) not in kept if raf == AUTO else raf,
             "offload_policy": self._offload(),
         }
-
-    def _shard_experts(
-        self, experts: nn.Module, num_experts: int, mesh: ParallelMesh, kept: frozenset[int]
-    ) -> None:
-        emesh = mesh.expert_fsdp_mesh()
-        local_experts = num_experts // mesh.degree("ep")
-        shards = emesh.size()
-
-        def placement(p: nn.Parameter) -> Shard:
-            # Dim 0 is the expert dim; with more shards than local experts it would pad, so
-            # shard dim 1 instead (torchtitan#1561). 1-D tensors only have dim 0.
-            return Shard(0) if p.ndim == 1 or local_experts % shards == 0 else Shard(1)
-
-        fully_shard(
-            experts,
-            mesh=emesh,
-            shard_placement_fn=placement,
-            mp_policy=self._policy(),
-            **self._common(experts, kept),
-        )
-        unit = typing.cast(FSDPModule, experts)
-        # Expert grads arrive summed over every rank's tokens (the all-to-all backward returns
-        # them to the owner); the global-mean loss needs a division by every token rank (the
-        # world; tp ranks hold the same tokens and run their own copy of the experts).
-        unit.set_gradient_divide_factor(float(mesh.degrees.token_ranks))
-        if shards > 1 and dist.get_backend(emesh.get_group()) == "gloo":
-            # gloo has no PREMUL_SUM, which the divide factor uses; not on size-1 meshes,
-            # where torch 2.13 would divide twice (notes §4.2).
-            unit.set_force_sum_reduction_for_comms(True)
 
     def facts(self, model: nn.Module, mesh: ParallelMesh) -> Mapping[str, Any]:
         """The dense and expert FSDP degrees and, under "auto", what stays gathered."""

@@ -14,6 +14,9 @@ backward. The rule, decided from the model and the mesh alone (so `plan` shows i
   every parameter is trained).
 
 Activations are not counted: on a tight memory budget pass `reshard_after_forward=True`.
+The units themselves (`block_groups`: consecutive small blocks share one; `joining_root`: a
+small embedding / lm head joins the root) follow `min_unit_bytes` and live here too, so the
+pass, `plan` and "auto" agree on them.
 """
 
 from __future__ import annotations
@@ -27,15 +30,17 @@ from torch.distributed.tensor import DTensor
 
 from moetx.core.record import Applied, find_applied
 from moetx.mesh.parallel_mesh import MeshDegrees
-from moetx.structure.discovery import ModelStructure, discover
+from moetx.structure.discovery import Block, ModelStructure, discover
 
 __all__ = [
     "AUTO",
     "ResidentChoice",
+    "block_groups",
     "choose_resident",
     "experts_are_units",
     "gathered_bytes",
     "joining_root",
+    "nested_units",
 ]
 
 AUTO = "auto"
@@ -114,6 +119,51 @@ def joining_root(
     )
 
 
+def block_groups(
+    model: nn.Module, s: ModelStructure, fsdp: Any, record: tuple[Applied, ...]
+) -> list[tuple[Block, ...]]:
+    """The transformer blocks by FSDP unit, in order: consecutive blocks may share one unit.
+
+    A unit takes the next block while its dense parameters (those not in a routed-experts or
+    fp32 router unit of their own) gather to fewer than `fsdp.min_unit_bytes` bytes; each block
+    is its own unit when that is 0. A block whose parameter dtypes differ from the unit's first
+    starts a new unit. One all-gather and one reduce-scatter per unit and step.
+    """
+    if fsdp.min_unit_bytes <= 0:
+        return [(b,) for b in s.blocks]
+    sizes = gathered_bytes(model, fsdp, record)
+    by_id = {id(p): sizes[n][1] for n, p in model.named_parameters()}
+    groups: list[tuple[Block, ...]] = []
+    current: list[Block] = []
+    total = 0
+    first_dtypes: set[torch.dtype] = set()
+    for block in s.blocks:
+        apart = {id(p) for m in nested_units(block, fsdp, record) for p in m.parameters()}
+        dense = [p for p in block.module.parameters() if id(p) not in apart]
+        dtypes = {p.dtype for p in dense}
+        if current and (total >= fsdp.min_unit_bytes or dtypes != first_dtypes):
+            groups.append(tuple(current))
+            current, total = [], 0
+        if not current:
+            first_dtypes = dtypes
+        current.append(block)
+        total += sum(by_id.get(id(p), 0) for p in dense)
+    if current:
+        groups.append(tuple(current))
+    return groups
+
+
+def nested_units(block: Block, fsdp: Any, record: tuple[Applied, ...]) -> list[nn.Module]:
+    """The units of their own inside `block`: its routed experts (under `ExpertParallel`), then
+    its router (fp32 policy with a low-precision `param_dtype`)."""
+    moe, out = block.moe, []
+    if moe is not None and experts_are_units(moe.experts, record):
+        out.append(moe.experts)
+    if moe is not None and "router" in fsdp.fp32_modules and fsdp.param_dtype:
+        out.append(moe.router)
+    return out
+
+
 @attrs.frozen
 class ResidentChoice:
     """What `reshard_after_forward="auto"` keeps gathered after forward, on every rank.
@@ -135,26 +185,23 @@ class ResidentChoice:
 
 def _units(
     model: nn.Module, s: ModelStructure, fsdp: Any, record: tuple[Applied, ...]
-) -> tuple[list[tuple[nn.Module, bool]], bool]:
-    """The FSDP units, innermost first (with whether each holds routed experts); root last."""
-    units: list[tuple[nn.Module, bool]] = []
-    for block in s.blocks:
-        moe = block.moe
-        if moe is not None and experts_are_units(moe.experts, record):
-            units.append((moe.experts, True))
-        if moe is not None and "router" in fsdp.fp32_modules and fsdp.param_dtype:
-            units.append((moe.router, False))
-        units.append((block.module, False))
+) -> tuple[list[tuple[nn.Module, ...]], bool]:
+    """The FSDP units (each its modules: several blocks may share one), innermost first; root
+    last."""
+    units: list[tuple[nn.Module, ...]] = []
+    for group in block_groups(model, s, fsdp, record):
+        units += [(m,) for block in group for m in nested_units(block, fsdp, record)]
+        units.append(tuple(b.module for b in group))
     if not s.tied_embeddings:
         joined = joining_root(model, s, fsdp, record)
         units += [
-            (m, False)
+            (m,)
             for m in (s.embedding, s.lm_head)
             if m is not None and not any(m is j for j in joined)
         ]
     root = model if fsdp.wrap_root else s.final_norm
     if root is not None:
-        units.append((root, False))
+        units.append((root,))
     return units, fsdp.wrap_root
 
 
@@ -166,9 +213,9 @@ def choose_resident(
     units, has_root = _units(model, s, fsdp, record)
     fqn = {id(m): n for n, m in model.named_modules()}
     owner: dict[int, nn.Module] = {}
-    for module, _ in units:  # innermost first: a parameter belongs to the first unit claiming it
-        for p in module.parameters():
-            owner.setdefault(id(p), module)
+    for unit in units:  # innermost first: a parameter belongs to the first unit claiming it
+        for p in (p for m in unit for p in m.parameters()):
+            owner.setdefault(id(p), unit[0])  # a unit is named by its first module
     gathered = gathered_bytes(model, fsdp, record)
     expert_shards = degrees.dp_replicate * degrees.ep_shard
     budget = 0
@@ -179,17 +226,19 @@ def choose_resident(
         shards = expert_shards if expert else degrees.dp_shard_cp
         local = -(-numel // shards)  # FSDP2 pads the last shard: every rank holds ceil(n / shards)
         budget += local * p.element_size() * (4 if p.requires_grad else 1)
-        unit = owner.get(id(p))
-        if unit is not None:
-            unit_bytes[id(unit)] = unit_bytes.get(id(unit), 0) + size
-            unit_params.setdefault(id(unit), []).append(name)
+        first = owner.get(id(p))
+        if first is not None:
+            unit_bytes[id(first)] = unit_bytes.get(id(first), 0) + size
+            unit_params.setdefault(id(first), []).append(name)
     # backward order: root, lm head / final norm, the blocks last to first, the embedding
-    order = sorted(units, key=lambda u: _backward_rank(u[0], s, model, fsdp))
+    # (a unit of several blocks: where its last block is)
+    order = sorted(units, key=lambda u: _backward_rank(u[-1], s, model, fsdp))
     kept: list[str] = []
     resharded: list[str] = []
     params: list[str] = []
     total = 0
-    for module, _ in order:
+    for unit in order:
+        module = unit[0]
         size = unit_bytes.get(id(module), 0)
         is_root = has_root and module is model
         if is_root or total + size <= budget:
