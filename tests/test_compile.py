@@ -59,6 +59,7 @@ MODEL = MoEConfig(
     num_shared_experts=1,
     num_mtp_layers=1,
     routing_bias=True,  # the routing-load counter runs in every MoE block
+    aux_loss_coef=0.01,  # and the sequence-wise balance loss (with CP, its stats all-reduce)
 )
 SPEC = TrainSpec(config=MODEL, steps=2, seq_len=8)
 CP_SPEC = attrs.evolve(SPEC, config=attrs.evolve(MODEL, num_mtp_layers=0))  # CP refuses MTP

@@ -223,9 +223,13 @@ def sequence_balance_loss(
     """
     tokens, num_experts = scores.shape
     seq_len, k = tokens // batch_size, top_k_index.shape[1]
-    rows = torch.arange(batch_size, device=scores.device).repeat_interleave(seq_len * k)
-    flat = rows * num_experts + top_k_index.reshape(-1)
-    counts = torch.bincount(flat, minlength=batch_size * num_experts)
+    # Per-(sequence, expert) counts as a scatter-add into a static `[B * E]` (exact integer
+    # sums, like `bincount`, but with a shape known before the data: it traces in one graph).
+    rows = torch.arange(batch_size, device=scores.device).view(batch_size, 1)
+    flat = (rows * num_experts + top_k_index.view(batch_size, seq_len * k)).view(-1)
+    counts = torch.zeros(
+        batch_size * num_experts, dtype=torch.int64, device=scores.device
+    ).scatter_add(0, flat, torch.ones_like(flat))
     probs = scores / scores.sum(-1, keepdim=True)
     if stats_reducer is not None:
         counts, prob_sums, seq_len = stats_reducer(
