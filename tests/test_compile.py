@@ -59,15 +59,11 @@ MODEL = MoEConfig(
     num_shared_experts=1,
     num_mtp_layers=1,
     routing_bias=True,  # the routing-load counter runs in every MoE block
+    aux_loss_coef=0.01,  # and the sequence-wise balance loss (with CP, its stats all-reduce)
 )
 SPEC = TrainSpec(config=MODEL, steps=2, seq_len=8)
 CP_SPEC = attrs.evolve(SPEC, config=attrs.evolve(MODEL, num_mtp_layers=0))  # CP refuses MTP
 BLOCKS = ("model.layers.0", "model.layers.1", "mtp.0.block")
-# Not yet: expert parallelism swaps each rank's expert weights into `module._parameters` inside
-# the checkpointed region, a Python side effect dynamo refuses inside the checkpoint HOP ("HOP:
-# Unsafe side effect", so the block runs eagerly or `fullgraph=True` raises). Owned by the
-# traceable-dispatch work (issue 19 item 2); strict, so the fix shows up as a failure to remove.
-EP_UNDER_AC = pytest.mark.xfail(strict=True, reason="EP weight swap-in inside the checkpoint HOP")
 NIGHTLY = pytest.mark.skipif(examples(1) < 5, reason="full/nightly profile (slow: compiles)")
 
 
@@ -257,7 +253,6 @@ def test_bf16_fsdp_with_an_fp32_router_unit_compiles_whole_like_eager_on_2_ranks
     assert all(r["graphs"] == {f: (1, 0) for f in BLOCKS} for r in compiled)
 
 
-@EP_UNDER_AC
 @pytest.mark.parametrize("mode", MODES)
 def test_ep_ac_compile_fsdp_fullgraph_matches_one_process_on_2_ranks(pool2, mode):
     """ep = world = 2, every AC mode, `fullgraph=True`: every gradient each step, 1 graph/block."""
@@ -281,7 +276,6 @@ def test_compile_fsdp_with_sharded_experts_compiles_whole_on_4_ranks(pool4, befo
     _assert_compiled_parity(pool4.run(compiled_train, spec, pipe, degrees), spec, 4 // cp)
 
 
-@EP_UNDER_AC
 def test_cp_ep_ac_compile_fsdp_matches_one_process_on_4_ranks(pool4):
     """cp 2 x ep 2 with router AC: every gradient each step, one graph per block."""
     pipe = (
@@ -296,7 +290,6 @@ def test_cp_ep_ac_compile_fsdp_matches_one_process_on_4_ranks(pool4):
 
 
 @NIGHTLY
-@EP_UNDER_AC
 @pytest.mark.parametrize("mode", MODES)
 def test_every_ac_mode_compiles_under_ep_and_fsdp_on_4_ranks(pool4, mode):
     """The 4-rank matrix: ep 2 x ep_shard 2, each AC mode, fullgraph."""
@@ -310,7 +303,7 @@ def test_every_ac_mode_compiles_under_ep_and_fsdp_on_4_ranks(pool4, mode):
     _assert_compiled_parity(pool4.run(compiled_train, SPEC, pipe, degrees), SPEC, 4)
 
 
-@pytest.mark.parametrize("ac", [False, pytest.param(True, marks=EP_UNDER_AC)])
+@pytest.mark.parametrize("ac", [False, True])
 def test_hf_qwen3_moe_compiles_under_ep_fsdp_on_2_ranks(pool2, ac):
     """A Hugging Face tiny model: every gradient each step; each block runs compiled graphs."""
     pytest.importorskip("transformers", reason="needs transformers>=5 (`pip install -e .[hf]`)")

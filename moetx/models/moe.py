@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -138,11 +137,6 @@ class RoutedExperts(nn.Module):
         dtype: Parameter dtype.
     """
 
-    #: The forward reads its parameters through `to_local` and E from the local shard, so
-    #: `ExpertParallel` calls it as is, without swapping local tensors into `_parameters` (a
-    #: side effect `torch.compile` refuses inside an activation checkpoint).
-    moetx_shard_aware: ClassVar[bool] = True
-
     def __init__(
         self,
         num_experts: int,
@@ -229,9 +223,13 @@ def sequence_balance_loss(
     """
     tokens, num_experts = scores.shape
     seq_len, k = tokens // batch_size, top_k_index.shape[1]
-    rows = torch.arange(batch_size, device=scores.device).repeat_interleave(seq_len * k)
-    flat = rows * num_experts + top_k_index.reshape(-1)
-    counts = torch.bincount(flat, minlength=batch_size * num_experts)
+    # Per-(sequence, expert) counts as a scatter-add into a static `[B * E]` (exact integer
+    # sums, like `bincount`, but with a shape known before the data: it traces in one graph).
+    rows = torch.arange(batch_size, device=scores.device).view(batch_size, 1)
+    flat = (rows * num_experts + top_k_index.view(batch_size, seq_len * k)).view(-1)
+    counts = torch.zeros(
+        batch_size * num_experts, dtype=torch.int64, device=scores.device
+    ).scatter_add(0, flat, torch.ones_like(flat))
     probs = scores / scores.sum(-1, keepdim=True)
     if stats_reducer is not None:
         counts, prob_sums, seq_len = stats_reducer(

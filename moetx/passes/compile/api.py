@@ -18,6 +18,7 @@ from moetx.core.record import Applied
 from moetx.passes.compile.report import CompileReport, CountingBackend
 from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.structure.discovery import Block, discover
+from moetx.structure.shards import LocalShards, local_shards
 from moetx.structure.swap import swap_class
 
 if typing.TYPE_CHECKING:
@@ -149,6 +150,8 @@ class _BlockCompile:
     inner: Any = None  # the forward before this pass
     compiled: Any = None
     seen: bool = False
+    #: The block's `LocalShards` (experts under `ExpertParallel`), hoisted around each compiled call.
+    shards: tuple[LocalShards, ...] = ()
 
 
 class _CompiledBlock(nn.Module):
@@ -156,12 +159,22 @@ class _CompiledBlock(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         state: _BlockCompile = self.__dict__[_STATE_ATTR]
-        if state.seen:
-            return state.compiled(*args, **kwargs)
-        state.seen = True
-        out = state.backend.first_call(
-            state.report, state.fqn, lambda: state.compiled(*args, **kwargs)
-        )
+        if state.compiled is state.inner:
+            return state.inner(*args, **kwargs)
+        # DTensor -> local shards here, eagerly, so the compiled graph holds no DTensor (its
+        # `DeviceMesh` saved for backward breaks a checkpointed graph: `moetx.structure.shards`).
+        for shards in state.shards:
+            shards.hoist()
+        try:
+            if state.seen:
+                return state.compiled(*args, **kwargs)
+            state.seen = True
+            out = state.backend.first_call(
+                state.report, state.fqn, lambda: state.compiled(*args, **kwargs)
+            )
+        finally:
+            for shards in state.shards:
+                shards.drop()
         if state.report.blocks[state.fqn].graphs == 0:  # eager anyway: skip dynamo's frame checks
             state.compiled = state.inner
         return out
@@ -174,7 +187,7 @@ def _install(
     fullgraph: bool,
     dynamic: bool | None,
 ) -> None:
-    state = _BlockCompile(block.fqn, report, backend)
+    state = _BlockCompile(block.fqn, report, backend, shards=local_shards(block.module))
     swap_class(block.module, _CompiledBlock, "Compiled", _STATE_ATTR, state)
     inner = super(_CompiledBlock, block.module).forward  # type: ignore[misc]  # the one before
     state.inner = inner

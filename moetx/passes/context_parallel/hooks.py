@@ -25,17 +25,19 @@ class StatsReducer:
 
     def __init__(self, mesh: DeviceMesh) -> None:
         self.mesh = mesh
+        # Read once: under `torch.compile` a `DeviceMesh` call in forward is a graph break.
+        self.group_name = mesh.get_group().group_name
+        self.degree = mesh.size()
 
     def __call__(
         self, counts: Tensor, prob_sums: Tensor, seq_len: int
     ) -> tuple[Tensor, Tensor, int]:
-        group, degree = self.mesh.get_group(), self.mesh.size()
-        counts = funcol.all_reduce(counts, "sum", group)
-        gathered = funcol.all_gather_single_autograd(prob_sums.contiguous(), 0, group)
-        return counts, gathered.view(degree, *prob_sums.shape).sum(0), seq_len * degree
+        counts = funcol.all_reduce(counts, "sum", self.group_name)
+        gathered = funcol.all_gather_single_autograd(prob_sums.contiguous(), 0, self.group_name)
+        return counts, gathered.view(self.degree, *prob_sums.shape).sum(0), seq_len * self.degree
 
     def __repr__(self) -> str:
-        return f"StatsReducer(degree={self.mesh.size()})"
+        return f"StatsReducer(degree={self.degree})"
 
 
 class InputGuard:

@@ -20,8 +20,8 @@ from moetx.core.record import Applied
 from moetx.passes.expert_parallel.dispatch import DISPATCHERS, TokenDispatcher, make_dispatcher
 from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.structure.discovery import MOE_NAMES, ROUTER_NAMES, MoELayer, discover
+from moetx.structure.shards import LocalShards, attach_local_shards
 from moetx.structure.swap import swap_class
-from moetx.structure.tensors import to_local
 
 if typing.TYPE_CHECKING:
     from moetx.mesh.parallel_mesh import ParallelMesh
@@ -49,8 +49,10 @@ class ExpertParallel(Pass):
     **Forward.** Each experts module's class is swapped for a generated subclass (as FSDP2's
     `fully_shard` does; the module keeps its name and place), whose `forward(hidden,
     top_k_index, top_k_weights)` dispatches the token copies to their experts' ranks, calls
-    the *original* forward on the local shard with local expert ids and unit weights (the
-    parameters swapped for their `to_local()` views for the call), and combines: the routing
+    the *original* forward on the local shard with local expert ids and unit weights (on a
+    view of the module built at apply time whose weights are their `to_local()` shards and
+    whose expert count is the local one; the module itself is never changed in forward, so
+    the call traces inside a compiled checkpoint), and combines: the routing
     weights are applied on the sending rank after the outputs return. Any experts module that
     obeys the experts contract works. Dispatchers (`moetx.passes.expert_parallel.dispatch`):
     `"all_to_all"` (default; per MoE layer, forward: one int64 count exchange and two uneven
@@ -144,6 +146,8 @@ class ExpertParallel(Pass):
                 if id(param) not in replaced:
                     replaced[id(param)] = _shard(param, ep_mesh)
                 setattr(experts, name, replaced[id(param)])
+            shards = attach_local_shards(experts, layer.expert_param_names)
+            local = _local_view(experts, layer, shards, layer.num_experts // degree)
             _install(
                 experts,
                 _EPState(
@@ -153,6 +157,7 @@ class ExpertParallel(Pass):
                     layer.expert_param_names,
                     layer.num_experts_attr,
                     make_dispatcher(self.dispatcher, ep_mesh, layer.num_experts),
+                    local,
                 ),
             )
         return model
@@ -200,6 +205,8 @@ class _EPState:
     count_attr: str | None = None  # the experts' own expert-count attribute (`num_experts`)
     #: Built at apply time: the forward constructs no attrs object (`torch.compile` cannot).
     token_dispatcher: TokenDispatcher | None = None
+    #: The same experts seen through their local shards (`_local_view`), built at apply time.
+    local_view: nn.Module | None = None
 
 
 class _ExpertParallelExperts(nn.Module):
@@ -207,21 +214,13 @@ class _ExpertParallelExperts(nn.Module):
 
     def forward(self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         state: _EPState = self.__dict__[_STATE_ATTR]
-        dispatcher = state.token_dispatcher
-        assert dispatcher is not None
+        dispatcher, view = state.token_dispatcher, state.local_view
+        assert dispatcher is not None and view is not None
         tokens, expert_ids, plan = dispatcher.dispatch(hidden, top_k_index, top_k_weights)
-        local = {name: to_local(getattr(self, name)) for name in state.param_names}
+        local = view.__dict__[_SHARDS].tensors()
         ones = torch.ones(tokens.shape[0], 1, dtype=top_k_weights.dtype, device=tokens.device)
-        if getattr(type(self), "moetx_shard_aware", False):
-            # It takes its local shard itself (moetx's `RoutedExperts`): no module mutation,
-            # which dynamo refuses inside a checkpointed region.
-            out = super().forward(tokens, expert_ids.unsqueeze(1), ones)
-        else:
-            saved = _swap_in(self, state, local)
-            try:
-                out = super().forward(tokens, expert_ids.unsqueeze(1), ones)
-            finally:
-                _swap_out(self, state, saved)
+        # The original class's forward on the local view: no hooks, no module state changed.
+        out = type(view).forward(view, tokens, expert_ids.unsqueeze(1), ones)
         if torch.compiler.is_compiling() or tokens.shape[0] == 0:
             # No token reached this rank: tie the (empty) output to the local parameters so
             # they get zero gradients, never None, even if the experts skip unused weights.
@@ -234,34 +233,50 @@ class _ExpertParallelExperts(nn.Module):
         return combined.clone() if combined._base is not None else combined
 
 
-def _swap_in(module: nn.Module, state: _EPState, tensors: dict[str, Tensor]) -> dict[str, Any]:
-    """Give `module` the local tensors as parameters and the local expert count; return the old.
+def _local_view(
+    experts: nn.Module, layer: MoELayer, shards: LocalShards, local_count: int
+) -> nn.Module:
+    """A second instance of the experts' class that sees `experts` through its local shards.
 
-    What torch.func.functional_call does, minus the call: functional_call would run module(...),
-    i.e. our own forward again and every module hook (FSDP2's unshard hooks); swapping and
-    calling the original class's forward directly avoids both. The original forward sees the
-    local shard, so it must see the local expert count too: HF transformers' experts size their
-    grouped_mm offsets (`histc(bins=self.num_experts)`, one per weight) and `one_hot` masks from
-    `self.num_experts`; with the global count grouped_mm fails ("matrix batch sizes have to
-    match"). HF's own EP sets it the same way. Plain dict updates, no context manager: dynamo
-    traces them (it fails on a generator context manager around `super().forward`).
+    The original forward must run on this rank's shard: the local tensors as its weights, and the
+    local expert count (HF transformers' experts size their grouped_mm offsets, `histc(bins=
+    self.num_experts)`, and `one_hot` masks from `self.num_experts`; with the global count
+    grouped_mm fails, "matrix batch sizes have to match"; HF's own EP sets it the same way).
+    Swapping them into the module around the call is a side effect that dynamo refuses inside a
+    checkpoint ("HOP: Unsafe side effect"), and `torch.func.functional_call` would also run our
+    own forward and every module hook (FSDP2's). So the view is built once, here: an instance of
+    a generated subclass of the experts' class whose expert weights are properties reading the
+    live parameters of `experts` (whatever FSDP has put there) through `shards`
+    (`moetx.structure.shards`: `to_local`, differentiable, so the DTensor parameters get the
+    gradients, run outside a compiled checkpoint), and whose `training` follows `experts`. It
+    shares the experts' `_parameters`, `_buffers` and `_modules` dicts, holds the local count,
+    and is no child of anything (never in `named_parameters`, `state_dict` or hooks).
     """
-    saved: dict[str, Any] = {name: module._parameters[name] for name in tensors}
-    module._parameters.update(tensors)  # type: ignore[arg-type]
-    if state.count_attr is not None:
-        saved[_COUNT_KEY] = module.__dict__[state.count_attr]
-        module.__dict__[state.count_attr] = state.num_experts // state.mesh.size()
-    return saved
+    cls = type(experts)
+    key = (cls, layer.expert_param_names)
+    view_cls = _VIEW_CLASSES.get(key)
+    if view_cls is None:
+        props: dict[str, Any] = {n: property(_local_getter(n)) for n in layer.expert_param_names}
+        props["training"] = property(lambda self: self.__dict__[_SHARDS].module.training)
+        view_cls = type(f"Local{cls.__name__}", (cls,), props)
+        _VIEW_CLASSES[key] = view_cls
+    view: nn.Module = object.__new__(view_cls)  # no __init__: the state is the experts'
+    view.__dict__.update({k: v for k, v in experts.__dict__.items() if k != "training"})
+    view.__dict__[_SHARDS] = shards
+    if layer.num_experts_attr is not None:
+        view.__dict__[layer.num_experts_attr] = local_count
+    return view
 
 
-def _swap_out(module: nn.Module, state: _EPState, saved: dict[str, Any]) -> None:
-    """Undo `_swap_in`."""
-    if state.count_attr is not None:
-        module.__dict__[state.count_attr] = saved.pop(_COUNT_KEY)
-    module._parameters.update(saved)
+def _local_getter(name: str) -> Any:
+    def local(self: nn.Module) -> Tensor:
+        return self.__dict__[_SHARDS].tensors()[name]  # type: ignore[no-any-return]
+
+    return local
 
 
-_COUNT_KEY = "\0count"  # not a parameter name
+_SHARDS = "_moetx_local_view_shards"
+_VIEW_CLASSES: dict[tuple[type, tuple[str, ...]], type[nn.Module]] = {}
 
 
 def _install(experts: nn.Module, state: _EPState) -> None:
