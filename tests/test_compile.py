@@ -38,6 +38,7 @@ from moetx.passes.compile import is_compiled
 from moetx.structure import discover
 from moetx.testing import examples, fake_world, gradients, snapshot
 from moetx.testing.hf import HFSpec
+from moetx.testing.hf import build_model as build_hf
 from moetx.testing.hf import reference as hf_reference
 from moetx.testing.ranks import RankPool
 from moetx.testing.train import (
@@ -48,7 +49,8 @@ from moetx.testing.train import (
     rank_train,
     reference,
 )
-from tests.bodies.compile import compiled_hf_train, compiled_train
+from tests.bodies.compile import compiled_hf_cp_train, compiled_hf_train, compiled_train
+from tests.bodies.hf_context_parallel import masked_batches, train_hf
 
 BACKEND = "aot_eager"
 MODEL = MoEConfig(
@@ -314,3 +316,17 @@ def test_hf_qwen3_moe_compiles_under_ep_fsdp_on_2_ranks(pool2, ac):
     assert_matches_reference(results, hf_reference(spec, 2), atol=1e-5, rtol=1e-4)
     for r in results:
         assert r["graphs"] and all(graphs > 0 for graphs, _ in r["graphs"].values()), r["reasons"]
+
+
+def test_hf_qwen3_moe_compiles_under_cp_ep_ac_fsdp_on_4_ranks(pool4):
+    """cp 2 x ep 2 on 4 ranks, ring attention, router AC: the HF model trains like itself in one
+    process (its own loss, every gradient each step) and every block compiles whole."""
+    pytest.importorskip("transformers", reason="needs transformers>=5 (`pip install -e .[hf]`)")
+    spec = HFSpec(family="qwen3_moe", steps=2)
+    pipe = Pipeline.parse(f"cp(comm='p2p')|ep|ac|compile(backend={BACKEND!r})|fsdp")
+    results = pool4.run(compiled_hf_cp_train, spec, pipe, MeshDegrees(dp_shard=2, cp=2, ep=2))
+    one = train_hf(build_hf(spec), list(masked_batches(spec, 2 * spec.rows_per_rank)), spec.lr)
+    assert_matches_reference(results, one, atol=1e-5, rtol=1e-4)
+    for r in results:
+        assert r["graphs"] and all(g > 0 for g, _ in r["graphs"].values()), r["reasons"]
+        assert all(b == 0 for _, b in r["graphs"].values()), r["reasons"]

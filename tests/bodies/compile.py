@@ -17,10 +17,12 @@ from torch import nn
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.passes.compile import compile_report
+from moetx.passes.context_parallel.api import ContextParallel
 from moetx.testing.hf import HFSpec, build_model, global_batches
 from moetx.testing.train import Trainer, TrainSpec, _rank_setup, mesh_for, train
+from tests.bodies.hf_context_parallel import rank_batches, train_hf
 
-__all__ = ["compile_bench", "compiled_hf_train", "compiled_train"]
+__all__ = ["compile_bench", "compiled_hf_cp_train", "compiled_hf_train", "compiled_train"]
 
 
 def _finish(model: nn.Module, result: dict[str, Any], started: float) -> dict[str, Any]:
@@ -53,6 +55,18 @@ def compiled_hf_train(spec: HFSpec, pipeline: Pipeline, degrees: MeshDegrees) ->
     ]
     model = pipeline.apply(build_model(spec), mesh)
     return _finish(model, train(model, batches, spec.lr), started)
+
+
+def compiled_hf_cp_train(spec: HFSpec, pipeline: Pipeline, degrees: MeshDegrees) -> dict[str, Any]:
+    """The HF model under a pipeline holding `ContextParallel`: this rank's rows and sequence
+    chunks (as `hf_cp_rank_train`), on a fresh dynamo cache, plus `graphs` as above."""
+    started = time.perf_counter()
+    torch._dynamo.reset()
+    mesh = mesh_for(degrees)
+    cp = next(p for p in pipeline if isinstance(p, ContextParallel))
+    batches = rank_batches(spec, cp, mesh, degrees, wrong=False)
+    model = pipeline.apply(build_model(spec), mesh)
+    return _finish(model, train_hf(model, batches, spec.lr), started)
 
 
 def compile_bench(
