@@ -233,10 +233,13 @@ class AllGatherDispatcher(EPGroup):
         with torch.no_grad():
             count = torch.tensor([t], dtype=torch.int64, device=hidden.device)
             counts = funcol.all_gather_single(count, 0, name)
-            all_ids = ops.gather_padded(top_k_index, counts, -1, name)
+            # Eager: read the padding once for the three gathers (a host sync); compiled, the
+            # opaque ops read it themselves.
+            most = None if torch.compiler.is_compiling() else int(counts.max())
+            all_ids = ops.gather_padded(top_k_index, counts, -1, name, most)
             copies, expert_ids = ops.select_local(all_ids, self.rank * local_e, local_e)
-        all_hidden = ops.gather_padded(hidden, counts, 0.0, name)
-        all_weights = ops.gather_padded(top_k_weights, counts, 0.0, name)
+        all_hidden = ops.gather_padded(hidden, counts, 0.0, name, most)
+        all_weights = ops.gather_padded(top_k_weights, counts, 0.0, name, most)
         token_of_row = copies // k
         plan = AllGatherPlan(
             num_tokens=t,

@@ -152,15 +152,16 @@ def receive_layout(recv_grid: Tensor) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------------- all-gather
 
 
-def _pad_rows(x: Tensor, counts: Tensor, fill: float) -> Tensor:
-    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, int(counts.max()) - x.shape[0]), value=fill)
+def _pad_rows(x: Tensor, rows: int, fill: float) -> Tensor:
+    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]), value=fill)
 
 
 @torch.library.custom_op("moetx::ep_gather_padded", mutates_args=())
 def _gather_padded_op(
     x: Tensor, counts: Tensor, fill: float, group_name: str, out_rows: int | None
 ) -> Tensor:
-    out = _c10d.all_gather_into_tensor(_pad_rows(x, counts, fill), counts.numel(), group_name)
+    padded = _pad_rows(x, int(counts.max()), fill)
+    out = _c10d.all_gather_into_tensor(padded, counts.numel(), group_name)
     return _c10d.wait_tensor(out)
 
 
@@ -209,7 +210,9 @@ _gather_padded_op.register_autograd(_gather_backward, setup_context=_gather_setu
 _scatter_padded_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 
-def gather_padded(x: Tensor, counts: Tensor, fill: float, group_name: GroupName) -> Tensor:
+def gather_padded(
+    x: Tensor, counts: Tensor, fill: float, group_name: GroupName, most: int | None = None
+) -> Tensor:
     """Every rank's rows of `x`, each rank's block padded with `fill` to `max(counts)` rows.
 
     Args:
@@ -217,13 +220,16 @@ def gather_padded(x: Tensor, counts: Tensor, fill: float, group_name: GroupName)
         counts: `[D]` int64, every rank's row count.
         fill: Value of the padding rows.
         group_name: The process group's name.
+        most: `max(counts)` when the caller already read it (eager: one host sync per dispatch,
+            not one per gather); None reads it here.
 
     Returns:
         `[D * max(counts), ...]`; autograd: the reduce-scatter (sum) of the gradient.
     """
     if torch.compiler.is_compiling():
         return _gather_padded_op(x, counts, fill, group_name, None)
-    return funcol.all_gather_single_autograd(_pad_rows(x, counts, fill), 0, group_name)
+    rows = int(counts.max()) if most is None else most
+    return funcol.all_gather_single_autograd(_pad_rows(x, rows, fill), 0, group_name)
 
 
 def scatter_padded(x: Tensor, counts: Tensor, rows: int, group_name: GroupName) -> Tensor:
