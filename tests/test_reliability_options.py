@@ -56,6 +56,7 @@ FIELDS: dict[tuple[type, str], tuple[st.SearchStrategy[object], st.SearchStrateg
         st.sampled_from(["all_to_all", "all_gather"]),
         _not_in(("all_to_all", "all_gather")),
     ),
+    (ExpertParallel, "dedup"): (st.booleans(), NOT_BOOL),
     (ActivationCheckpoint, "mode"): (
         st.sampled_from(["full", "router", "selective"]),
         _not_in(("full", "router", "selective")),
@@ -143,6 +144,11 @@ PINNED = [
         r"  fix: use allowed values, e.g. the defaults: `ExpertParallel\(dispatcher='all_to_all'\)`\.$",
     ),
     (
+        lambda: ExpertParallel(dedup="yes"),
+        r"^`ExpertParallel\.dedup` \('yes'\) must be True or False\.\n"
+        r"  fix: use allowed values, e\.g\. the defaults: `ExpertParallel\(dedup=False\)`\.$",
+    ),
+    (
         lambda: ActivationCheckpoint(mode=3),
         r"^`ActivationCheckpoint\.mode` \(3\) must be one of 'full', 'router', 'selective'\.\n",
     ),
@@ -191,7 +197,8 @@ def test_parse_gives_the_same_option_errors():
         Pipeline.parse("ep(dispatcher='x')")
     with pytest.raises(
         PassOptionError,
-        match=r"^`ExpertParallel` has no option `degree`; its options: `axis`, `dispatcher`\.\n"
+        match=r"^`ExpertParallel` has no option `degree`; its options: `axis`, `dispatcher`, "
+        r"`dedup`\.\n"
         r"  fix: ",
     ):
         Pipeline.parse("ep(degree=2)")

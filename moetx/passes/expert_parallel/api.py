@@ -13,10 +13,16 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from moetx.core.algebra import Pass, register_pass
-from moetx.core.errors import ExpertDivisibilityError, MeshAxisError, NoMoELayersError
-from moetx.core.options import axis_name, one_of, option
+from moetx.core.errors import (
+    ExpertDivisibilityError,
+    MeshAxisError,
+    NoMoELayersError,
+    PassPreconditionError,
+)
+from moetx.core.options import axis_name, flag, one_of, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
+from moetx.passes.expert_parallel.dedup import DedupAllToAllDispatcher
 from moetx.passes.expert_parallel.dispatch import DISPATCHERS, TokenDispatcher, make_dispatcher
 from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.structure.discovery import MOE_NAMES, ROUTER_NAMES, MoELayer, discover
@@ -62,6 +68,11 @@ class ExpertParallel(Pass):
     (`moetx.passes.expert_parallel.ops`), so a block compiles into one graph with the same
     collectives.
 
+    **Dedup.** `dedup=True` (all-to-all only) sends a token once to each rank holding any of
+    its k experts, expands it there, and sends back one weighted partial sum per (token, rank)
+    (`moetx.passes.expert_parallel.dedup`): the same collectives, fewer bytes when a token's
+    experts share a rank, a few more (weight and mask columns) when they never do (top-1).
+
     **Degree 1.** With `mesh.degree(axis) == 1` nothing is installed: experts stay plain local
     tensors and `facts()["expert_params"]` is empty (FSDP then treats them as dense).
 
@@ -81,7 +92,8 @@ class ExpertParallel(Pass):
         - the model holds no parallelism from outside moetx: no torch `fully_shard` unit, no
           DTensor parameter moetx did not place (`PassPreconditionError`);
         - the model has at least one MoE layer (`NoMoELayersError`);
-        - every MoE layer's expert count is divisible by the degree (`ExpertDivisibilityError`).
+        - every MoE layer's expert count is divisible by the degree (`ExpertDivisibilityError`);
+        - `dedup` only with the all-to-all dispatcher (`PassPreconditionError`).
 
     Upstream APIs: `torch.distributed.tensor.distribute_tensor` (`src_data_rank=None`),
     `torch.distributed._functional_collectives.all_to_all_single` /
@@ -91,6 +103,7 @@ class ExpertParallel(Pass):
     Args:
         axis: Mesh axis the experts are sharded over; its degree is read from the mesh.
         dispatcher: `"all_to_all"` or `"all_gather"`.
+        dedup: Send each token once per destination rank (all-to-all dispatcher only).
 
     Example:
         >>> ExpertParallel(dispatcher="all_gather")
@@ -101,10 +114,17 @@ class ExpertParallel(Pass):
 
     axis: str = option("ep", axis_name())
     dispatcher: str = option("all_to_all", one_of(*DISPATCHERS))
+    dedup: bool = option(False, flag())
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
         """Raise if the mesh lacks the axis, the model has no MoE layer, or E % degree != 0."""
         refuse_foreign_parallelism(model, record, by="ExpertParallel")
+        if self.dedup and self.dispatcher != "all_to_all":
+            raise PassPreconditionError(
+                f"`{self!r}`: `dedup` sends each token once per rank with the all-to-all "
+                f"dispatcher; the {self.dispatcher!r} dispatcher already sends each token once "
+                "to every rank.\n  fix: drop `dedup`, or use dispatcher='all_to_all'."
+            )
         mesh.require(self.axis, by="ExpertParallel")
         if self.axis != "ep":
             raise MeshAxisError(
@@ -156,7 +176,7 @@ class ExpertParallel(Pass):
                     layer.num_experts,
                     layer.expert_param_names,
                     layer.num_experts_attr,
-                    make_dispatcher(self.dispatcher, ep_mesh, layer.num_experts),
+                    self._dispatcher(ep_mesh, layer.num_experts),
                     local,
                 ),
             )
@@ -167,6 +187,16 @@ class ExpertParallel(Pass):
         degree = mesh.degree(self.axis)
         names = tuple(discover(model).expert_parameters()) if degree > 1 else ()
         return {"axis": self.axis, "degree": degree, "expert_params": names}
+
+    def _dispatcher(self, ep_mesh: DeviceMesh, num_experts: int) -> TokenDispatcher:
+        if not self.dedup:
+            return make_dispatcher(self.dispatcher, ep_mesh, num_experts)
+        return DedupAllToAllDispatcher(
+            group=ep_mesh.get_group(),
+            rank=ep_mesh.get_local_rank(),
+            degree=ep_mesh.size(),
+            num_experts=num_experts,
+        )
 
     @staticmethod
     def _moe_layers(model: nn.Module) -> tuple[MoELayer, ...]:

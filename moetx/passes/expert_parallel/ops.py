@@ -19,6 +19,8 @@ Functions (each rank of the group calls each with its own data):
   this rank's first `rows` rows, with autograd (backward: `gather_padded`).
 - `receive_layout(recv_grid)`, `select_local(ids, first, count)`: the index vectors the
   all-to-all and all-gather dispatchers build from received counts or gathered expert ids.
+- `column_nonzero(mask)`: the `True` entries of a 2-D mask in column-major order (the deduplicating
+  dispatcher's (rank, token) pairs and (expert, row) copies).
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from torch import Tensor
 from torch.distributed import _functional_collectives as funcol
 from torch.distributed.distributed_c10d import GroupName
 
-__all__ = ["all_to_all", "gather_padded", "receive_layout", "scatter_padded", "select_local"]
+__all__ = [
+    "all_to_all",
+    "column_nonzero",
+    "gather_padded",
+    "receive_layout",
+    "scatter_padded",
+    "select_local",
+]
 
 _c10d = torch.ops._c10d_functional
 
@@ -92,6 +101,7 @@ def all_to_all(
     output_splits: Tensor | list[int],
     input_splits: Tensor | list[int],
     group_name: GroupName,
+    out_rows: Any = None,
 ) -> Tensor:
     """Uneven all-to-all of the rows of `x` (autograd: the reverse all-to-all).
 
@@ -101,13 +111,15 @@ def all_to_all(
             (which must be one while compiling).
         input_splits: Rows this rank sends to each rank, likewise.
         group_name: The process group's name.
+        out_rows: `sum(output_splits)` when the caller knows it as a size (compiling: the row
+            count of a tensor the result must line up with); None: a fresh size.
 
     Returns:
         `[sum(output_splits), ...]`, grouped by source rank.
     """
     if torch.compiler.is_compiling():
         assert isinstance(output_splits, Tensor) and isinstance(input_splits, Tensor)
-        return _all_to_all_op(x, output_splits, input_splits, group_name, None)
+        return _all_to_all_op(x, output_splits, input_splits, group_name, out_rows)
     out_list = output_splits if isinstance(output_splits, list) else output_splits.tolist()
     in_list = input_splits if isinstance(input_splits, list) else input_splits.tolist()
     return funcol.all_to_all_single_autograd(x, out_list, in_list, group_name)
@@ -276,3 +288,34 @@ def select_local(ids: Tensor, first: int, count: int) -> tuple[Tensor, Tensor]:
     if torch.compiler.is_compiling():
         return _select_local_op(ids, first, count)  # type: ignore[no-any-return]
     return _select_local_eager(ids, first, count)
+
+
+# --------------------------------------------------------------------------------- dedup
+
+
+def _column_nonzero_eager(mask: Tensor) -> tuple[Tensor, Tensor]:
+    found = mask.t().nonzero()
+    return found[:, 0].clone(), found[:, 1].clone()  # outputs of an op: no views of one tensor
+
+
+@torch.library.custom_op("moetx::ep_column_nonzero", mutates_args=())
+def _column_nonzero_op(mask: Tensor) -> tuple[Tensor, Tensor]:
+    return _column_nonzero_eager(mask)
+
+
+@_column_nonzero_op.register_fake
+def _(mask: Tensor) -> tuple[Tensor, Tensor]:
+    rows = _dynamic_rows()
+    return mask.new_empty(rows, dtype=torch.int64), mask.new_empty(rows, dtype=torch.int64)
+
+
+def column_nonzero(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """`(cols [N], rows [N])` of the `True` entries of the 2-D bool `mask`, column-major.
+
+    Sorted by column, then by row: for a `[T, D]` (token, rank) mask, the pairs grouped by rank
+    in token order; for a `[R, E/D]` (row, local expert) mask, the copies grouped by expert in
+    row order.
+    """
+    if torch.compiler.is_compiling():
+        return _column_nonzero_op(mask)  # type: ignore[no-any-return]
+    return _column_nonzero_eager(mask)

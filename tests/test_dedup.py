@@ -1,0 +1,246 @@
+"""`ExpertParallel(dedup=True)`: one process's numerics, the bytes it sends, compiled, predicted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moetx import FSDP, ExpertParallel, MeshDegrees, Pipeline
+from moetx.core.errors import PassPreconditionError
+from moetx.core.record import applied_passes
+from moetx.mesh.parallel_mesh import ParallelMesh
+from moetx.models import MoEConfig
+from moetx.passes.expert_parallel.dedup import mask_columns
+from moetx.planning import predict
+from moetx.testing import RankPool, compare, examples, fake_world
+from moetx.testing.train import TrainSpec, assert_training_parity, build_model, rank_train
+from tests.bodies import dedup as bodies
+from tests.bodies.dedup import DedupBlock
+from tests.bodies.expert_parallel import MoECase
+from tests.test_compile_ops import _check as check_compiled
+from tests.test_expert_parallel import _check_moe_layer, moe_cases
+
+TOL = {"atol": 1e-5, "rtol": 1e-4}
+
+
+# ------------------------------------------------------------------------------- the option
+
+
+def test_option_value_and_parse():
+    """`dedup` is a plain bool option: repr, equality, parse; off by default."""
+    assert repr(ExpertParallel(dedup=True)) == "ExpertParallel(dedup=True)"
+    assert ExpertParallel(dedup=False) == ExpertParallel()
+    assert Pipeline.parse("ep(dedup=True)|fsdp") == ExpertParallel(dedup=True) | FSDP()
+
+
+def test_dedup_needs_the_all_to_all_dispatcher():
+    """With the all-gather dispatcher: a pinned `PassPreconditionError`, model untouched."""
+    with fake_world(2):
+        model = build_model(TrainSpec(config=MoEConfig(num_experts=4)))
+        before = {n: p for n, p in model.named_parameters()}
+        with pytest.raises(
+            PassPreconditionError,
+            match=(
+                r"^`ExpertParallel\(dispatcher='all_gather', dedup=True\)`: `dedup` sends each "
+                r"token once per rank with the all-to-all dispatcher; the 'all_gather' dispatcher "
+                r"already sends each token once to every rank\.\n"
+                r"  fix: drop `dedup`, or use dispatcher='all_to_all'\.$"
+            ),
+        ):
+            ExpertParallel(dispatcher="all_gather", dedup=True).apply(
+                model, ParallelMesh.build(ep=2)
+            )
+        assert dict(model.named_parameters()) == before
+        assert applied_passes(model) == ()
+
+
+def test_mask_columns_are_exact_in_the_payload_dtype():
+    """A mask column holds as many local experts as the dtype has significand bits."""
+    assert mask_columns(4, torch.float32) == 1 and mask_columns(24, torch.float32) == 1
+    assert mask_columns(25, torch.float32) == 2
+    assert mask_columns(8, torch.bfloat16) == 1 and mask_columns(9, torch.bfloat16) == 2
+    assert mask_columns(11, torch.float16) == 1 and mask_columns(12, torch.float16) == 2
+    for dtype, bits in ((torch.float32, 24), (torch.bfloat16, 8), (torch.float16, 11)):
+        top = torch.tensor(2**bits - 1, dtype=torch.int64)
+        assert int(top.to(dtype).to(torch.int64)) == 2**bits - 1, dtype
+
+
+# ------------------------------------------------------------ one MoE layer vs one process
+
+
+def _check_layer(case: MoECase, results: list[dict[str, Any]]) -> None:
+    """`_check_moe_layer` (outputs, input and every parameter gradient, the dispatched rows),
+    then the bytes: exactly the distinct remote (token, rank) pairs, hidden + weight + mask
+    columns on dispatch, hidden on combine, forward and backward; 3 + 2 collectives."""
+    _check_moe_layer(case, results)
+    local = case.num_experts // case.degree
+    extra = local + mask_columns(local, torch.float32)
+    h = case.hidden_size
+    for rank, res in enumerate(results):
+        pairs = res["pairs_sent"] + res["pairs_received"]
+        assert res["bytes"]["all_to_all_single[data]"] == pairs * (2 * h + extra) * 4, rank
+        assert res["calls"] == {"all_to_all_single[int64]": 1, "all_to_all_single[data]": 4}
+        assert res["bytes"]["all_to_all_single[int64]"] == (case.degree - 1) * 8
+
+
+@settings(max_examples=examples(20), deadline=None)
+@given(case=moe_cases(degree=2).map(lambda c: attrs.evolve(c, dispatcher="all_to_all")))
+def test_moe_layer_matches_one_process_2_ranks(pool2: RankPool, case: MoECase):
+    """ep=2: top-1..3, idle and uneven ranks, every routing scenario; exact bytes."""
+    _check_layer(case, pool2.run(bodies.moe_layer_step, case))
+
+
+@settings(max_examples=examples(8), deadline=None)
+@given(case=moe_cases(degree=4).map(lambda c: attrs.evolve(c, dispatcher="all_to_all")))
+def test_moe_layer_matches_one_process_4_ranks(pool4: RankPool, case: MoECase):
+    """ep=4: the same checks."""
+    _check_layer(case, pool4.run(bodies.moe_layer_step, case))
+
+
+def test_edge_cases_2_ranks(pool2: RankPool):
+    """No tokens anywhere; every token remote; a rank receiving, or sending, nothing; top-1."""
+    cases = [("random", (0, 0), 2), ("remote", (5, 3), 2), ("cold_rank", (0, 6), 2)]
+    cases += [("random", (5, 3), 1), ("random", (7, 7), 4)]
+    for routing, tokens, k in cases:
+        case = MoECase(
+            num_experts=4,
+            top_k=k,
+            hidden_size=8,
+            tokens_per_rank=tokens,
+            shared=True,
+            routing=routing,
+            dispatcher="all_to_all",
+            degree=2,
+        )
+        _check_layer(case, pool2.run(bodies.moe_layer_step, case))
+
+
+def test_fewer_bytes_than_per_copy_when_experts_share_a_rank(pool2: RankPool):
+    """top-4 of 4 experts on 2 ranks: each token reaches both ranks once instead of 4 times."""
+    case = MoECase(
+        num_experts=4, top_k=4, hidden_size=16, tokens_per_rank=(6, 5), shared=False,
+        routing="random", dispatcher="all_to_all", degree=2,
+    )  # fmt: skip
+    on = pool2.run(bodies.moe_layer_step, case, True)
+    off = pool2.run(bodies.moe_layer_step, case, False)
+    for a, b in zip(on, off, strict=True):
+        assert a["copies_sent"] == 2 * a["pairs_sent"]
+        assert a["bytes"]["all_to_all_single[data]"] < b["bytes"]["all_to_all_single[data]"]
+        assert a["calls"] == b["calls"] | {"all_to_all_single[int64]": 1}
+        compare({"out": b["out"]}, {"out": a["out"]}, what="dedup vs per-copy", **TOL)
+
+
+# ---------------------------------------------------------------- whole pipelines vs one process
+
+CONFIG = MoEConfig(
+    hidden_size=16, num_layers=2, num_dense_layers=0, num_experts=8, top_k=3,
+    num_shared_experts=1, num_mtp_layers=1, aux_loss_coef=0.01, routing_bias=True,
+)  # fmt: skip
+SPEC = TrainSpec(config=CONFIG, steps=2, rows_per_rank=2, seq_len=6)
+
+
+@pytest.mark.parametrize(
+    ("world", "degrees", "tail"),
+    [
+        (2, MeshDegrees(dp_shard=2, ep=2), "fsdp"),
+        (2, MeshDegrees(dp_shard=2, ep=2), "ac|fsdp"),
+        (4, MeshDegrees(dp_shard=4, ep=4), "ac(mode='full')|fsdp"),
+        (4, MeshDegrees(dp_shard=4, ep=2), "ac|fsdp"),
+        (4, MeshDegrees(dp_shard=2, dp_replicate=2, ep=2), "ac(mode='selective')|fsdp"),
+    ],
+)
+def test_training_matches_one_process(request, world: int, degrees: MeshDegrees, tail: str):
+    """2 AdamW steps, routing bias and aux loss, an MTP head: the loss and every gathered
+    gradient at each step, and the final parameters, equal one process (ep 2, ep 4, ep 2 in
+    a 4-rank mesh with ep_shard, HSDP), with activation checkpointing and FSDP."""
+    pool = request.getfixturevalue(f"pool{world}")
+    pipeline = Pipeline.parse(f"ep(dedup=True)|{tail}")
+    assert_training_parity(pool.run(rank_train, SPEC, pipeline, degrees), SPEC, degrees)
+
+
+def test_top_1_training_matches_one_process(pool2: RankPool):
+    """top-1 (no token shares a rank with itself): still one process's numbers."""
+    spec = attrs.evolve(SPEC, config=attrs.evolve(CONFIG, top_k=1))
+    degrees = MeshDegrees(dp_shard=2, ep=2)
+    pipeline = Pipeline.parse("ep(dedup=True)|ac|fsdp")
+    assert_training_parity(pool2.run(rank_train, spec, pipeline, degrees), spec, degrees)
+
+
+# --------------------------------------------------------------------------------- compiled
+
+
+@pytest.mark.parametrize(
+    "case",
+    [DedupBlock(), DedupBlock(tokens=(0, 5), top_k=1), DedupBlock(num_experts=8, top_k=3)],
+    ids=["top2", "idle-top1", "top3"],
+)
+def test_block_compiles_whole_2_ranks(pool2: RankPool, case: DedupBlock):
+    """aot_eager, fullgraph: one graph, no break, eager numerics; the same collectives as the
+    per-copy dispatcher (forward the count exchange + 2 `moetx::ep_all_to_all`, backward 2)."""
+    results = pool2.run(bodies.compiled_block, case)
+    check_compiled(case, results)  # type: ignore[arg-type]
+    a2a = "moetx.ep_all_to_all.default"
+    for res in results:
+        got = {k: sorted(v) for k, v in res["ops"].items()}
+        assert got == {
+            "forward": sorted(
+                ["_c10d_functional.all_to_all_single.default", a2a, a2a]
+                + ["moetx.ep_column_nonzero.default"] * 2
+            ),
+            "backward": [a2a, a2a],
+        }
+
+
+# --------------------------------------------------------------------------------- planner
+
+
+@st.composite
+def plan_cases(draw: st.DrawFn) -> tuple[Pipeline, MeshDegrees]:
+    """ep 2 or 4 on 4 ranks, any checkpointing mode, FSDP or not."""
+    ep = draw(st.sampled_from([2, 4]))
+    degrees = MeshDegrees(dp_shard=4, ep=ep)
+    tail = draw(st.sampled_from(["", "|ac", "|ac(mode='full')", "|ac(mode='selective')"]))
+    tail += draw(st.sampled_from(["", "|fsdp"]))
+    return Pipeline.parse(f"ep(dedup=True){tail}"), degrees
+
+
+PLAN_SPEC = attrs.evolve(
+    SPEC, config=attrs.evolve(CONFIG, routing_bias=False, aux_loss_coef=0.0, num_mtp_layers=0)
+)
+
+
+@settings(max_examples=examples(6), deadline=None)
+@given(case=plan_cases())
+def test_predicted_bytes_equal_counted_bytes(pool4: RankPool, case):
+    """For the (token, rank) pairs the routing drew, every collective the planner predicts
+    equals what each of 4 gloo ranks counted: calls and bytes, per kind and axis."""
+    pipeline, degrees = case
+    results = pool4.run(bodies.measure_pairs, PLAN_SPEC, pipeline, degrees)
+    for rank, got in enumerate(results):
+        ranks, layers = got["ep_ranks"], len(got["sent"])
+        routing = [[results[src]["sent"][layer] for src in ranks] for layer in range(layers)]
+        p = predict(
+            PLAN_SPEC.config, degrees, pipeline, seq=PLAN_SPEC.seq_len,
+            micro_batch=PLAN_SPEC.rows_per_rank, routing=routing, ep_rank=got["ep_rank"],
+        )  # fmt: skip
+        want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
+        counted = {k: v for k, v in got["comm"].items() if v[1] or k in want}
+        assert counted == want, f"rank {rank}"
+
+
+def test_uniform_prediction_dedups_and_worst_case_does_not():
+    """Uniform top-2 of 8 experts on ep 2: expected pairs are ep·(1 − C(6,2)... ) per token,
+    below the per-copy bytes; the worst case is at least the per-copy expectation."""
+    config = attrs.evolve(PLAN_SPEC.config, top_k=2, hidden_size=64)
+    degrees = MeshDegrees(dp_shard=2, ep=2)
+    on = predict(config, degrees, ExpertParallel(dedup=True), seq=64, micro_batch=4)
+    off = predict(config, degrees, ExpertParallel(), seq=64, micro_batch=4)
+    (a,) = [t for t in on.comm if t.kind == "ep_all_to_all"]
+    (b,) = [t for t in off.comm if t.kind == "ep_all_to_all"]
+    assert a.calls == b.calls
+    assert a.bytes < b.bytes < a.worst_bytes
