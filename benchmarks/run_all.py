@@ -42,6 +42,17 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
         "minimum that must leave the rank.",
     ),
     (
+        "dedup.py",
+        ["--steps", "21"],
+        "Expert parallel: token dedup per destination rank",
+        "Issue 17 item 3, the step-anatomy workload shape (hidden 64, 8 experts, fp32; EP only): "
+        "bytes the EP all-to-alls send per rank per step with `ExpertParallel(dedup=True)` off and "
+        "on, against the minimum (distinct remote (token, rank) pairs x hidden x 4 bytes, once per "
+        "all-to-all: dispatch and combine, forward and backward), the collectives per step, and "
+        "the step-time ratio on / off (forward + backward, wall and process CPU, slowest rank, "
+        "median of interleaved per-step ratios).",
+    ),
+    (
         "activation_memory.py",
         [],
         "Activation checkpointing: resident activation bytes per mode",

@@ -76,16 +76,19 @@ def test_mask_columns_are_exact_in_the_payload_dtype():
 def _check_layer(case: MoECase, results: list[dict[str, Any]]) -> None:
     """`_check_moe_layer` (outputs, input and every parameter gradient, the dispatched rows),
     then the bytes: exactly the distinct remote (token, rank) pairs, hidden + weight + mask
-    columns on dispatch, hidden on combine, forward and backward; 3 + 2 collectives."""
+    columns on dispatch, hidden on combine, forward and backward (per copy, as the per-copy
+    dispatcher, when top-1 or one expert per rank); 3 + 2 collectives."""
     _check_moe_layer(case, results)
     local = case.num_experts // case.degree
-    extra = local + mask_columns(local, torch.float32)
+    per_copy = min(case.top_k, local) == 1  # pairs are copies: no weight or mask columns
+    extra = 0 if per_copy else local + mask_columns(local, torch.float32)
+    counts = local if per_copy else 1
     h = case.hidden_size
     for rank, res in enumerate(results):
         pairs = res["pairs_sent"] + res["pairs_received"]
         assert res["bytes"]["all_to_all_single[data]"] == pairs * (2 * h + extra) * 4, rank
         assert res["calls"] == {"all_to_all_single[int64]": 1, "all_to_all_single[data]": 4}
-        assert res["bytes"]["all_to_all_single[int64]"] == (case.degree - 1) * 8
+        assert res["bytes"]["all_to_all_single[int64]"] == (case.degree - 1) * counts * 8
 
 
 @settings(max_examples=examples(20), deadline=None)
@@ -164,7 +167,7 @@ def test_training_matches_one_process(request, world: int, degrees: MeshDegrees,
 
 
 def test_top_1_training_matches_one_process(pool2: RankPool):
-    """top-1 (no token shares a rank with itself): still one process's numbers."""
+    """top-1 (dispatched per copy: no token has two experts on one rank): one process's numbers."""
     spec = attrs.evolve(SPEC, config=attrs.evolve(CONFIG, top_k=1))
     degrees = MeshDegrees(dp_shard=2, ep=2)
     pipeline = Pipeline.parse("ep(dedup=True)|ac|fsdp")
@@ -181,16 +184,18 @@ def test_top_1_training_matches_one_process(pool2: RankPool):
 )
 def test_block_compiles_whole_2_ranks(pool2: RankPool, case: DedupBlock):
     """aot_eager, fullgraph: one graph, no break, eager numerics; the same collectives as the
-    per-copy dispatcher (forward the count exchange + 2 `moetx::ep_all_to_all`, backward 2)."""
+    per-copy dispatcher (forward the count exchange + 2 `moetx::ep_all_to_all`, backward 2),
+    and the two pair / copy listings as `moetx::ep_column_nonzero` (none with top-1)."""
     results = pool2.run(bodies.compiled_block, case)
     check_compiled(case, results)  # type: ignore[arg-type]
     a2a = "moetx.ep_all_to_all.default"
+    dedup = min(case.top_k, case.num_experts // 2) > 1  # top-1: dispatched per copy
     for res in results:
         got = {k: sorted(v) for k, v in res["ops"].items()}
         assert got == {
             "forward": sorted(
                 ["_c10d_functional.all_to_all_single.default", a2a, a2a]
-                + ["moetx.ep_column_nonzero.default"] * 2
+                + ["moetx.ep_column_nonzero.default"] * 2 * dedup
             ),
             "backward": [a2a, a2a],
         }
@@ -199,19 +204,20 @@ def test_block_compiles_whole_2_ranks(pool2: RankPool, case: DedupBlock):
 # --------------------------------------------------------------------------------- planner
 
 
-@st.composite
-def plan_cases(draw: st.DrawFn) -> tuple[Pipeline, MeshDegrees]:
-    """ep 2 or 4 on 4 ranks, any checkpointing mode, FSDP or not."""
-    ep = draw(st.sampled_from([2, 4]))
-    degrees = MeshDegrees(dp_shard=4, ep=ep)
-    tail = draw(st.sampled_from(["", "|ac", "|ac(mode='full')", "|ac(mode='selective')"]))
-    tail += draw(st.sampled_from(["", "|fsdp"]))
-    return Pipeline.parse(f"ep(dedup=True){tail}"), degrees
-
-
 PLAN_SPEC = attrs.evolve(
     SPEC, config=attrs.evolve(CONFIG, routing_bias=False, aux_loss_coef=0.0, num_mtp_layers=0)
 )
+
+
+@st.composite
+def plan_cases(draw: st.DrawFn) -> tuple[TrainSpec, Pipeline, MeshDegrees]:
+    """top-3, 2 or 1 of 8 experts, ep 2 or 4 on 4 ranks, any checkpointing mode, FSDP or not."""
+    k = draw(st.sampled_from([3, 2, 1]))
+    spec = attrs.evolve(PLAN_SPEC, config=attrs.evolve(PLAN_SPEC.config, top_k=k))
+    degrees = MeshDegrees(dp_shard=4, ep=draw(st.sampled_from([2, 4])))
+    tail = draw(st.sampled_from(["", "|ac", "|ac(mode='full')", "|ac(mode='selective')"]))
+    tail += draw(st.sampled_from(["", "|fsdp"]))
+    return spec, Pipeline.parse(f"ep(dedup=True){tail}"), degrees
 
 
 @settings(max_examples=examples(6), deadline=None)
@@ -219,14 +225,14 @@ PLAN_SPEC = attrs.evolve(
 def test_predicted_bytes_equal_counted_bytes(pool4: RankPool, case):
     """For the (token, rank) pairs the routing drew, every collective the planner predicts
     equals what each of 4 gloo ranks counted: calls and bytes, per kind and axis."""
-    pipeline, degrees = case
-    results = pool4.run(bodies.measure_pairs, PLAN_SPEC, pipeline, degrees)
+    spec, pipeline, degrees = case
+    results = pool4.run(bodies.measure_pairs, spec, pipeline, degrees)
     for rank, got in enumerate(results):
         ranks, layers = got["ep_ranks"], len(got["sent"])
         routing = [[results[src]["sent"][layer] for src in ranks] for layer in range(layers)]
         p = predict(
-            PLAN_SPEC.config, degrees, pipeline, seq=PLAN_SPEC.seq_len,
-            micro_batch=PLAN_SPEC.rows_per_rank, routing=routing, ep_rank=got["ep_rank"],
+            spec.config, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank,
+            routing=routing, ep_rank=got["ep_rank"],
         )  # fmt: skip
         want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
         counted = {k: v for k, v in got["comm"].items() if v[1] or k in want}

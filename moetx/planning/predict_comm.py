@@ -147,7 +147,7 @@ def _ep(
         return []
     if getattr(ep, "dispatcher", "all_to_all") == "all_gather":
         return _ep_all_gather(shapes, d, pipeline, tokens)
-    if getattr(ep, "dedup", False):
+    if getattr(ep, "dedup", False) and min(shapes.top_k, shapes.num_experts // d.ep) > 1:
         return _ep_dedup(shapes, d, pipeline, tokens, routing, ep_rank)
     e, k, row = (
         shapes.num_experts,
@@ -195,8 +195,8 @@ def _ep_dedup(
     routing: Routing | None,
     ep_rank: int,
 ) -> list[Traffic]:
-    """`ExpertParallel(dedup=True)`: the all-to-alls carry distinct (token, rank) pairs, not
-    copies (`routing` counts pairs then). Per MoE layer: forward an int64 exchange of one count
+    """`ExpertParallel(dedup=True)` (with top-1 or one expert per rank it sends per copy): the
+    all-to-alls carry distinct (token, rank) pairs, not copies (`routing` counts pairs then). Per MoE layer: forward an int64 exchange of one count
     per rank, the dispatch (hidden + E/ep weight + mask columns per pair) and the combine
     (hidden per pair); backward both reversed; recomputation redoes the forward three.
     Uniform routing: `_ranks_per_token` pairs per token, (ep − 1)/ep of them remote;

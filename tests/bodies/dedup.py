@@ -199,11 +199,14 @@ def measure_pairs(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> 
 
 def bench_dedup(spec: TrainSpec, degrees: MeshDegrees, *, steps: int) -> dict[str, Any]:
     """Rank body for `benchmarks/dedup.py`: one model per setting (dedup off, on), the same
-    weights and rows; per setting the bytes and calls of one step's EP all-to-alls, the remote
-    pairs routed, then `steps` forward + backward steps interleaved off / on (median seconds)."""
+    weights and rows. Per setting: one forward + backward's EP all-to-alls (calls and bytes
+    sent to other ranks, data and int64 apart), the remote (token, rank) pairs this rank sent
+    and received (summed over MoE layers), then `steps` forward + backward steps interleaved
+    off / on, each the median seconds."""
     mesh = mesh_for(degrees)
     batch = _batch(spec, Pipeline(()), degrees)
-    axes = _axes(mesh)
+    ep_group = mesh["ep"].get_group()
+    me = dist.get_rank(ep_group)
     models = {d: ExpertParallel(dedup=d).apply(build_model(spec), mesh) for d in (False, True)}
     out: dict[str, Any] = {}
     for dedup, model in models.items():
@@ -216,26 +219,27 @@ def bench_dedup(spec: TrainSpec, degrees: MeshDegrees, *, steps: int) -> dict[st
             )
             for moe in discover(model).moe_layers()
         ]
-        log = CountingMode(axes)
+        log = _CollectiveLog(me, degrees.ep)
         with log:
             model(**batch).loss.backward()
         for h in handles:
             h.remove()
-        me = dist.get_rank(mesh["ep"].get_group())
-        calls, sent_bytes = log.log[("ep_all_to_all", "ep")]
+        received = torch.zeros(len(sent), degrees.ep, dtype=torch.int64)
+        for layer, row in enumerate(sent):
+            dist.all_to_all_single(received[layer], torch.tensor(row), group=ep_group)
         out[f"dedup={dedup}"] = {
-            "calls": calls,
-            "bytes": sent_bytes,
-            "pairs_sent": sum(sum(s) - s[me] for s in sent),
+            "calls": sum(log.calls.values()),
+            "data": log.bytes["all_to_all_single[data]"],
+            "int64": log.bytes["all_to_all_single[int64]"],
+            "pairs": sum(sum(s) - s[me] for s in sent)
+            + int(received.sum() - received[:, me].sum()),
         }
-    times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(steps):
         for dedup, model in models.items():
             model.zero_grad(set_to_none=True)
             dist.barrier()
-            begin = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             model(**batch).loss.backward()
-            times[dedup].append(time.perf_counter() - begin)
-    for dedup, ts in times.items():
-        out[f"dedup={dedup}"]["time"] = sorted(ts)[len(ts) // 2]
+            times = out[f"dedup={dedup}"].setdefault("times", [])
+            times.append((time.perf_counter() - wall, time.process_time() - cpu))
     return out

@@ -20,7 +20,8 @@ exchange of the pair counts, the dispatch, the combine), backward 2.
 Bytes (rows that leave a rank, per layer, forward + backward): `2·P·(H + E/D + c) + 2·P·H`
 for `P` remote pairs, against `4·C·H` for `C` remote copies: fewer whenever tokens share ranks
 (`C / P` is about 1.27 for 8 experts, top-2 on 2 ranks), more (by the weight and mask columns)
-when no two of a token's experts share a rank, e.g. top-1.
+when no two of a token's experts share a rank (with top-1, or one expert per rank, where this
+can never happen, it dispatches per copy instead).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import Tensor
 from torch.distributed import _functional_collectives as funcol
 
 from moetx.passes.expert_parallel import ops
-from moetx.passes.expert_parallel.dispatch import EPGroup
+from moetx.passes.expert_parallel.dispatch import AllToAllDispatcher, AllToAllPlan
 
 __all__ = ["DedupAllToAllDispatcher", "DedupPlan", "mask_columns"]
 
@@ -73,7 +74,7 @@ class DedupPlan(NamedTuple):
 
 
 @attrs.frozen(eq=False)
-class DedupAllToAllDispatcher(EPGroup):
+class DedupAllToAllDispatcher(AllToAllDispatcher):
     """Uneven all-to-all dispatch of distinct (token, rank) pairs; see the module docstring.
 
     `dispatch`: mark the ranks each token goes to (`[T, D]`, static shape), exchange the pair
@@ -83,15 +84,21 @@ class DedupAllToAllDispatcher(EPGroup):
     and expert ids `AllToAllDispatcher` hands the experts, in the same order. `combine`: weight
     the copies, sum them per received row, send the partial sums back, add them per token.
 
+    With `min(k, E/D) == 1` no token has two experts on one rank, so pairs are copies: it
+    dispatches as `AllToAllDispatcher` (no weight or mask columns to pay for).
+
     Fields: see `EPGroup`.
     """
 
     def dispatch(
         self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor
-    ) -> tuple[Tensor, Tensor, DedupPlan]:
-        """Send each token once to every rank holding one of its experts."""
+    ) -> tuple[Tensor, Tensor, Any]:
+        """Send each token once to every rank holding one of its experts; the plan is a
+        `DedupPlan` (an `AllToAllPlan` when it dispatches per copy)."""
         d, e = self.degree, self.num_experts
         local_e = e // d
+        if min(top_k_index.shape[1], local_e) == 1:
+            return super().dispatch(hidden, top_k_index, top_k_weights)
         t, h = hidden.shape
         bits = _mask_bits(hidden.dtype)
         slot = torch.arange(local_e, device=hidden.device)
@@ -108,8 +115,12 @@ class DedupAllToAllDispatcher(EPGroup):
                 # Eager: one host sync per layer, here (compiled: tensors, inputs of the op).
                 input_splits, output_splits = sent.tolist(), received_count.tolist()
             pair_rank, pair_token = ops.column_nonzero(goes)
-            code = torch.zeros(t, d, mask_columns(local_e, hidden.dtype), dtype=torch.int64)
-            code = code.to(hidden.device).index_add_(2, column, chosen.long() << shift)
+            bit = chosen.long() << shift
+            if local_e <= bits:  # one mask column (fp32: up to 24 local experts, bf16: 8)
+                code = bit.sum(2, keepdim=True)
+            else:
+                code = bit.new_zeros(t, d, mask_columns(local_e, hidden.dtype))
+                code = code.index_add_(2, column, bit)
             mask = code[pair_token, pair_rank].to(hidden.dtype)
         weights = hidden.new_zeros(t, e).scatter(1, top_k_index, top_k_weights.to(hidden.dtype))
         rows = torch.cat(
@@ -118,7 +129,9 @@ class DedupAllToAllDispatcher(EPGroup):
         received = ops.all_to_all(rows, output_splits, input_splits, self.group_name)
         with torch.no_grad():
             code = received[:, h + local_e :].to(torch.int64)
-            mine = ((code[:, column] >> shift) & 1).bool()  # [R, E/D]
+            if local_e > bits:
+                code = code[:, column]
+            mine = ((code >> shift) & 1).bool()  # [R, E/D]
             expert_ids, row_of_copy = ops.column_nonzero(mine)
         plan = DedupPlan(
             num_tokens=t,
@@ -133,6 +146,8 @@ class DedupAllToAllDispatcher(EPGroup):
 
     def combine(self, expert_out: Tensor, plan: Any) -> Tensor:
         """Weight and sum each received row's copies, send the sums back, add them per token."""
+        if isinstance(plan, AllToAllPlan):
+            return super().combine(expert_out, plan)
         h = expert_out.shape[-1]
         weighted = expert_out * plan.copy_weights.to(expert_out.dtype).unsqueeze(-1)
         partial = expert_out.new_zeros(plan.received_rows, h).index_add(

@@ -295,12 +295,13 @@ def select_local(ids: Tensor, first: int, count: int) -> tuple[Tensor, Tensor]:
 
 def _column_nonzero_eager(mask: Tensor) -> tuple[Tensor, Tensor]:
     found = mask.t().nonzero()
-    return found[:, 0].clone(), found[:, 1].clone()  # outputs of an op: no views of one tensor
+    return found[:, 0], found[:, 1]
 
 
 @torch.library.custom_op("moetx::ep_column_nonzero", mutates_args=())
 def _column_nonzero_op(mask: Tensor) -> tuple[Tensor, Tensor]:
-    return _column_nonzero_eager(mask)
+    cols, rows = _column_nonzero_eager(mask)
+    return cols.clone(), rows.clone()  # a custom op's outputs may not be views of one tensor
 
 
 @_column_nonzero_op.register_fake
