@@ -250,3 +250,35 @@ def test_uniform_prediction_dedups_and_worst_case_does_not():
     (b,) = [t for t in off.comm if t.kind == "ep_all_to_all"]
     assert a.calls == b.calls
     assert a.bytes < b.bytes < a.worst_bytes
+
+
+# ------------------------------------------------------------------------------- bf16 payload
+
+
+@pytest.mark.parametrize(("experts", "k"), [(8, 2), (20, 10)], ids=["1-mask-column", "2-columns"])
+def test_bf16_payload_rounds_as_the_per_copy_dispatcher(pool2: RankPool, experts: int, k: int):
+    """In bf16 the mask stays exact (20 experts on 2 ranks: 10 local experts, two 8-bit mask
+    columns; the experts get exactly the rows and ids of the per-copy dispatcher) and the
+    weights round as the per-copy dispatcher rounds them: outputs and every gradient agree
+    with it to bf16 precision, and each is as far from the fp32 layer as the other."""
+    case = MoECase(
+        num_experts=experts, top_k=k, hidden_size=16, tokens_per_rank=(7, 5), shared=True,
+        routing="random", dispatcher="all_to_all", degree=2,
+    )  # fmt: skip
+    on = pool2.run(bodies.bf16_layer_step, case, True)
+    off = pool2.run(bodies.bf16_layer_step, case, False)
+    exact = pool2.run(bodies.moe_layer_step, case, False)
+    for rank, (a, b, ref) in enumerate(zip(on, off, exact, strict=True)):
+        tokens, ids = a["dispatched"]
+        assert torch.equal(ids, ref["dispatched"][1]), rank
+        assert torch.equal(tokens, ref["dispatched"][0].to(torch.bfloat16)), rank
+        compare(
+            {"out": b["out"], "hidden_grad": b["hidden_grad"], **b["grads"]},
+            {"out": a["out"], "hidden_grad": a["hidden_grad"], **a["grads"]},
+            what=f"rank {rank} bf16 dedup vs per copy", atol=3e-2, rtol=3e-2,
+        )  # fmt: skip
+        for name, want in {"out": ref["out"], **ref["grads"]}.items():
+            got_on = a["out"] if name == "out" else a["grads"][name]
+            got_off = b["out"] if name == "out" else b["grads"][name]
+            err_on, err_off = (got_on - want).abs().max(), (got_off - want).abs().max()
+            assert err_on <= 2 * err_off + 1e-2 * want.abs().max(), (rank, name, err_on, err_off)

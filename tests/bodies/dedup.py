@@ -243,3 +243,36 @@ def bench_dedup(spec: TrainSpec, degrees: MeshDegrees, *, steps: int) -> dict[st
             times = out[f"dedup={dedup}"].setdefault("times", [])
             times.append((time.perf_counter() - wall, time.process_time() - cpu))
     return out
+
+
+# ------------------------------------------------------------------------------- bf16 payload
+
+
+def bf16_layer_step(case: MoECase, dedup: bool) -> dict[str, Any]:
+    """Rank body: `moe_layer_step` on the layer cast to bf16 (payload, weights and mask in
+    bf16), dedup or not; also the rows the per-copy dispatcher would hand the experts."""
+    rank = dist.get_rank()
+    mesh = mesh_for(MeshDegrees(dp_shard=case.degree, ep=case.degree))
+    model = moe_case_model(case).to(torch.bfloat16)
+    model = ExpertParallel(dedup=dedup).apply(model, mesh)
+    moe = discover(model).moe_layers()[0].module
+    hidden, cotangent = (x.to(torch.bfloat16) for x in moe_case_inputs(case, rank))
+    hidden.requires_grad_(True)
+    out, _ = moe(hidden)
+    (out.float() * cotangent.float()).sum().backward()
+    flat = hidden.detach().reshape(-1, case.hidden_size)
+    with torch.no_grad():
+        index, weights, _ = moe.gate(flat)
+        dispatcher = DedupAllToAllDispatcher(
+            group=mesh["ep"].get_group(),
+            rank=rank,
+            degree=case.degree,
+            num_experts=case.num_experts,
+        )
+        tokens, expert_ids, _ = dispatcher.dispatch(flat, index, weights)
+    return {
+        "out": out.detach().float(),
+        "hidden_grad": hidden.grad.float(),
+        "grads": {n: g.float() for n, g in gradients(moe).items()},
+        "dispatched": (tokens.clone(), expert_ids.clone()),
+    }
