@@ -17,9 +17,18 @@ from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.models import MoEConfig
 from moetx.passes.expert_parallel.dedup import mask_columns
 from moetx.planning import predict
+from moetx.structure.discovery import discover
 from moetx.testing import RankPool, compare, examples, fake_world
-from moetx.testing.train import TrainSpec, assert_training_parity, build_model, rank_train
+from moetx.testing.train import (
+    TrainSpec,
+    assert_matches_reference,
+    assert_training_parity,
+    build_model,
+    rank_train,
+    reference,
+)
 from tests.bodies import dedup as bodies
+from tests.bodies.compile import compiled_train
 from tests.bodies.dedup import DedupBlock
 from tests.bodies.expert_parallel import MoECase
 from tests.test_compile_ops import _check as check_compiled
@@ -201,6 +210,21 @@ def test_block_compiles_whole_2_ranks(pool2: RankPool, case: DedupBlock):
         }
 
 
+@pytest.mark.parametrize("mode", ["router", "full"])
+def test_compiled_pipeline_trains_like_one_process(pool2: RankPool, mode: str):
+    """`ep(dedup=True) | ac | compile(fullgraph) | fsdp` on 2 ranks (routing bias, aux loss,
+    MTP): every gradient each step equals one process, one graph and no break per block."""
+    pipeline = Pipeline.parse(
+        f"ep(dedup=True)|ac(mode={mode!r})|compile(backend='aot_eager', fullgraph=True)|fsdp"
+    )
+    degrees = MeshDegrees(dp_shard=2, ep=2)
+    results = pool2.run(compiled_train, SPEC, pipeline, degrees)
+    assert_matches_reference(results, reference(SPEC, 2))
+    blocks = [b.fqn for b in discover(build_model(SPEC)).blocks]
+    for r in results:
+        assert r["graphs"] == {f: (1, 0) for f in blocks}, r["reasons"]
+
+
 # --------------------------------------------------------------------------------- planner
 
 
@@ -240,15 +264,22 @@ def test_predicted_bytes_equal_counted_bytes(pool4: RankPool, case):
 
 
 def test_uniform_prediction_dedups_and_worst_case_does_not():
-    """Uniform top-2 of 8 experts on ep 2: expected pairs are ep·(1 − C(6,2)... ) per token,
-    below the per-copy bytes; the worst case is at least the per-copy expectation."""
+    """Uniform top-2 of 8 experts on ep 2, 256 tokens per rank: a token reaches
+    2·(1 − C(6,2)/C(8,2)) = 1.571 ranks on average, so 201 remote pairs each way per layer
+    (hidden 64 + 4 weight + 1 mask columns on dispatch, 64 on combine, fp32), against 256
+    remote copies per copy; the worst case (no two experts of a token on one rank) sends more
+    than per copy (the weight and mask columns)."""
     config = attrs.evolve(PLAN_SPEC.config, top_k=2, hidden_size=64)
     degrees = MeshDegrees(dp_shard=2, ep=2)
     on = predict(config, degrees, ExpertParallel(dedup=True), seq=64, micro_batch=4)
     off = predict(config, degrees, ExpertParallel(), seq=64, micro_batch=4)
     (a,) = [t for t in on.comm if t.kind == "ep_all_to_all"]
     (b,) = [t for t in off.comm if t.kind == "ep_all_to_all"]
-    assert a.calls == b.calls
+    layers = 2
+    assert a.calls == b.calls == 5 * layers
+    assert a.bytes == layers * (2 * 201 * (276 + 256) + 8)
+    assert b.bytes == layers * (4 * 256 * 256 + 4 * 8)
+    assert a.worst_bytes == layers * (256 * 276 + 256 * 256 + 256 * 256 + 256 * 276 + 8)
     assert a.bytes < b.bytes < a.worst_bytes
 
 
