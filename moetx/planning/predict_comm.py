@@ -35,8 +35,8 @@ import torch
 
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
-from moetx.passes.expert_parallel.dedup import mask_columns
 from moetx.planning.predict_activations import BlockTrace
+from moetx.planning.predict_dedup import dedup_all_to_all
 from moetx.planning.predict_fsdp import fsdp_units
 from moetx.planning.predict_state import ModelShapes, find_pass, iter_blocks, uses_tp
 
@@ -179,14 +179,6 @@ def _ep(
     ]
 
 
-def _ranks_per_token(num_experts: int, top_k: int, ep: int) -> float:
-    """Distinct ep ranks a token's k experts live on, expected under uniform top-k routing:
-    `ep · (1 − C(E − E/ep, k) / C(E, k))` (one minus the chance that a rank holds none)."""
-    return ep * (
-        1 - math.comb(num_experts - num_experts // ep, top_k) / math.comb(num_experts, top_k)
-    )
-
-
 def _ep_dedup(
     shapes: ModelShapes,
     d: MeshDegrees,
@@ -195,46 +187,24 @@ def _ep_dedup(
     routing: Routing | None,
     ep_rank: int,
 ) -> list[Traffic]:
-    """`ExpertParallel(dedup=True)` (with top-1 or one expert per rank it sends per copy): the
-    all-to-alls carry distinct (token, rank) pairs, not copies (`routing` counts pairs then). Per MoE layer: forward an int64 exchange of one count
-    per rank, the dispatch (hidden + E/ep weight + mask columns per pair) and the combine
-    (hidden per pair); backward both reversed; recomputation redoes the forward three.
-    Uniform routing: `_ranks_per_token` pairs per token, (ep − 1)/ep of them remote;
-    worst case (no two of a token's experts on one rank): min(k, ep − 1) remote pairs per
-    token sent, every other rank's tokens received."""
-    e, k, itemsize = shapes.num_experts, shapes.top_k, _compute_itemsize(shapes, pipeline)
-    local = e // d.ep
+    """`ExpertParallel(dedup=True)`: `moetx.planning.predict_dedup` with this module's dtype
+    and recomputation rules."""
+    itemsize = _compute_itemsize(shapes, pipeline)
     fsdp = find_pass(pipeline, "fsdp")
     name = getattr(fsdp, "param_dtype", None) if fsdp is not None else None
-    dtype = (
-        getattr(torch, name)
-        if name
-        else {2: torch.bfloat16, 8: torch.float64}.get(itemsize, torch.float32)
-    )
-    combine_row = shapes.hidden_size * itemsize
-    dispatch_row = combine_row + (local + mask_columns(local, dtype)) * itemsize
-    pairs = int(tokens * _ranks_per_token(e, k, d.ep) * (d.ep - 1) / d.ep)
-    worst_pairs = (tokens * min(k, d.ep - 1), (d.ep - 1) * tokens)
-    calls = total = worst = counts = 0
+    default = {2: torch.bfloat16, 8: torch.float64}.get(itemsize, torch.float32)
     moe = [i for i, _ in iter_blocks(shapes) if i in shapes.moe_blocks]
-    for layer, block in enumerate(moe):
-        if routing is not None:
-            grid = routing[layer]
-            sent = sum(c for j, c in enumerate(grid[ep_rank]) if j != ep_rank)
-            received = sum(grid[j][ep_rank] for j in range(d.ep) if j != ep_rank)
-        else:
-            sent = received = pairs
-        again = recomputes_forward(pipeline, block)
-
-        def moved(sent: int, received: int, again: bool = again) -> int:
-            forward = sent * dispatch_row + received * combine_row
-            return (1 + again) * forward + sent * combine_row + received * dispatch_row
-
-        calls += 3 + 2 + 3 * again
-        total += moved(sent, received)
-        worst += moved(*worst_pairs)
-        counts += (1 + again) * (d.ep - 1) * 8
-    return [Traffic("ep_all_to_all", "ep", calls, total + counts, worst + counts)]
+    calls, expected, worst = dedup_all_to_all(
+        shapes,
+        d,
+        tokens,
+        routing,
+        ep_rank,
+        itemsize=itemsize,
+        dtype=getattr(torch, name) if name else default,
+        recompute=[recomputes_forward(pipeline, block) for block in moe],
+    )
+    return [Traffic("ep_all_to_all", "ep", calls, expected, worst)]
 
 
 def _ep_all_gather(

@@ -69,9 +69,11 @@ class ExpertParallel(Pass):
     collectives.
 
     **Dedup.** `dedup=True` (all-to-all only) sends a token once to each rank holding any of
-    its k experts, expands it there, and sends back one weighted partial sum per (token, rank)
-    (`moetx.passes.expert_parallel.dedup`): the same collectives, fewer bytes when a token's
-    experts share a rank, a few more (weight and mask columns) when they never do (top-1).
+    its k experts, with its routing weights for them, expands it there, and sends back one
+    weighted partial sum per (token, rank) (`moetx.passes.expert_parallel.dedup`; the weights'
+    gradients travel back with the hidden states'): the same collectives, fewer bytes when a
+    token's experts share a rank, a few more (weight and mask columns) when they never do
+    (top-1, or one expert per rank, where it dispatches per copy instead).
 
     **Degree 1.** With `mesh.degree(axis) == 1` nothing is installed: experts stay plain local
     tensors and `facts()["expert_params"]` is empty (FSDP then treats them as dense).
@@ -117,7 +119,8 @@ class ExpertParallel(Pass):
     dedup: bool = option(False, flag())
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
-        """Raise if the mesh lacks the axis, the model has no MoE layer, or E % degree != 0."""
+        """Raise if the mesh lacks the axis, the model has no MoE layer, E % degree != 0, or
+        `dedup` is asked of the all-gather dispatcher."""
         refuse_foreign_parallelism(model, record, by="ExpertParallel")
         if self.dedup and self.dispatcher != "all_to_all":
             raise PassPreconditionError(
