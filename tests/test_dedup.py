@@ -52,7 +52,7 @@ def test_dedup_needs_the_all_to_all_dispatcher():
     """With the all-gather dispatcher: a pinned `PassPreconditionError`, model untouched."""
     with fake_world(2):
         model = build_model(TrainSpec(config=MoEConfig(num_experts=4)))
-        before = {n: p for n, p in model.named_parameters()}
+        before = {n: id(p) for n, p in model.named_parameters()}
         with pytest.raises(
             PassPreconditionError,
             match=(
@@ -65,12 +65,13 @@ def test_dedup_needs_the_all_to_all_dispatcher():
             ExpertParallel(dispatcher="all_gather", dedup=True).apply(
                 model, ParallelMesh.build(ep=2)
             )
-        assert dict(model.named_parameters()) == before
+        assert {n: id(p) for n, p in model.named_parameters()} == before
         assert applied_passes(model) == ()
 
 
 def test_mask_columns_are_exact_in_the_payload_dtype():
-    """A mask column holds as many local experts as the dtype has significand bits."""
+    """A mask column holds as many local experts as the dtype has significand bits (one bit
+    more would round)."""
     assert mask_columns(4, torch.float32) == 1 and mask_columns(24, torch.float32) == 1
     assert mask_columns(25, torch.float32) == 2
     assert mask_columns(8, torch.bfloat16) == 1 and mask_columns(9, torch.bfloat16) == 2
@@ -78,6 +79,8 @@ def test_mask_columns_are_exact_in_the_payload_dtype():
     for dtype, bits in ((torch.float32, 24), (torch.bfloat16, 8), (torch.float16, 11)):
         top = torch.tensor(2**bits - 1, dtype=torch.int64)
         assert int(top.to(dtype).to(torch.int64)) == 2**bits - 1, dtype
+        over = torch.tensor(2 ** (bits + 1) - 1, dtype=torch.int64)
+        assert int(over.to(dtype).to(torch.int64)) != 2 ** (bits + 1) - 1, dtype
 
 
 # ------------------------------------------------------------ one MoE layer vs one process
