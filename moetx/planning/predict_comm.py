@@ -17,12 +17,15 @@ one backward of one micro-batch:
 - no `FSDP`: `moetx.sync_gradients`, one all-reduce of the dense gradients over the world and
   one per expert parameter over dp_replicate × ep_shard.
 - `ContextParallel` (allgather): per attention layer one all-gather of the stacked K/V, its
-  reduce-scatter in backward, and a second all-gather under `full`/`router` checkpointing.
+  reduce-scatter in backward, and a second all-gather under `full`/`router` checkpointing;
+  (p2p, ring) per attention layer `cp - 1` sends of the K/V block in forward (again in a
+  checkpointed block, in every mode), `cp - 1` of it and `cp` of its float32 gradient in
+  backward (`send` ops).
 - `TensorParallel` (no sequence parallelism; DTensor redistributions): in forward one
   all-reduce of the `[B, S, H]` activation per row-wise layer (attention `o_proj`, MLP
   `down_proj`) and for the vocabulary-parallel embedding, and one all-gather of the logits;
   in backward one all-reduce per column-wise layer's input gradient (q/k/v, gate/up, lm head);
-  a recomputed block redoes its forward sums but the last (checkpointing stops there).
+  a recomputed block redoes its forward sums but an MLP's (checkpointing stops there).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import attrs
 
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
+from moetx.passes.tensor_parallel.sequence import NORM_NAMES
 from moetx.planning.predict_activations import BlockTrace
 from moetx.planning.predict_fsdp import fsdp_units
 from moetx.planning.predict_state import ModelShapes, find_pass, iter_blocks, uses_tp
@@ -207,16 +211,31 @@ def _cp(
         return []
     # The input guard all-gathers each rank's [rows, tokens] (two int64) once per forward.
     guard = Traffic("cp_all_gather", "cp", 1, (d.cp - 1) * 2 * 8)
-    if getattr(cp, "comm", "allgather") != "allgather":
-        return [guard]
     kv_heads = shapes.kv_heads // (d.tp if uses_tp(pipeline, d) else 1)
-    kv = 2 * micro_batch * kv_heads * (seq // d.cp) * shapes.head_dim
-    kv *= _compute_itemsize(shapes, pipeline)
-    gathers = sum(1 + recomputes_forward(pipeline, i) for i in range(shapes.num_blocks))
+    numel = 2 * micro_batch * kv_heads * (seq // d.cp) * shapes.head_dim  # K and V stacked
+    kv = numel * _compute_itemsize(shapes, pipeline)
+    if getattr(cp, "comm", "allgather") == "p2p":
+        # Every checkpointing mode reruns the ring: "selective" saves functional collectives'
+        # outputs, and the ring's sends are c10d point-to-point ops inside an autograd Function.
+        ac = find_pass(pipeline, "ac")
+        every = getattr(ac, "every", 1)
+        reruns = sum(ac is not None and (i + 1) % every == 0 for i in range(shapes.num_blocks))
+        return [guard, *_ring(d.cp, shapes.num_blocks, shapes.num_blocks + reruns, kv, numel * 4)]
+    forwards = sum(1 + recomputes_forward(pipeline, i) for i in range(shapes.num_blocks))
     return [
-        Traffic("cp_all_gather", "cp", gathers + 1, gathers * (d.cp - 1) * kv + guard.bytes),
+        Traffic("cp_all_gather", "cp", forwards + 1, forwards * (d.cp - 1) * kv + guard.bytes),
         Traffic("cp_reduce_scatter", "cp", shapes.num_blocks, shapes.num_blocks * (d.cp - 1) * kv),
     ]
+
+
+def _ring(w: int, layers: int, forwards: int, kv: int, grad: int) -> list[Traffic]:
+    """Ring attention's sends (`attention._Ring`): every forward (and recomputation) passes the
+    stacked K/V block on `w - 1` times; backward passes it on `w - 1` times again and its
+    float32 gradient accumulator (`grad` bytes) `w` times, home after a full turn. Every block
+    travels whatever the causal mask (and `load_balance`) lets a rank skip computing."""
+    calls = forwards * (w - 1) + layers * (2 * w - 1)
+    sent = (forwards + layers) * (w - 1) * kv + layers * w * grad
+    return [Traffic("cp_send", "cp", calls, sent)]
 
 
 def _tp(
@@ -225,12 +244,16 @@ def _tp(
     if not uses_tp(pipeline, d):
         return []
     t, itemsize, tokens = d.tp, _compute_itemsize(shapes, pipeline), micro_batch * (seq // d.cp)
+    if getattr(find_pass(pipeline, "tp"), "sequence_parallel", False):
+        return _sequence_parallel(shapes, d, pipeline, tokens, itemsize)
     calls = sum(shapes.tp.outside_calls)
     for i, (forward, backward) in enumerate(shapes.tp.block_calls):
         calls += forward + backward
         if recomputes_forward(pipeline, i):
-            # the recomputation stops at the last saved tensor: the block's last sum is not redone
-            calls += max(forward - 1, 0)
+            # the recomputation stops at the last saved tensor: the MLP's sum (a dense
+            # `down_proj`, a shared expert's), which only feeds the residual, is not redone; a
+            # MoE block without shared experts ends in routed experts, and redoes `o_proj`'s
+            calls += forward - (i not in shapes.moe_blocks or forward > 1)
     out = [
         Traffic(
             "tp_all_reduce",
@@ -243,6 +266,68 @@ def _tp(
         local = tokens * (shapes.tp.logits // t) * itemsize
         out.append(Traffic("tp_all_gather", "tp", 1, (t - 1) * local))
     return out
+
+
+def _sequence_parallel(
+    shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline, tokens: int, itemsize: int
+) -> list[Traffic]:
+    """`TensorParallel(sequence_parallel=True)` (`tensor_parallel.sequence`): per block in
+    forward an all-gather of each region's input (attention, MLP or MoE) and a reduce-scatter of
+    each row-wise region output (`o_proj`, a dense `down_proj`; a MoE block slices its output
+    back, and its shared experts' `down_proj` all-reduces); backward all-gathers where forward
+    reduce-scattered or sliced, and all-reduces each column-wise input's gradient. Outside:
+    the embedding reduce-scatters its lookup (tied: slices it), the lm head all-gathers its
+    input and its logits, and backward reverses the first two. A recomputed block redoes its
+    forward collectives but the last one that only feeds the residual (a dense `down_proj`'s
+    reduce-scatter, a shared expert's all-reduce). Each norm weight's gradient is all-reduced
+    once (`_norm_grads`)."""
+    t, h = d.tp, shapes.hidden_size
+    shard = (t - 1) * (tokens // t) * h * itemsize  # an all-gather's or reduce-scatter's bytes
+    whole = 2 * (t - 1) * tokens * h * itemsize // t  # a full activation's all-reduce
+    vocab = bool(shapes.tp.outside_calls[0])  # a vocabulary-parallel embedding (not tied)
+    gathers, scatters, sums = 2, 2 * vocab, 0  # outside blocks, as below
+    for i, (rowwise, colwise) in enumerate(shapes.tp.block_calls):
+        moe = i in shapes.moe_blocks
+        scattered, summed = (1, rowwise - 1) if moe else (rowwise, 0)
+        gathers += 4  # forward: both regions' inputs; backward: both regions' outputs
+        scatters += scattered
+        sums += summed + colwise
+        if recomputes_forward(pipeline, i):
+            gathers += 2
+            scatters += scattered - (not moe)
+            sums += max(summed - 1, 0)
+    out = [
+        Traffic(
+            "tp_all_gather",
+            "tp",
+            gathers + bool(shapes.tp.logits),
+            gathers * shard + _logits(shapes, t, tokens, itemsize),
+        ),
+        Traffic("tp_reduce_scatter", "tp", scatters, scatters * shard),
+    ]
+    norms = _norm_grads(shapes, d, pipeline)
+    if sums or norms[0]:
+        out.append(Traffic("tp_all_reduce", "tp", sums + norms[0], sums * whole + norms[1]))
+    return out
+
+
+def _logits(shapes: ModelShapes, t: int, tokens: int, itemsize: int) -> int:
+    return (t - 1) * tokens * (shapes.tp.logits // t) * itemsize
+
+
+def _norm_grads(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> tuple[int, int]:
+    """(calls, bytes): each trainable norm weight's gradient is partial over tp (each rank saw
+    a part of the sequence) and settled by one all-reduce: in the compute dtype by DTensor
+    before FSDP reduces it, in the parameter's dtype by `sync_gradients` without FSDP."""
+    fsdp = find_pass(pipeline, "fsdp") is not None
+    calls = sent = 0
+    for p in shapes.params:
+        norm = p.fqn.rsplit(".", 2)[-2] in NORM_NAMES or (p.role == "root" and len(p.shape) == 1)
+        if norm and p.trainable:
+            itemsize = _compute_itemsize(shapes, pipeline) if fsdp else p.itemsize
+            calls += 1
+            sent += 2 * (d.tp - 1) * math.prod(p.shape) * itemsize // d.tp
+    return calls, sent
 
 
 def predict_comm(
