@@ -132,3 +132,23 @@ def test_what_stays_unmodelled_is_refused():
         ),
     ):
         predict(CONFIG, MeshDegrees(tp=2), Pipeline(), seq=8)
+
+
+def test_flops_follow_the_blocks_a_rank_computes():
+    """FLOPs come from the traced forward: the ring computes the blocks the all-gather kernel
+    does (equal FLOPs); without load balancing the traced (last) cp rank's queries see every
+    K/V block, more than the balanced layout's; sequence parallelism moves activations, not
+    matmuls (TP's FLOPs)."""
+
+    def flops(pipeline: Pass, degrees: MeshDegrees) -> int:
+        return predict(TP_CONFIG, degrees, pipeline, seq=16, micro_batch=2).flops
+
+    cp4 = MeshDegrees(cp=4)
+    for balance in (True, False):
+        ring = flops(ContextParallel(comm="p2p", load_balance=balance), cp4)
+        assert ring == flops(ContextParallel(load_balance=balance), cp4)
+    assert flops(ContextParallel(comm="p2p", load_balance=False), cp4) > flops(
+        ContextParallel(comm="p2p"), cp4
+    )
+    tp2 = MeshDegrees(tp=2)
+    assert flops(TensorParallel(sequence_parallel=True), tp2) == flops(TensorParallel(), tp2) > 0

@@ -25,7 +25,10 @@ one backward of one micro-batch:
   all-reduce of the `[B, S, H]` activation per row-wise layer (attention `o_proj`, MLP
   `down_proj`) and for the vocabulary-parallel embedding, and one all-gather of the logits;
   in backward one all-reduce per column-wise layer's input gradient (q/k/v, gate/up, lm head);
-  a recomputed block redoes its forward sums but an MLP's (checkpointing stops there).
+  a recomputed block redoes its forward sums but an MLP's (checkpointing stops there). With
+  sequence parallelism, all-gathers and reduce-scatters of the sequence-sharded residual
+  stream at each region's edges, and one all-reduce per norm weight's gradient
+  (`predict_sequence.sequence_parallel`).
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ import attrs
 
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
-from moetx.passes.tensor_parallel.sequence import NORM_NAMES
 from moetx.planning.predict_activations import BlockTrace
 from moetx.planning.predict_fsdp import fsdp_units
+from moetx.planning.predict_sequence import ring_sends, sequence_parallel
 from moetx.planning.predict_state import ModelShapes, find_pass, iter_blocks, uses_tp
 
 __all__ = ["Traffic", "predict_comm", "predict_flops", "recomputes_forward"]
@@ -220,22 +223,13 @@ def _cp(
         ac = find_pass(pipeline, "ac")
         every = getattr(ac, "every", 1)
         reruns = sum(ac is not None and (i + 1) % every == 0 for i in range(shapes.num_blocks))
-        return [guard, *_ring(d.cp, shapes.num_blocks, shapes.num_blocks + reruns, kv, numel * 4)]
+        calls, sent = ring_sends(d.cp, shapes.num_blocks, shapes.num_blocks + reruns, kv, numel * 4)
+        return [guard, Traffic("cp_send", "cp", calls, sent)]
     forwards = sum(1 + recomputes_forward(pipeline, i) for i in range(shapes.num_blocks))
     return [
         Traffic("cp_all_gather", "cp", forwards + 1, forwards * (d.cp - 1) * kv + guard.bytes),
         Traffic("cp_reduce_scatter", "cp", shapes.num_blocks, shapes.num_blocks * (d.cp - 1) * kv),
     ]
-
-
-def _ring(w: int, layers: int, forwards: int, kv: int, grad: int) -> list[Traffic]:
-    """Ring attention's sends (`attention._Ring`): every forward (and recomputation) passes the
-    stacked K/V block on `w - 1` times; backward passes it on `w - 1` times again and its
-    float32 gradient accumulator (`grad` bytes) `w` times, home after a full turn. Every block
-    travels whatever the causal mask (and `load_balance`) lets a rank skip computing."""
-    calls = forwards * (w - 1) + layers * (2 * w - 1)
-    sent = (forwards + layers) * (w - 1) * kv + layers * w * grad
-    return [Traffic("cp_send", "cp", calls, sent)]
 
 
 def _tp(
@@ -245,7 +239,12 @@ def _tp(
         return []
     t, itemsize, tokens = d.tp, _compute_itemsize(shapes, pipeline), micro_batch * (seq // d.cp)
     if getattr(find_pass(pipeline, "tp"), "sequence_parallel", False):
-        return _sequence_parallel(shapes, d, pipeline, tokens, itemsize)
+        recomputed = [recomputes_forward(pipeline, i) for i in range(shapes.num_blocks)]
+        # norm gradients: summed by DTensor in the compute dtype before FSDP reduces them,
+        # by `sync_gradients` in the parameter's dtype without FSDP
+        norms = itemsize if find_pass(pipeline, "fsdp") is not None else None
+        rows = sequence_parallel(shapes, t, tokens, itemsize, recomputed, norms)
+        return [Traffic(kind, "tp", calls, sent) for kind, (calls, sent) in rows.items() if calls]
     calls = sum(shapes.tp.outside_calls)
     for i, (forward, backward) in enumerate(shapes.tp.block_calls):
         calls += forward + backward
@@ -266,68 +265,6 @@ def _tp(
         local = tokens * (shapes.tp.logits // t) * itemsize
         out.append(Traffic("tp_all_gather", "tp", 1, (t - 1) * local))
     return out
-
-
-def _sequence_parallel(
-    shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline, tokens: int, itemsize: int
-) -> list[Traffic]:
-    """`TensorParallel(sequence_parallel=True)` (`tensor_parallel.sequence`): per block in
-    forward an all-gather of each region's input (attention, MLP or MoE) and a reduce-scatter of
-    each row-wise region output (`o_proj`, a dense `down_proj`; a MoE block slices its output
-    back, and its shared experts' `down_proj` all-reduces); backward all-gathers where forward
-    reduce-scattered or sliced, and all-reduces each column-wise input's gradient. Outside:
-    the embedding reduce-scatters its lookup (tied: slices it), the lm head all-gathers its
-    input and its logits, and backward reverses the first two. A recomputed block redoes its
-    forward collectives but the last one that only feeds the residual (a dense `down_proj`'s
-    reduce-scatter, a shared expert's all-reduce). Each norm weight's gradient is all-reduced
-    once (`_norm_grads`)."""
-    t, h = d.tp, shapes.hidden_size
-    shard = (t - 1) * (tokens // t) * h * itemsize  # an all-gather's or reduce-scatter's bytes
-    whole = 2 * (t - 1) * tokens * h * itemsize // t  # a full activation's all-reduce
-    vocab = bool(shapes.tp.outside_calls[0])  # a vocabulary-parallel embedding (not tied)
-    gathers, scatters, sums = 2, 2 * vocab, 0  # outside blocks, as below
-    for i, (rowwise, colwise) in enumerate(shapes.tp.block_calls):
-        moe = i in shapes.moe_blocks
-        scattered, summed = (1, rowwise - 1) if moe else (rowwise, 0)
-        gathers += 4  # forward: both regions' inputs; backward: both regions' outputs
-        scatters += scattered
-        sums += summed + colwise
-        if recomputes_forward(pipeline, i):
-            gathers += 2
-            scatters += scattered - (not moe)
-            sums += max(summed - 1, 0)
-    out = [
-        Traffic(
-            "tp_all_gather",
-            "tp",
-            gathers + bool(shapes.tp.logits),
-            gathers * shard + _logits(shapes, t, tokens, itemsize),
-        ),
-        Traffic("tp_reduce_scatter", "tp", scatters, scatters * shard),
-    ]
-    norms = _norm_grads(shapes, d, pipeline)
-    if sums or norms[0]:
-        out.append(Traffic("tp_all_reduce", "tp", sums + norms[0], sums * whole + norms[1]))
-    return out
-
-
-def _logits(shapes: ModelShapes, t: int, tokens: int, itemsize: int) -> int:
-    return (t - 1) * tokens * (shapes.tp.logits // t) * itemsize
-
-
-def _norm_grads(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> tuple[int, int]:
-    """(calls, bytes): each trainable norm weight's gradient is partial over tp (each rank saw
-    a part of the sequence) and settled by one all-reduce: in the compute dtype by DTensor
-    before FSDP reduces it, in the parameter's dtype by `sync_gradients` without FSDP."""
-    fsdp = find_pass(pipeline, "fsdp") is not None
-    calls = sent = 0
-    for p in shapes.params:
-        norm = p.fqn.rsplit(".", 2)[-2] in NORM_NAMES or (p.role == "root" and len(p.shape) == 1)
-        if norm and p.trainable:
-            itemsize = _compute_itemsize(shapes, pipeline) if fsdp else p.itemsize
-            calls += 1
-            sent += 2 * (d.tp - 1) * math.prod(p.shape) * itemsize // d.tp
-    return calls, sent
 
 
 def predict_comm(
