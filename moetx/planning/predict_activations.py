@@ -327,6 +327,11 @@ def _meta_world(world_size: int, rank: int) -> Iterator[None]:
         dist.init_process_group(
             "cpu:fake,meta:fake", store=FakeStore(), rank=rank, world_size=world_size
         )
+        # torch leaves a per-device backend string's default backend undefined here ("FAKE"
+        # plugin vs "fake"), and its teardown then warns that it cannot look for hooks
+        world = dist.group.WORLD
+        assert world is not None
+        world._set_default_backend(dist.Backend.backend_type_map["fake"])
         yield
 
 
