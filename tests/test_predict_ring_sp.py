@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 from moetx import (
     FSDP,
+    ActivationCheckpoint,
     ContextParallel,
+    ExpertParallel,
     MeshDegrees,
     Pipeline,
     PlanningError,
@@ -23,8 +25,9 @@ from moetx import (
 from moetx.core.algebra import Pass
 from moetx.planning import predict
 from moetx.testing import RankPool, examples
+from tests.bodies.autoplan import measure_step
 from tests.bodies.predict_ring_sp import ring_sp_step
-from tests.test_autoplan import CONFIG, MODES, SPEC, TP_CONFIG, _ac, fsdps
+from tests.test_autoplan import CONFIG, MODES, SPEC, TP_CONFIG, _ac, _routing, fsdps
 
 # (world, degrees): ring CP alone (cp 2 and 4), beside data parallelism, and with tp=2;
 # sequence parallelism alone and beside dp_shard, dp_replicate (under FSDP) or cp.
@@ -91,6 +94,31 @@ def test_ring_and_sequence_parallel_predictions_equal_real_ranks(
         real = [got["activations"] for got in results]
         print(f"activations predicted {p.activations} measured {real}")
         assert abs(p.activations - max(real)) <= 0.05 * max(real), (p.activations, real)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_sequence_parallel_beside_expert_parallel(pool4: RankPool, fsdp: bool):
+    """tp=2 with sequence parallelism and ep=2 on 4 gloo ranks (MoE blocks gather their
+    sequences, then dispatch): every collective equals the prediction for the routing drawn,
+    on every rank; under full checkpointing (EP's activations then do not depend on the
+    routing) activations equal each rank's meter within 5%."""
+    degrees = MeshDegrees(dp_shard=2, ep=2, tp=2)
+    passes: list[Pass] = [TensorParallel(sequence_parallel=True), ExpertParallel()]
+    passes.append(FSDP() if fsdp else ActivationCheckpoint(mode="full"))
+    pipeline = Pipeline(tuple(passes))
+    spec = attrs.evolve(SPEC, config=TP_CONFIG)
+    results = pool4.run(measure_step, spec, pipeline, degrees, meter=not fsdp)
+    for rank, got in enumerate(results):
+        p = predict(
+            TP_CONFIG, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank,
+            routing=_routing(results, rank), ep_rank=got["ep_rank"],
+        )  # fmt: skip
+        want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
+        counted = {k: v for k, v in got["comm"].items() if v[1] or k in want}
+        assert counted == want, f"rank {rank}"
+        if not fsdp:
+            real = got["activations"]
+            assert abs(p.activations - real) <= 0.05 * real, (rank, p.activations, real)
 
 
 def _comm(pipeline: Pass | Pipeline, degrees: MeshDegrees) -> dict[str, tuple[int, int]]:
