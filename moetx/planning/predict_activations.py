@@ -18,8 +18,8 @@ rank), on the rank's local sequence, with the pass applied, so what CP attention
 gathered K/V; the ring's own block) is in the count; the fake backend also serves `meta`
 tensors, so the ring's point-to-point sends trace. With `TensorParallel` likewise on a world of
 tp ranks (a rank's heads and MLP columns; with sequence parallelism its part of the residual
-stream). Meta ops
-take microseconds whatever their size, so a DeepSeek-V3 block traces at full width and length.
+stream). Meta ops take microseconds whatever their size, so a DeepSeek-V3 block traces at full
+width and length.
 The bytes match `LiveActivationMeter` on a real CPU forward (tests: within 0.1% on small models).
 """
 
@@ -289,8 +289,8 @@ def _flash_blocks() -> Iterator[None]:
     function), not the float32 math fallback `blocks._attend` takes off CPU (meta included):
     "selective" checkpointing keeps each kernel's outputs, the flash kernel's `[B, H, S, D]`
     output and log-sum-exp but the math path's `[B, H, S, S]` scores. A module global swapped
-    for the trace and restored on exit: the branch is on the device type, which meta cannot
-    pass as CPU."""
+    for the trace and restored on exit (issue 18): the branch is on the device type, which meta
+    cannot pass as CPU."""
     fallback = cp_blocks._attend
 
     def attend(
