@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import re
 import time
 
 import attrs
@@ -500,8 +499,8 @@ def test_cli_prints_the_ranking_and_the_miss(capsys: pytest.CaptureFixture[str])
 
 def test_passes_it_does_not_model_are_refused():
     """A pass or option the predictors do not model is refused, never silently mispredicted:
-    an unknown stage, ring CP, sequence parallelism, and a tp degree
-    the model's sizes do not allow (CONFIG has one kv head)."""
+    an unknown stage and a tp degree the model's sizes do not allow (CONFIG has one kv head);
+    ring CP and sequence parallelism are predicted (tests/test_predict_ring_sp.py)."""
 
     @attrs.frozen(kw_only=True, repr=False)
     class Compile(Pass):
@@ -512,12 +511,6 @@ def test_passes_it_does_not_model_are_refused():
 
     with pytest.raises(ValueError, match=r"^`predict` models \(.*\) only, not Compile\(\)"):
         predict(CONFIG, MeshDegrees(), Pipeline((Compile(),)), seq=8)
-    for p, d in (
-        (ContextParallel(comm="p2p"), MeshDegrees(cp=2)),
-        (TensorParallel(sequence_parallel=True), MeshDegrees(tp=2)),
-    ):
-        with pytest.raises(PlanningError, match=rf"only, not {re.escape(repr(p))}: its bytes"):
-            predict(TP_CONFIG, d, Pipeline((p,)), seq=8)
     with pytest.raises(PlanningError, match=r"^`TensorParallel` cannot shard this model over tp=2"):
         predict(CONFIG, MeshDegrees(tp=2), Pipeline((TensorParallel(),)), seq=8)
 

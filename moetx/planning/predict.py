@@ -151,19 +151,10 @@ def predict(
         pipeline = Pipeline() | pipeline
     unknown = [p for p in pipeline if p.placement.stage not in MODELLED]
     tp = find_pass(pipeline, "tp")
-    for stage, option, modelled in (
-        ("tp", "sequence_parallel", False),
-        ("cp", "comm", "allgather"),
-    ):
-        found = find_pass(pipeline, stage)
-        if found is not None and getattr(found, option, modelled) != modelled:
-            unknown.append(found)
     if unknown or (degrees.tp > 1 and tp is None):
         what = repr(unknown[0]) if unknown else f"tp={degrees.tp} without TensorParallel"
         raise PlanningError(
-            f"`predict` models {MODELLED} (TensorParallel without sequence parallelism, "
-            f"all-gather CP) only, not {what}: its bytes would be "
-            "wrong.\n"
+            f"`predict` models {MODELLED} only, not {what}: its bytes would be wrong.\n"
             "  fix: use `Pipeline.plan` for parameter bytes of other passes."
         )
     shapes = model if isinstance(model, ModelShapes) else ModelShapes.of(model)

@@ -13,22 +13,28 @@
   log-sum-exp, as the CPU and GPU flash kernels do; on `meta` SDPA would pick the math path);
 - counts forward FLOPs with `torch.utils.flop_counter`'s formulas (matmuls, attention).
 
-With `ContextParallel` the trace runs on a fake world of cp ranks, on the rank's local sequence,
-with the pass applied, so what CP attention keeps (the gathered K/V) is in the count; with
-`TensorParallel` likewise on a world of tp ranks (a rank's heads and MLP columns). Meta ops
-take microseconds whatever their size, so a DeepSeek-V3 block traces at full width and length.
+With `ContextParallel` the trace runs on a fake world of cp ranks (as its last, most loaded cp
+rank), on the rank's local sequence, with the pass applied, so what CP attention keeps (the
+gathered K/V; the ring's own block) is in the count; the fake backend also serves `meta`
+tensors, so the ring's point-to-point sends trace. With `TensorParallel` likewise on a world of
+tp ranks (a rank's heads and MLP columns; with sequence parallelism its part of the residual
+stream). Meta ops take microseconds whatever their size, so a DeepSeek-V3 block traces at full
+width and length.
 The bytes match `LiveActivationMeter` on a real CPU forward (tests: within 0.1% on small models).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -39,6 +45,7 @@ from moetx.core.errors import PlanningError
 from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.models import MoEConfig
 from moetx.passes import ActivationCheckpoint
+from moetx.passes.context_parallel import blocks as cp_blocks
 from moetx.planning.fake_world import fake_world
 from moetx.planning.meter import LiveActivationMeter, _storages
 from moetx.planning.plan import _meta_model
@@ -127,7 +134,8 @@ class _TracingMeter(LiveActivationMeter):
         if func._overloadpacket in flop_registry:
             flops = int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
         elif func is aten._scaled_dot_product_flash_attention_for_cpu.default:
-            flops = _attention_flops(args[0], args[1], bool(kwargs.get("is_causal", args[4])))
+            causal = kwargs.get("is_causal", args[4] if len(args) > 4 else False)  # default: gone
+            flops = _attention_flops(args[0], args[1], bool(causal))
         if flops:
             self.flops[self.block] += flops
             if self.in_experts:
@@ -226,8 +234,11 @@ def _trace(
     degree = cp_degree if cp is not None else 1
     tp_degree = tp_degree if tp is not None else 1
     local = seq // degree
-    with fake_world(degree * tp_degree, 0):
+    # The last cp rank (tp rank 0): without load balancing its queries see every K/V block, so
+    # it computes (and under "selective" checkpointing keeps) the most; with it, all are alike.
+    with _meta_world(degree * tp_degree, (degree - 1) * tp_degree):
         mesh = ParallelMesh.build(dp_shard=1, cp=degree, tp=tp_degree, device_type="cpu")
+        assert mesh["cp"].get_local_rank() == degree - 1, "the trace runs on the last cp rank"
         tp = tp if tp_degree > 1 else None
         passes = [p for p in (tp, cp if degree > 1 else None, ac) if p is not None]
         if passes:
@@ -248,7 +259,7 @@ def _trace(
             if block.moe is not None:
                 handles += _expert_hooks(meter, block.moe.experts)
         try:
-            with _Flash(), meter:
+            with _Flash(), _flash_blocks(), meter:
                 out = meta(ids, labels=labels, position_ids=positions)
             kept = meter.live_storages(exclude=[out.logits, out.loss])
         finally:
@@ -270,6 +281,58 @@ def _trace(
         flops=flops,
         expert_flops=meter.expert_flops // max(with_experts, 1),
     )
+
+
+@contextlib.contextmanager
+def _flash_blocks() -> Iterator[None]:
+    """Context-parallel attention's block kernel as CPU ranks run it, the flash kernel (its meta
+    function), not the float32 math fallback `blocks._attend` takes off CPU (meta included):
+    "selective" checkpointing keeps each kernel's outputs, the flash kernel's `[B, H, S, D]`
+    output and log-sum-exp but the math path's `[B, H, S, S]` scores. A module global swapped
+    for the trace and restored on exit (issue 18): the branch is on the device type, which meta
+    cannot pass as CPU."""
+    fallback = cp_blocks._attend
+
+    def attend(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        scale: float,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not q.is_meta:
+            return fallback(q, k, v, causal, scale, mask)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu.default(
+            q, k, v, 0.0, causal, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale
+        )
+        return out, lse
+
+    cp_blocks._attend = attend
+    try:
+        yield
+    finally:
+        cp_blocks._attend = fallback
+
+
+@contextlib.contextmanager
+def _meta_world(world_size: int, rank: int) -> Iterator[None]:
+    """`fake_world` whose fake backend also serves `meta` tensors, in every group: ring
+    CP's `batch_isend_irecv` asks its group for the backend of its tensors' device (the
+    functional collectives on meta never reach a backend)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers "fake"
+
+    with fake_world(1):  # its checks (no group yet) and, on exit, the teardown
+        dist.destroy_process_group()
+        dist.init_process_group(
+            "cpu:fake,meta:fake", store=FakeStore(), rank=rank, world_size=world_size
+        )
+        # torch leaves a per-device backend string's default backend undefined here ("FAKE"
+        # plugin vs "fake"), and its teardown then warns that it cannot look for hooks
+        world = dist.group.WORLD
+        assert world is not None
+        world._set_default_backend(dist.Backend.backend_type_map["fake"])
+        yield
 
 
 def _expert_hooks(meter: _TracingMeter, experts: nn.Module) -> list[Any]:

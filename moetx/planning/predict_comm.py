@@ -17,12 +17,18 @@ one backward of one micro-batch:
 - no `FSDP`: `moetx.sync_gradients`, one all-reduce of the dense gradients over the world and
   one per expert parameter over dp_replicate × ep_shard.
 - `ContextParallel` (allgather): per attention layer one all-gather of the stacked K/V, its
-  reduce-scatter in backward, and a second all-gather under `full`/`router` checkpointing.
+  reduce-scatter in backward, and a second all-gather under `full`/`router` checkpointing;
+  (p2p, ring) per attention layer `cp - 1` sends of the K/V block in forward (again in a
+  checkpointed block, in every mode), `cp - 1` of it and `cp` of its float32 gradient in
+  backward (`send` ops).
 - `TensorParallel` (no sequence parallelism; DTensor redistributions): in forward one
   all-reduce of the `[B, S, H]` activation per row-wise layer (attention `o_proj`, MLP
   `down_proj`) and for the vocabulary-parallel embedding, and one all-gather of the logits;
   in backward one all-reduce per column-wise layer's input gradient (q/k/v, gate/up, lm head);
-  a recomputed block redoes its forward sums but the last (checkpointing stops there).
+  a recomputed block redoes its forward sums but an MLP's (checkpointing stops there). With
+  sequence parallelism, all-gathers and reduce-scatters of the sequence-sharded residual
+  stream at each region's edges, and one all-reduce per norm weight's gradient
+  (`predict_sequence.sequence_parallel`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.planning.predict_activations import BlockTrace
 from moetx.planning.predict_dedup import dedup_all_to_all
 from moetx.planning.predict_fsdp import fsdp_units
+from moetx.planning.predict_sequence import ring_sends, sequence_parallel
 from moetx.planning.predict_state import ModelShapes, find_pass, iter_blocks, uses_tp
 
 __all__ = ["Traffic", "predict_comm", "predict_flops", "recomputes_forward"]
@@ -240,14 +247,20 @@ def _cp(
         return []
     # The input guard all-gathers each rank's [rows, tokens] (two int64) once per forward.
     guard = Traffic("cp_all_gather", "cp", 1, (d.cp - 1) * 2 * 8)
-    if getattr(cp, "comm", "allgather") != "allgather":
-        return [guard]
     kv_heads = shapes.kv_heads // (d.tp if uses_tp(pipeline, d) else 1)
-    kv = 2 * micro_batch * kv_heads * (seq // d.cp) * shapes.head_dim
-    kv *= _compute_itemsize(shapes, pipeline)
-    gathers = sum(1 + recomputes_forward(pipeline, i) for i in range(shapes.num_blocks))
+    numel = 2 * micro_batch * kv_heads * (seq // d.cp) * shapes.head_dim  # K and V stacked
+    kv = numel * _compute_itemsize(shapes, pipeline)
+    if getattr(cp, "comm", "allgather") == "p2p":
+        # Every checkpointing mode reruns the ring: "selective" saves functional collectives'
+        # outputs, and the ring's sends are c10d point-to-point ops inside an autograd Function.
+        ac = find_pass(pipeline, "ac")
+        every = getattr(ac, "every", 1)
+        reruns = sum(ac is not None and (i + 1) % every == 0 for i in range(shapes.num_blocks))
+        calls, sent = ring_sends(d.cp, shapes.num_blocks, shapes.num_blocks + reruns, kv, numel * 4)
+        return [guard, Traffic("cp_send", "cp", calls, sent)]
+    forwards = sum(1 + recomputes_forward(pipeline, i) for i in range(shapes.num_blocks))
     return [
-        Traffic("cp_all_gather", "cp", gathers + 1, gathers * (d.cp - 1) * kv + guard.bytes),
+        Traffic("cp_all_gather", "cp", forwards + 1, forwards * (d.cp - 1) * kv + guard.bytes),
         Traffic("cp_reduce_scatter", "cp", shapes.num_blocks, shapes.num_blocks * (d.cp - 1) * kv),
     ]
 
@@ -258,12 +271,21 @@ def _tp(
     if not uses_tp(pipeline, d):
         return []
     t, itemsize, tokens = d.tp, _compute_itemsize(shapes, pipeline), micro_batch * (seq // d.cp)
+    if getattr(find_pass(pipeline, "tp"), "sequence_parallel", False):
+        recomputed = [recomputes_forward(pipeline, i) for i in range(shapes.num_blocks)]
+        # norm gradients: summed by DTensor in the compute dtype before FSDP reduces them,
+        # by `sync_gradients` in the parameter's dtype without FSDP
+        norms = itemsize if find_pass(pipeline, "fsdp") is not None else None
+        rows = sequence_parallel(shapes, t, tokens, itemsize, recomputed, norms)
+        return [Traffic(kind, "tp", calls, sent) for kind, (calls, sent) in rows.items() if calls]
     calls = sum(shapes.tp.outside_calls)
     for i, (forward, backward) in enumerate(shapes.tp.block_calls):
         calls += forward + backward
         if recomputes_forward(pipeline, i):
-            # the recomputation stops at the last saved tensor: the block's last sum is not redone
-            calls += max(forward - 1, 0)
+            # the recomputation stops at the last saved tensor: the MLP's sum (a dense
+            # `down_proj`, a shared expert's), which only feeds the residual, is not redone; a
+            # MoE block without shared experts ends in routed experts, and redoes `o_proj`'s
+            calls += forward - (i not in shapes.moe_blocks or forward > 1)
     out = [
         Traffic(
             "tp_all_reduce",
