@@ -34,6 +34,7 @@ from moetx.structure.discovery import Block, ModelStructure, discover
 
 __all__ = [
     "AUTO",
+    "MIN_UNIT_BYTES",
     "ResidentChoice",
     "block_groups",
     "choose_resident",
@@ -41,9 +42,15 @@ __all__ = [
     "gathered_bytes",
     "joining_root",
     "nested_units",
+    "router_apart",
 ]
 
 AUTO = "auto"
+#: `FSDP.min_unit_bytes`'s default, 1 MiB: below it a collective's cost is its latency (tens of
+#: microseconds on NCCL and gloo), not its bytes (1 MiB takes ~10 us at 100 GB/s), so merging
+#: such units saves whole collectives for free; a real model's block (tens of MiB and more)
+#: stays a unit of its own.
+MIN_UNIT_BYTES = 1 << 20
 
 
 def experts_are_units(experts: nn.Module, record: tuple[Applied, ...]) -> bool:
@@ -159,9 +166,15 @@ def nested_units(block: Block, fsdp: Any, record: tuple[Applied, ...]) -> list[n
     moe, out = block.moe, []
     if moe is not None and experts_are_units(moe.experts, record):
         out.append(moe.experts)
-    if moe is not None and "router" in fsdp.fp32_modules and fsdp.param_dtype:
+    if moe is not None and router_apart(fsdp):
         out.append(moe.router)
     return out
+
+
+def router_apart(fsdp: Any) -> bool:
+    """Whether each router is an fp32 unit of its own: `"router"` in `fp32_modules` under a
+    low-precision `param_dtype` (with `"float32"` the block's unit computes in fp32 already)."""
+    return "router" in fsdp.fp32_modules and fsdp.param_dtype not in (None, "float32")
 
 
 @attrs.frozen
