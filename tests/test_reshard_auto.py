@@ -24,6 +24,8 @@ from moetx import (
 from moetx.models import MoEConfig
 from moetx.planning.plan import plan
 from moetx.planning.predict import predict
+from moetx.planning.predict_fsdp import fsdp_units
+from moetx.planning.predict_state import ModelShapes
 from moetx.testing import RankPool
 from moetx.testing.train import TrainSpec, assert_training_parity, build_model, rank_train
 from tests.bodies.anatomy import step_collectives
@@ -280,3 +282,34 @@ def test_prefetch_under_compile_trains_like_one_process(pool2: RankPool) -> None
     assert_training_parity(results, spec, degrees)
     blocks = [f"model.layers.{i}" for i in range(4)]
     assert all(r["graphs"] == {b: (1, 0) for b in blocks} for r in results)
+
+
+@pytest.mark.parametrize(
+    ("fsdp", "note"),
+    [
+        (
+            FSDP(),
+            "`FSDP` makes 6 FSDP units (`min_unit_bytes=1048576`: blocks "
+            "`model.layers.0`-`model.layers.3` in one unit; `model.embed_tokens` and `lm_head` "
+            "join the root unit).",
+        ),
+        (
+            FSDP(min_unit_bytes=65537),
+            "`FSDP` makes 7 FSDP units (`min_unit_bytes=65537`: blocks "
+            "`model.layers.0`-`model.layers.1`, `model.layers.2`-`model.layers.3` each in one "
+            "unit; `model.embed_tokens` and `lm_head` join the root unit).",
+        ),
+        (PER_BLOCK, "`FSDP` makes 11 FSDP units."),
+    ],
+    ids=["default", "pairs", "per-block"],
+)
+def test_plan_shows_the_units(fsdp: FSDP, note: str) -> None:
+    """`plan` says how many units the default (and any `min_unit_bytes`) makes and which
+    modules share one: the 4 blocks and 4 routed-experts units, the root, on issue 17's
+    workload at 4 ranks; the count is the planner's too."""
+    degrees = MeshDegrees(dp_shard=4, ep=2)
+    pipeline = ExpertParallel() | fsdp
+    p = plan(pipeline, WORKLOAD.config, degrees)
+    assert note in p.notes, p.notes
+    units = fsdp_units(ModelShapes.of(build_model(WORKLOAD, meta=True)), degrees, pipeline)
+    assert f"makes {sum(u.count for u in units)} FSDP units" in note
