@@ -46,28 +46,28 @@ SMALL = MoEConfig(num_experts=4, num_shared_experts=1)
 # keeps 3 of the 4 units gathered (the 2 small blocks share one) and reshards the other.
 PARTIAL = TrainSpec(config=SMALL, frozen=("model.layers.1", "lm_head"))
 # Issue 17's policy, the default: "auto", the small units merged (blocks grouped, embedding and
-# lm head in the root: `min_unit_bytes=1 << 20`), no explicit prefetch.
-AUTO = FSDP(reshard_after_forward="auto", min_unit_bytes=1 << 20, prefetch=0)
+# lm head in the root: `min_unit_bytes=1 << 20`), each unit prefetching the next.
+AUTO = FSDP(reshard_after_forward="auto", min_unit_bytes=1 << 20, prefetch=1)
 # One unit per block, embedding and lm head units of their own (the default before issue 17).
 PER_BLOCK = FSDP(min_unit_bytes=0)
 
 
 def test_auto_is_the_default_and_every_value_round_trips() -> None:
-    """`FSDP()` means "auto" with 1 MiB units and no explicit prefetch (the planner models it);
+    """`FSDP()` means "auto" with 1 MiB units and prefetch 1 (the planner models it);
     True, per-block units, prefetch and the ints are values of their own; all round-trip."""
     assert (FSDP().reshard_after_forward, FSDP().min_unit_bytes, FSDP().prefetch) == (
         "auto",
         1 << 20,
-        0,
+        1,
     )
     assert FSDP() == AUTO and repr(AUTO) == "FSDP()"
     assert repr(PER_BLOCK) == "FSDP(min_unit_bytes=0)"
-    assert repr(FSDP(prefetch=2)) == "FSDP(prefetch=2)"
+    assert repr(FSDP(prefetch=0)) == "FSDP(prefetch=0)"
     assert repr(FSDP(reshard_after_forward=True)) == "FSDP(reshard_after_forward=True)"
     values = (
         FSDP(),
         PER_BLOCK,
-        FSDP(prefetch=1),
+        FSDP(prefetch=0),
         FSDP(reshard_after_forward=2),
         FSDP(reshard_after_forward=True),
     )
@@ -77,8 +77,8 @@ def test_auto_is_the_default_and_every_value_round_trips() -> None:
     assert Pipeline.parse("fsdp(reshard_after_forward='auto', min_unit_bytes=1048576)") == Pipeline(
         [FSDP()]
     )
-    assert Pipeline.parse("fsdp(min_unit_bytes=0, prefetch=1)") == Pipeline(
-        [FSDP(min_unit_bytes=0, prefetch=1)]
+    assert Pipeline.parse("fsdp(min_unit_bytes=0, prefetch=2)") == Pipeline(
+        [FSDP(min_unit_bytes=0, prefetch=2)]
     )
     assert Pipeline.parse("fsdp(reshard_after_forward=True)") == Pipeline(
         [FSDP(reshard_after_forward=True)]
@@ -111,6 +111,10 @@ def test_a_misspelt_auto_is_refused_with_the_spelling() -> None:
         (AUTO, {"all_gather": 2, "reduce_scatter": 2, "all_to_all": 16, "all_to_all int64": 4}),
         # explicit prefetch moves all-gathers earlier, it adds none
         (
+            FSDP(prefetch=0),
+            {"all_gather": 2, "reduce_scatter": 2, "all_to_all": 16, "all_to_all int64": 4},
+        ),
+        (
             FSDP(prefetch=2),
             {"all_gather": 2, "reduce_scatter": 2, "all_to_all": 16, "all_to_all int64": 4},
         ),
@@ -134,18 +138,19 @@ def test_a_misspelt_auto_is_refused_with_the_spelling() -> None:
             {"all_gather": 14, "reduce_scatter": 7, "all_to_all": 16, "all_to_all int64": 4},
         ),
         (
-            FSDP(reshard_after_forward=True, min_unit_bytes=0, prefetch=1),
+            FSDP(reshard_after_forward=True, min_unit_bytes=0, prefetch=0),
             {"all_gather": 14, "reduce_scatter": 7, "all_to_all": 16, "all_to_all int64": 4},
         ),
     ],
     ids=[
         "default",
-        "default-prefetch2",
+        "no-prefetch",
+        "prefetch2",
         "true",
         "auto-pairs",
         "auto-ungrouped",
         "true-ungrouped",
-        "true-ungrouped-prefetch1",
+        "true-ungrouped-no-prefetch",
     ],
 )
 def test_auto_gathers_each_unit_once_per_step_on_2_ranks(
@@ -171,7 +176,7 @@ def test_auto_gathers_each_unit_once_per_step_on_4_ranks(pool4: RankPool) -> Non
         for fsdp in (
             AUTO,
             FSDP(reshard_after_forward=True, min_unit_bytes=1 << 20),
-            FSDP(prefetch=1),
+            FSDP(prefetch=0),
             PER_BLOCK,
         )
     )
@@ -215,7 +220,7 @@ def test_partly_kept_units_train_like_one_process(pool4: RankPool) -> None:
 
 GROUPED = [
     ExpertParallel() | AUTO,
-    ExpertParallel() | FSDP(prefetch=1),
+    ExpertParallel() | FSDP(prefetch=0),
     ExpertParallel() | ActivationCheckpoint() | FSDP(prefetch=2),
     ExpertParallel() | ActivationCheckpoint() | FSDP(reshard_after_forward=True, prefetch=1),
     ExpertParallel() | FSDP(reshard_after_forward="auto", min_unit_bytes=65537),
@@ -223,7 +228,7 @@ GROUPED = [
 ]
 GROUPED_IDS = [
     "default",
-    "prefetch1",
+    "no-prefetch",
     "ac-prefetch2",
     "ac-true-prefetch1",
     "auto-pairs",
@@ -249,13 +254,14 @@ def test_grouped_blocks_train_like_one_process(
 
 
 def test_prefetch_follows_forward_and_backward_order(pool4: RankPool) -> None:
-    """`prefetch=1` on 4 ranks: each unit prefetches the next in forward (the block group, then
+    """The default `prefetch=1` on 4 ranks: each unit prefetches the next in forward (the block
+    group, then
     the routed-experts unit nested in each block, on the expert mesh) and in backward (the
     other way, the experts of the last block first); on gloo every all-gather is asynchronous.
-    Without `prefetch`, FSDP2's own order (no lists, synchronous)."""
+    With `prefetch=0`, FSDP2's own order (no lists, synchronous)."""
     degrees = MeshDegrees(dp_shard=4, ep=2)
     experts = [f"model.layers.{i}.mlp.experts" for i in range(4)]
-    got = pool4.run(prefetch_targets, WORKLOAD, ExpertParallel() | FSDP(prefetch=1), degrees)
+    got = pool4.run(prefetch_targets, WORKLOAD, ExpertParallel() | FSDP(), degrees)
     forward = ["", "model.layers.0", *experts]
     backward = ["", "model.layers.0", *reversed(experts)]
     want = {u: ([], [], True) for u in forward}
@@ -263,7 +269,7 @@ def test_prefetch_follows_forward_and_backward_order(pool4: RankPool) -> None:
         for a, b in itertools.pairwise(order):
             want[a][i].append(b)
     assert got == [want] * 4
-    plain = pool4.run(prefetch_targets, WORKLOAD, ExpertParallel() | FSDP(), degrees)
+    plain = pool4.run(prefetch_targets, WORKLOAD, ExpertParallel() | FSDP(prefetch=0), degrees)
     assert plain == [{u: ([], [], False) for u in forward}] * 4
 
 
@@ -313,3 +319,23 @@ def test_plan_shows_the_units(fsdp: FSDP, note: str) -> None:
     assert note in p.notes, p.notes
     units = fsdp_units(ModelShapes.of(build_model(WORKLOAD, meta=True)), degrees, pipeline)
     assert f"makes {sum(u.count for u in units)} FSDP units" in note
+
+
+def test_prefetch_without_the_root_unit_puts_the_final_norm_after_the_blocks(
+    pool2: RankPool,
+) -> None:
+    """`wrap_root=False`, one unit per block: forward runs the embedding, the blocks, the final
+    norm, the lm head; backward the other way; each unit prefetches the next."""
+    forward = [
+        "model.embed_tokens",
+        *(f"model.layers.{i}" for i in range(4)),
+        "model.norm",
+        "lm_head",
+    ]
+    fsdp = FSDP(wrap_root=False, min_unit_bytes=0)
+    got = pool2.run(prefetch_targets, WORKLOAD, Pipeline([fsdp]), MeshDegrees(dp_shard=2))
+    want = {
+        u: (forward[i + 1 : i + 2], forward[::-1][forward[::-1].index(u) + 1 :][:1], True)
+        for i, u in enumerate(forward)
+    }
+    assert got == [want] * 2

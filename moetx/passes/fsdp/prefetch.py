@@ -7,8 +7,9 @@ sets them) starts them one or more units earlier, so they run while the current 
 
 - forward order: the root, the input embedding, each unit of blocks followed by the units
   nested in its blocks (router, then routed experts: called inside the block, on another mesh
-  or dtype, so nothing prefetches them implicitly), the lm head;
-- backward order: the root, the lm head, the units of blocks from the last, each followed by
+  or dtype; without explicit prefetch they are gathered only when called), the lm head (the
+  final norm before it, a unit of its own without the root unit);
+- backward order: the root, the lm head (then the final norm), the units of blocks from the last, each followed by
   its nested units (routed experts, then router, last block first), the input embedding.
 
 A prefetch is an earlier `unshard` only: a unit already gathered (kept by "auto", or prefetched)
@@ -16,6 +17,11 @@ is not gathered again; every collective stays the same, only its start moves. On
 units' own all-gathers become asynchronous too (FSDP2's `_set_unshard_async_op`): a synchronous
 gloo all-gather would block the CPU that is meant to compute meanwhile; NCCL overlaps on its own
 streams and keeps FSDP2's default.
+
+`FSDP`'s default is `prefetch=1`: on issue 17's workload (gloo, CPU) one unit ahead was as fast
+or faster than none in every pipeline measured (`benchmarks/step_anatomy.py`), two was not
+better than one; one unit ahead is also what FSDP2 holds gathered by its own prefetch on GPUs,
+and what `predict`'s FSDP buffers (the two largest units) assume.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ __all__ = ["set_prefetch", "unit_orders"]
 def unit_orders(
     model: nn.Module, s: ModelStructure, fsdp: Any, record: tuple[Applied, ...]
 ) -> tuple[list[nn.Module], list[nn.Module]]:
-    """The units `FSDP` made (each named by its first module), in forward and backward order,
-    the root (or, without it, the final norm) first in both."""
+    """The units `FSDP` makes (each named by its first module), in forward and backward order;
+    the root first in both (without it, the final norm is a unit after the blocks)."""
     joined = () if s.tied_embeddings else joining_root(model, s, fsdp, record)
     own = [
         m
@@ -46,7 +52,8 @@ def unit_orders(
     ]
     embedding = [m for m in own if m is s.embedding]
     lm_head = [m for m in own if m is s.lm_head]
-    root = [model] if fsdp.wrap_root else [s.final_norm] if s.final_norm is not None else []
+    root = [model] if fsdp.wrap_root else []
+    norm = [s.final_norm] if not fsdp.wrap_root and s.final_norm is not None else []
     groups: list[tuple[nn.Module, list[nn.Module]]] = []
     for group in block_groups(model, s, fsdp, record):
         inner = [m for b in group for m in reversed(nested_units(b, fsdp, record))]
@@ -54,10 +61,10 @@ def unit_orders(
     forward = [*root, *embedding]
     for unit, inner in groups:
         forward += [unit, *inner]
-    backward = [*root, *lm_head]
+    backward = [*root, *lm_head, *norm]
     for unit, inner in reversed(groups):
         backward += [unit, *reversed(inner)]
-    return [*forward, *lm_head], [*backward, *embedding]
+    return [*forward, *norm, *lm_head], [*backward, *embedding]
 
 
 def set_prefetch(
