@@ -144,9 +144,10 @@ class FSDP(Pass):
         prefetch: Each unit starts the all-gathers of the next `prefetch` units (forward and
             backward order; the units nested in a block, such as the routed experts on the
             expert mesh, included), so they run while it computes (`moetx.passes.fsdp.prefetch`;
-            the collectives stay the same). 1 by default (measured: never slower than 0 on
-            issue 17's workload, up to 0.54x the step time at 4 ranks; 2 no better than 1);
-            0: FSDP2's own order.
+            the collectives stay the same). 1 by default (measured on issue 17's workload,
+            prefetch on / off: 0.84-0.99 of the step time where units are all-gathered again
+            in backward, within noise where "auto" keeps them; 2 no better than 1); 0: FSDP2's
+            own order.
         cpu_offload: Keep sharded parameters, gradients and optimizer state on the CPU.
         wrap_root: Also make the root module an FSDP unit (otherwise only the final norm).
 

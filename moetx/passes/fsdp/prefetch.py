@@ -18,10 +18,11 @@ units' own all-gathers become asynchronous too (FSDP2's `_set_unshard_async_op`)
 gloo all-gather would block the CPU that is meant to compute meanwhile; NCCL overlaps on its own
 streams and keeps FSDP2's default.
 
-`FSDP`'s default is `prefetch=1`: on issue 17's workload (gloo, CPU) one unit ahead was as fast
-or faster than none in every pipeline measured (`benchmarks/step_anatomy.py`), two was not
-better than one; one unit ahead is also what FSDP2 holds gathered by its own prefetch on GPUs,
-and what `predict`'s FSDP buffers (the two largest units) assume.
+`FSDP`'s default is `prefetch=1`: on issue 17's workload (gloo, CPU; `benchmarks/README.md`)
+one unit ahead took 0.84-0.99 of the step time without prefetch where units are all-gathered
+again in backward, and was within noise where "auto" keeps them gathered; two was not better
+than one. One unit ahead is also what FSDP2 holds gathered by its own prefetch on GPUs, and
+what `predict`'s FSDP buffers (the two largest units) assume.
 """
 
 from __future__ import annotations
