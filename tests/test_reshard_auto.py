@@ -339,3 +339,24 @@ def test_prefetch_without_the_root_unit_puts_the_final_norm_after_the_blocks(
         for i, u in enumerate(forward)
     }
     assert got == [want] * 2
+
+
+def test_the_default_leaves_real_size_blocks_their_own_units() -> None:
+    """1 MiB is far below a real block: with Qwen3-30B-A3B's shapes (4 of its 48 layers) in
+    bf16 compute, each block's dense unit gathers tens of MiB, so the default makes the same
+    units as `min_unit_bytes=0`; only toy models merge."""
+    qwen = MoEConfig(
+        vocab_size=151936, hidden_size=2048, num_layers=4, num_heads=32, num_kv_heads=4,
+        head_dim=128, num_experts=128, top_k=8, expert_hidden_size=768,
+    )  # fmt: skip
+    shapes, degrees = ModelShapes.of(qwen), MeshDegrees(dp_shard=8, ep=8)
+    default, per_block = (
+        fsdp_units(shapes, degrees, ExpertParallel() | fsdp)
+        for fsdp in (FSDP(param_dtype="bfloat16"), FSDP(param_dtype="bfloat16", min_unit_bytes=0))
+    )
+    assert default == per_block
+    blocks = [u for u in default if u.name == "block"]
+    assert sum(u.count for u in blocks) == 4
+    assert min(u.gathered for u in blocks) > 32 * (1 << 20)
+    toy = fsdp_units(ModelShapes.of(WORKLOAD.config), degrees, ExpertParallel() | FSDP())
+    assert sum(u.count for u in toy if u.name == "block") == 1
