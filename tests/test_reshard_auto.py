@@ -297,21 +297,21 @@ def test_prefetch_under_compile_trains_like_one_process(pool2: RankPool) -> None
             FSDP(),
             "`FSDP` makes 6 FSDP units (`min_unit_bytes=1048576`: blocks "
             "`model.layers.0`-`model.layers.3` in one unit; `model.embed_tokens` and `lm_head` "
-            "join the root unit).",
+            "join the root unit); each starts the next unit's all-gather (`prefetch=1`).",
         ),
         (
-            FSDP(min_unit_bytes=65537),
+            FSDP(min_unit_bytes=65537, prefetch=0),
             "`FSDP` makes 7 FSDP units (`min_unit_bytes=65537`: blocks "
             "`model.layers.0`-`model.layers.1`, `model.layers.2`-`model.layers.3` each in one "
             "unit; `model.embed_tokens` and `lm_head` join the root unit).",
         ),
-        (PER_BLOCK, "`FSDP` makes 11 FSDP units."),
+        (FSDP(min_unit_bytes=0, prefetch=0), "`FSDP` makes 11 FSDP units."),
     ],
     ids=["default", "pairs", "per-block"],
 )
 def test_plan_shows_the_units(fsdp: FSDP, note: str) -> None:
-    """`plan` says how many units the default (and any `min_unit_bytes`) makes and which
-    modules share one: the 4 blocks and 4 routed-experts units, the root, on issue 17's
+    """`plan` says how many units the default (and any `min_unit_bytes`) makes, which modules
+    share one and how far each prefetches: the 4 blocks and 4 routed-experts units, the root, on issue 17's
     workload at 4 ranks; the count is the planner's too."""
     degrees = MeshDegrees(dp_shard=4, ep=2)
     pipeline = ExpertParallel() | fsdp

@@ -12,8 +12,8 @@ __all__ = ["describe_units"]
 
 
 def describe_units(model: nn.Module) -> str | None:
-    """How many units, which blocks share one (`min_unit_bytes`) and which modules joined the
-    root unit; None when `FSDP` was not applied."""
+    """How many units, which blocks share one (`min_unit_bytes`), which modules joined the root
+    unit, and how far each prefetches; None when `FSDP` was not applied."""
     entry = find_applied(applied_passes(model), "fsdp")
     if entry is None:
         return None
@@ -39,4 +39,7 @@ def describe_units(model: nn.Module) -> str | None:
     if joined:
         parts.append(f"{' and '.join(f'`{j}`' for j in joined)} join the root unit")
     why = f" (`min_unit_bytes={limit}`: {'; '.join(parts)})" if parts else ""
-    return f"`FSDP` makes {len(states)} FSDP units{why}."
+    n = getattr(entry.pass_, "prefetch", 0)
+    what = "the next unit's all-gather" if n == 1 else f"the all-gathers of the next {n} units"
+    ahead = f"; each starts {what} (`prefetch={n}`)" if n else ""
+    return f"`FSDP` makes {len(states)} FSDP units{why}{ahead}."
