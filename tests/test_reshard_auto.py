@@ -311,8 +311,8 @@ def test_prefetch_under_compile_trains_like_one_process(pool2: RankPool) -> None
 )
 def test_plan_shows_the_units(fsdp: FSDP, note: str) -> None:
     """`plan` says how many units the default (and any `min_unit_bytes`) makes, which modules
-    share one and how far each prefetches: the 4 blocks and 4 routed-experts units, the root, on issue 17's
-    workload at 4 ranks; the count is the planner's too."""
+    share one and how far each prefetches (the 4 blocks, 4 routed-experts units and the root
+    on issue 17's workload at 4 ranks); the count is the planner's too."""
     degrees = MeshDegrees(dp_shard=4, ep=2)
     pipeline = ExpertParallel() | fsdp
     p = plan(pipeline, WORKLOAD.config, degrees)

@@ -337,7 +337,8 @@ class FSDP(Pass):
         s = discover(model)
         dense = mesh.dense_fsdp_mesh()
         kept: frozenset[int] = frozenset()
-        orders = unit_orders(model, s, self, record)  # before sharding: all DTensors after
+        # the unit orders before sharding (afterwards every parameter is a DTensor)
+        orders = unit_orders(model, s, self, record) if self.prefetch else None
         if self.reshard_after_forward == AUTO:
             modules = dict(model.named_modules())
             kept_units = choose_resident(model, self, mesh.degrees, record).kept_units
@@ -371,7 +372,7 @@ class FSDP(Pass):
             shard(model)
         elif s.final_norm is not None:
             shard(s.final_norm)
-        if self.prefetch:
+        if orders is not None:
             gloo = dist.get_backend(mesh.tokens.get_group()) == "gloo"
             set_prefetch(*orders, self.prefetch, async_op=gloo)
         return model

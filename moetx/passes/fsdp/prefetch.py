@@ -9,8 +9,9 @@ sets them) starts them one or more units earlier, so they run while the current 
   nested in its blocks (router, then routed experts: called inside the block, on another mesh
   or dtype; without explicit prefetch they are gathered only when called), the lm head (the
   final norm before it, a unit of its own without the root unit);
-- backward order: the root, the lm head (then the final norm), the units of blocks from the last, each followed by
-  its nested units (routed experts, then router, last block first), the input embedding.
+- backward order: the root, the lm head (then the final norm), the units of blocks from the
+  last, each followed by its nested units (routed experts, then router, last block first), the
+  input embedding.
 
 A prefetch is an earlier `unshard` only: a unit already gathered (kept by "auto", or prefetched)
 is not gathered again; every collective stays the same, only its start moves. On gloo the

@@ -9,9 +9,9 @@ backward. The rule, decided from the model and the mesh alone (so `plan` shows i
   to the first, each with its router and routed-experts units, then the input embedding), and
   each is kept while everything kept so far fits the *budget*: the bytes of sharded training
   state (parameters + gradients + AdamW moments) the rank holds anyway. So "auto" at most
-  doubles the parameter-related memory of a rank (the root, always kept, aside), and keeps every unit on small meshes (all of
-  the model's gathered parameters fit up to 4 FSDP shards in fp32, 8 with bf16 compute, when
-  every parameter is trained).
+  doubles the parameter-related memory of a rank (the root, always kept, aside), and keeps
+  every unit on small meshes (all of the model's gathered parameters fit up to 4 FSDP shards in
+  fp32, 8 with bf16 compute, when every parameter is trained).
 
 Activations are not counted: on a tight memory budget pass `reshard_after_forward=True`.
 The units themselves (`block_groups`: consecutive small blocks share one; `joining_root`: a
