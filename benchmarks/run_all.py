@@ -86,20 +86,26 @@ BENCHMARKS: list[tuple[str, list[str], str, str]] = [
             "--steps",
             "9",
             "--fsdp",
-            "fsdp(reshard_after_forward=True)",
             "fsdp",
-            "fsdp(min_unit_bytes=1048576)",
+            "fsdp(prefetch=0)",
+            "fsdp(min_unit_bytes=0, prefetch=0)",
+            "fsdp(reshard_after_forward=True, min_unit_bytes=0, prefetch=0)",
+            "fsdp(reshard_after_forward=True, min_unit_bytes=0)",
         ],
         "Step anatomy: step time vs compute only, collectives by kind and axis",
         "Issue 17's workload (hidden 64, 4 layers, 8 experts top-2, seq 64, global batch 8, "
         "AdamW, fp32) on 2 and 4 ranks: median step time of the slowest rank (and its ratio to the "
-        "first row of its pipeline, steps interleaved), the same model "
+        "first row of its pipeline, steps interleaved; for a row that prefetches, its ratio to "
+        "the same FSDP without prefetch), the same model "
         "without parallelism on each rank's share of the batch (interleaved, all ranks at once), "
-        "their ratio, and one step's collectives by kind and mesh axis with their bytes; "
-        "each pipeline with FSDP as before issue 17 (`reshard_after_forward=True`), with the "
-        "default (`'auto'`: units gathered once per step when they fit), and with "
-        "`min_unit_bytes=1 << 20` (small embedding and lm head in the root unit, consecutive "
-        "small blocks in one unit).",
+        "their ratio, and one step's collectives by kind and mesh axis with their bytes. "
+        "Each pipeline with FSDP's default (`FSDP()`: `reshard_after_forward='auto'`, units "
+        "gathered once per step when they fit; `min_unit_bytes=1 << 20`, small embedding and lm "
+        "head in the root unit, consecutive small blocks in one unit; `prefetch=1`, each unit "
+        "starting the next one's all-gather), the same without prefetch, the default before "
+        "(one unit per block: `min_unit_bytes=0`, no prefetch), FSDP as before issue 17 "
+        "(`reshard_after_forward=True`, every unit all-gathered twice per step), and that with "
+        "prefetch.",
     ),
     (
         "overlap.py",

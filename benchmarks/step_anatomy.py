@@ -4,7 +4,8 @@ The workload of issue 17 (Qwen3-MoE shape: hidden 64, 4 layers, 8 experts top-2,
 expert, seq 64, global batch 8 rows, AdamW, fp32) on 2 and 4 gloo ranks, one thread each, for
 the README's pipelines. Per row: the median step time (fwd + bwd + AdamW, after 2 warm-up steps)
 of the slowest rank, and its ratio to the first `--fsdp` variant's (their steps interleaved in
-one run); compute only, the same model without parallelism (activation checkpointing
+one run); for a variant with `prefetch=n`, its ratio to the same variant with `prefetch=0`
+when that ran too (explicit all-gather prefetch on / off, interleaved); compute only, the same model without parallelism (activation checkpointing
 kept) on each rank's share of the batch, its steps interleaved with the real ones and run on every
 rank at once (so CPU sharing weighs on both); their ratio (what communication and waiting cost);
 the collectives of one step on rank 0 by kind and mesh axis (`int64`: the dispatcher's token
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+
+import attrs
 
 from moetx import MeshDegrees, Pipeline
 from moetx.models import MoEConfig
@@ -53,17 +56,32 @@ def _mesh(d: MeshDegrees) -> str:
     return " ".join(parts)
 
 
-def _row(name: str, degrees: MeshDegrees, res: list[dict], first: float) -> str:
-    step = 1e3 * max(r["step_s"] for r in res)
+def _step_ms(res: list[dict]) -> float:
+    return 1e3 * max(r["step_s"] for r in res)
+
+
+def _unprefetched(pipeline: Pipeline, pipelines: list[Pipeline]) -> int | None:
+    """The index of the same pipeline with `prefetch=0`, if this one prefetches and it ran."""
+    *head, fsdp = pipeline.passes
+    if not getattr(fsdp, "prefetch", 0):
+        return None
+    plain = Pipeline([*head, attrs.evolve(fsdp, prefetch=0)])  # type: ignore[misc]
+    return next((i for i, p in enumerate(pipelines) if p == plain), None)
+
+
+def _row(
+    name: str, degrees: MeshDegrees, res: list[dict], first: float, plain: float | None
+) -> str:
+    step = _step_ms(res)
     compute = 1e3 * max(r["compute_s"] for r in res)
     calls = res[0]["calls"]
     kinds = ", ".join(f"{k} {a} {n}" for (k, a), n in sorted(calls.items()))
     mib = statistics.mean(sum(r["bytes"].values()) for r in res) / 2**20
+    vs_plain = f"{step / plain:.2f}" if plain else "-"
     return (
         f"| {degrees.world_size} | `{name.replace('|', chr(92) + '|')}` | {_mesh(degrees)} | "
-        f"{step:.1f} | {step / (first or step):.2f} | {compute:.1f} | {step / compute:.1f} | "
-        f"{sum(calls.values())} | {kinds} | "
-        f"{mib:.2f} |"
+        f"{step:.1f} | {step / (first or step):.2f} | {vs_plain} | {compute:.1f} | "
+        f"{step / compute:.1f} | {sum(calls.values())} | {kinds} | {mib:.2f} |"
     )
 
 
@@ -83,10 +101,10 @@ def main() -> None:
     )
     args = ap.parse_args()
     print(
-        "| ranks | pipeline | mesh | step ms | step vs first row | compute ms | step / compute | "
-        "collectives | by kind and axis | MiB / rank / step |"
+        "| ranks | pipeline | mesh | step ms | step vs first row | prefetch on / off | "
+        "compute ms | step / compute | collectives | by kind and axis | MiB / rank / step |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for world in args.ranks:
         with RankPool(world, timeout=900, backend=args.backend) as pool:
             for head, w, degrees in CASES:
@@ -105,8 +123,10 @@ def main() -> None:
                 first = 0.0
                 for i, pipeline in enumerate(pipelines):
                     per_rank = [r[i] for r in res]
-                    print(_row(repr(pipeline), degrees, per_rank, first), flush=True)
-                    first = first or max(r["step_s"] for r in per_rank) * 1e3
+                    j = _unprefetched(pipeline, pipelines)
+                    plain = _step_ms([r[j] for r in res]) if j is not None else None
+                    print(_row(repr(pipeline), degrees, per_rank, first, plain), flush=True)
+                    first = first or _step_ms(per_rank)
 
 
 if __name__ == "__main__":

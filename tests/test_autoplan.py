@@ -350,17 +350,18 @@ def test_top_candidate_trains_like_one_process(pool4: RankPool):
 
 
 def test_top_tensor_parallel_candidate_trains_like_one_process(pool4: RankPool):
-    """With tensor parallelism allowed, the best candidate for a 41 KiB budget has tp=2 (it
+    """With tensor parallelism allowed, the best candidate for a 44 KiB budget has tp=2 (it
     halves the attention and MLP activations); applied on 4 gloo ranks it trains like one
-    process."""
+    process. (44, not 41: under FSDP's default `min_unit_bytes` the small blocks share one
+    unit, whose gathered buffer is larger than one block's.)"""
     spec = attrs.evolve(SPEC, config=TP_CONFIG, steps=2, lr=1e-3)
     result = autoplan(
-        TP_CONFIG, world=4, memory_per_rank=41 * 1024, seq=spec.seq_len,
+        TP_CONFIG, world=4, memory_per_rank=44 * 1024, seq=spec.seq_len,
         micro_batch=spec.rows_per_rank, ac_modes=("none", "full", "selective"), passes_allowed=PASSES,
     )  # fmt: skip
     best = result.best
     assert best.degrees.tp == 2 and isinstance(best.pipeline.passes[0], TensorParallel)
-    assert best.prediction.memory <= 41 * 1024 and result.misses
+    assert best.prediction.memory <= 44 * 1024 and result.misses
     tp_modes = {
         repr(p) for c in result.fits + result.misses if c.degrees.tp > 1 for p in c.pipeline
     }

@@ -12,8 +12,9 @@ from moetx.core.algebra import Pipeline
 from moetx.core.errors import PassPreconditionError
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
-from moetx.passes import ContextParallel
+from moetx.passes import ContextParallel, ExpertParallel
 from moetx.passes.fsdp.api import FSDP
+from moetx.planning.predict import predict
 from moetx.testing import examples
 from moetx.testing.parity import compare
 from moetx.testing.train import (
@@ -23,6 +24,7 @@ from moetx.testing.train import (
     rank_train,
     reference,
 )
+from tests.bodies.anatomy import step_collectives
 from tests.bodies.fsdp import placements
 
 ATOL, RTOL = 2e-5, 1e-4
@@ -288,3 +290,22 @@ def test_router_and_lm_head_compute_in_fp32_under_bf16(pool2):
         "attention": torch.bfloat16,
         "lm_head": torch.bfloat16,
     }
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_router_units_are_the_ones_the_planner_counts(pool2, param_dtype):
+    """A router is an FSDP unit of its own only under a low-precision `param_dtype` (fp32
+    policy, `fp32_modules`); with `param_dtype="float32"` it stays in its block's unit, as the
+    planner counts. Every unit resharded after forward and none merged, so each unit shows:
+    the all-gathers and reduce-scatters one step issues on 2 gloo ranks equal `predict`'s."""
+    spec = TrainSpec(config=MoEConfig(num_experts=4, num_shared_experts=1), steps=1)
+    degrees = MeshDegrees(dp_shard=2, ep=2)
+    fsdp = FSDP(param_dtype=param_dtype, reshard_after_forward=True, min_unit_bytes=0)
+    pipeline = ExpertParallel() | fsdp
+    p = predict(spec.config, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank)
+    want = {t.kind.removeprefix("fsdp_"): t.calls for t in p.comm if t.kind.startswith("fsdp_")}
+    got = pool2.run(step_collectives, spec, pipeline, degrees)
+    for counts in got:
+        assert {k: counts.get(k, 0) for k in want} == want
+    # 2 blocks, embedding, lm head, root; + 2 routers under bf16 (the experts: 1-rank meshes)
+    assert want["reduce_scatter"] == (7 if param_dtype == "bfloat16" else 5)

@@ -86,6 +86,10 @@ FIELDS: dict[tuple[type, str], tuple[st.SearchStrategy[object], st.SearchStrateg
         st.integers(0, 2**40),
         st.one_of(st.integers(max_value=-1), st.booleans(), st.floats(0, 4), st.none()),
     ),
+    (FSDP, "prefetch"): (
+        st.integers(0, 64),
+        st.one_of(st.integers(max_value=-1), st.booleans(), st.floats(0, 4), st.none()),
+    ),
     (FSDP, "cpu_offload"): (st.booleans(), NOT_BOOL),
     (FSDP, "wrap_root"): (st.booleans(), NOT_BOOL),
 }

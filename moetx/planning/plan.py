@@ -34,6 +34,7 @@ from moetx.core.errors import MeshError
 from moetx.core.record import applied_passes, find_applied
 from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh, as_parallel_mesh
 from moetx.models import MoEConfig, MoETransformer
+from moetx.passes.fsdp.describe import describe_units
 from moetx.passes.fsdp.reshard import AUTO, gathered_bytes
 from moetx.planning.fake_world import fake_world
 from moetx.planning.report import ParamGroup, Plan, RankBytes, human_bytes
@@ -353,10 +354,12 @@ def _padded_numels(model: nn.Module) -> dict[str, int]:
 def _notes(planned: nn.Module, resident: tuple[int, int]) -> tuple[str, ...]:
     entry = find_applied(applied_passes(planned), "fsdp")
     choice = entry.facts.get("resident") if entry is not None else None
+    units = describe_units(planned)
     if choice is None:
-        return ()
+        return (units,) if units else ()
     n = len(choice.kept_units) + len(choice.resharded_units)
     return (
+        *((units,) if units else ()),
         f"`reshard_after_forward='auto'` keeps {len(choice.kept_units)} of {n} FSDP units "
         f"gathered from forward to backward (one all-gather per step each): "
         f"+{human_bytes(resident[0])} per rank at peak, of which routed experts "

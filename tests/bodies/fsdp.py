@@ -64,3 +64,29 @@ def load_counts_and_dtypes(
         if getattr(layer.router, "expert_load", None) is not None
     }
     return {"counts": counts, "dtypes": seen}
+
+
+def prefetch_targets(
+    spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees
+) -> dict[str, tuple[list[str], list[str], bool]]:
+    """Unit (its first module's FQN, `""`: the root) -> the units it prefetches in forward and
+    in backward, and whether its all-gathers are asynchronous (FSDP2's private state)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = pipeline.apply(build_model(spec), mesh_for(degrees))
+    name: dict[int, str] = {}
+    units = []
+    for fqn, m in model.named_modules():
+        if isinstance(m, FSDPModule):
+            state = m._get_fsdp_state()
+            if id(state) not in name:
+                name[id(state)] = fqn
+                units.append(state)
+    return {
+        name[id(s)]: (
+            [name[id(t)] for t in s._states_to_forward_prefetch],
+            [name[id(t)] for t in s._states_to_backward_prefetch],
+            all(g.unshard_async_op for g in s._fsdp_param_groups),
+        )
+        for s in units
+    }

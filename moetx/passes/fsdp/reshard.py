@@ -9,9 +9,9 @@ backward. The rule, decided from the model and the mesh alone (so `plan` shows i
   to the first, each with its router and routed-experts units, then the input embedding), and
   each is kept while everything kept so far fits the *budget*: the bytes of sharded training
   state (parameters + gradients + AdamW moments) the rank holds anyway. So "auto" at most
-  doubles the parameter-related memory of a rank (the root, always kept, aside), and keeps every unit on small meshes (all of
-  the model's gathered parameters fit up to 4 FSDP shards in fp32, 8 with bf16 compute, when
-  every parameter is trained).
+  doubles the parameter-related memory of a rank (the root, always kept, aside), and keeps
+  every unit on small meshes (all of the model's gathered parameters fit up to 4 FSDP shards in
+  fp32, 8 with bf16 compute, when every parameter is trained).
 
 Activations are not counted: on a tight memory budget pass `reshard_after_forward=True`.
 The units themselves (`block_groups`: consecutive small blocks share one; `joining_root`: a
@@ -34,6 +34,7 @@ from moetx.structure.discovery import Block, ModelStructure, discover
 
 __all__ = [
     "AUTO",
+    "MIN_UNIT_BYTES",
     "ResidentChoice",
     "block_groups",
     "choose_resident",
@@ -41,9 +42,15 @@ __all__ = [
     "gathered_bytes",
     "joining_root",
     "nested_units",
+    "router_apart",
 ]
 
 AUTO = "auto"
+#: `FSDP.min_unit_bytes`'s default, 1 MiB: below it a collective's cost is its latency (tens of
+#: microseconds on NCCL and gloo), not its bytes (1 MiB takes ~10 us at 100 GB/s), so merging
+#: such units saves whole collectives for free; a real model's block (tens of MiB and more)
+#: stays a unit of its own.
+MIN_UNIT_BYTES = 1 << 20
 
 
 def experts_are_units(experts: nn.Module, record: tuple[Applied, ...]) -> bool:
@@ -159,9 +166,15 @@ def nested_units(block: Block, fsdp: Any, record: tuple[Applied, ...]) -> list[n
     moe, out = block.moe, []
     if moe is not None and experts_are_units(moe.experts, record):
         out.append(moe.experts)
-    if moe is not None and "router" in fsdp.fp32_modules and fsdp.param_dtype:
+    if moe is not None and router_apart(fsdp):
         out.append(moe.router)
     return out
+
+
+def router_apart(fsdp: Any) -> bool:
+    """Whether each router is an fp32 unit of its own: `"router"` in `fp32_modules` under a
+    low-precision `param_dtype` (with `"float32"` the block's unit computes in fp32 already)."""
+    return "router" in fsdp.fp32_modules and fsdp.param_dtype not in (None, "float32")
 
 
 @attrs.frozen
