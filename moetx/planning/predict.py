@@ -33,8 +33,9 @@ class Prediction:
     Attributes:
         state: Parameters, gradients and AdamW state (exact: FSDP2/DTensor chunking).
         activations: Bytes forward leaves resident for backward (traced; uniform routing).
-        fsdp_transient: Gathered parameters of the two largest FSDP units (the one computing
-            and the one prefetched): an estimate of FSDP2's peak all-gather buffers.
+        fsdp_transient: Gathered parameters of the largest FSDP units: the one computing and
+            the ones prefetched (`FSDP(prefetch=N)`, at least one): an estimate of FSDP2's
+            peak all-gather buffers.
         fsdp_resident: Gathered parameters `FSDP(reshard_after_forward=False | int | "auto")`
             keeps from forward to backward (as `Plan.resident_after_forward`; 0 when every
             unit reshards).
@@ -108,16 +109,20 @@ def activation_bytes(
 
 def _transient(shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline) -> int:
     units = fsdp_units(shapes, degrees, pipeline)
+    # The unit computing plus those gathered ahead of it: FSDP2's implicit prefetch keeps one,
+    # `FSDP(prefetch=N)` keeps N.
+    fsdp = find_pass(pipeline, "fsdp")
+    held = 1 + max(1, getattr(fsdp, "prefetch", 1))
     gathered = sorted(
         (
             u.mesh_size * u.shard_bytes
             for u in units
             if u.mesh_size > 1
-            for _ in range(min(u.count, 2))
+            for _ in range(min(u.count, held))
         ),
         reverse=True,
     )
-    return sum(gathered[:2])
+    return sum(gathered[:held])
 
 
 def predict(
