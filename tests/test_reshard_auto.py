@@ -187,6 +187,44 @@ def test_auto_gathers_each_unit_once_per_step_on_4_ranks(pool4: RankPool) -> Non
     assert sum(per_block.values()) == 42
 
 
+# Two MoE blocks, no dense one: the second block's experts are resharded after their backward
+# before the first block's forward is recomputed (WORKLOAD's default units keep them gathered).
+TWO_MOE_BLOCKS = TrainSpec(
+    config=MoEConfig(
+        vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+        num_experts=8, top_k=3, expert_hidden_size=8, num_shared_experts=1,
+        num_dense_layers=0, dense_hidden_size=32,
+    ),
+    steps=2, rows_per_rank=2, seq_len=6,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["router", "full", "selective"])
+def test_recomputed_forward_prefetches_nothing_again(pool4: RankPool, mode: str) -> None:
+    """Under `ActivationCheckpoint`, backward re-runs each block's forward; a routed-experts unit
+    nested in a block must not start its forward prefetch again there (it would gather the next
+    block's experts, already resharded after their backward, a second time). Prefetch moves
+    collectives, never adds one: counts equal `prefetch=0`'s and `predict`'s."""
+    degrees = MeshDegrees(dp_shard=4, ep=2)
+    on, off = (
+        pool4.run(
+            step_collectives,
+            TWO_MOE_BLOCKS,
+            ExpertParallel() | ActivationCheckpoint(mode=mode) | FSDP(prefetch=n),
+            degrees,
+        )[0]
+        for n in (1, 0)
+    )
+    assert on == off
+    pipeline = ExpertParallel() | ActivationCheckpoint(mode=mode) | FSDP()
+    p = predict(TWO_MOE_BLOCKS.config, degrees, pipeline, seq=6, micro_batch=2)
+    fsdp_calls = {
+        k: sum(t.calls for t in p.comm if t.kind == f"fsdp_{k}")
+        for k in ("all_gather", "reduce_scatter")
+    }
+    assert fsdp_calls == {k: on[k] for k in fsdp_calls}
+
+
 @pytest.mark.parametrize(
     ("world", "spec", "degrees", "kept"),
     [
@@ -254,23 +292,23 @@ def test_grouped_blocks_train_like_one_process(
 
 
 def test_prefetch_follows_forward_and_backward_order(pool4: RankPool) -> None:
-    """The default `prefetch=1` on 4 ranks: each unit prefetches the next in forward (the block
-    group, then
-    the routed-experts unit nested in each block, on the expert mesh) and in backward (the
-    other way, the experts of the last block first); on gloo every all-gather is asynchronous.
+    """The default `prefetch=1` on 4 ranks: in forward each top-level unit prefetches the next
+    one and the routed-experts units nested in its blocks (on the expert mesh), which prefetch
+    nothing themselves; in backward each unit prefetches the next (the experts of the last block
+    first); on gloo every all-gather is asynchronous.
     With `prefetch=0`, FSDP2's own order (no lists, synchronous)."""
     degrees = MeshDegrees(dp_shard=4, ep=2)
     experts = [f"model.layers.{i}.mlp.experts" for i in range(4)]
     got = pool4.run(prefetch_targets, WORKLOAD, ExpertParallel() | FSDP(), degrees)
-    forward = ["", "model.layers.0", *experts]
     backward = ["", "model.layers.0", *reversed(experts)]
-    want = {u: ([], [], True) for u in forward}
-    for order, i in ((forward, 0), (backward, 1)):
-        for a, b in itertools.pairwise(order):
-            want[a][i].append(b)
+    want = {u: ([], [], True) for u in backward}
+    want[""][0].append("model.layers.0")
+    want["model.layers.0"][0].extend(experts)  # nested units: started by their block's unit
+    for a, b in itertools.pairwise(backward):
+        want[a][1].append(b)
     assert got == [want] * 4
     plain = pool4.run(prefetch_targets, WORKLOAD, ExpertParallel() | FSDP(prefetch=0), degrees)
-    assert plain == [{u: ([], [], False) for u in forward}] * 4
+    assert plain == [{u: ([], [], False) for u in backward}] * 4
 
 
 def test_prefetch_under_compile_trains_like_one_process(pool2: RankPool) -> None:

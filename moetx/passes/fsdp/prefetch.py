@@ -5,10 +5,14 @@ where it also prefetches the unit after it in reverse post-forward order). Expli
 (`FSDPModule.set_modules_to_forward_prefetch` / `set_modules_to_backward_prefetch`, as torchtitan
 sets them) starts them one or more units earlier, so they run while the current unit computes:
 
-- forward order: the root, the input embedding, each unit of blocks followed by the units
-  nested in its blocks (router, then routed experts: called inside the block, on another mesh
-  or dtype; without explicit prefetch they are gathered only when called), the lm head (the
-  final norm before it, a unit of its own without the root unit);
+- forward order: the root, the input embedding, each unit of blocks, the lm head (the final
+  norm before it, a unit of its own without the root unit); a unit of blocks also starts the
+  units nested in its blocks (router, then routed experts: called inside the block, on another
+  mesh or dtype; without explicit prefetch they are gathered only when called). Nested units
+  prefetch nothing in forward: under activation checkpointing backward re-runs a block's
+  forward, where FSDP2 skips the block's own forward prefetch (its state is pre-backward) but
+  not a nested unit's, which would gather the next block's experts, already resharded after
+  their backward, a second time;
 - backward order: the root, the lm head (then the final norm), the units of blocks from the
   last, each followed by its nested units (routed experts, then router, last block first), the
   input embedding.
@@ -43,9 +47,10 @@ __all__ = ["set_prefetch", "unit_orders"]
 
 def unit_orders(
     model: nn.Module, s: ModelStructure, fsdp: Any, record: tuple[Applied, ...]
-) -> tuple[list[nn.Module], list[nn.Module]]:
-    """The units `FSDP` makes (each named by its first module), in forward and backward order;
-    the root first in both (without it, the final norm is a unit after the blocks)."""
+) -> tuple[list[tuple[nn.Module, list[nn.Module]]], list[nn.Module]]:
+    """The units `FSDP` makes (each named by its first module): the top-level ones in forward
+    order, each with the units nested in it, and every unit in backward order; the root first in
+    both (without it, the final norm is a unit after the blocks)."""
     joined = () if s.tied_embeddings else joining_root(model, s, fsdp, record)
     own = [
         m
@@ -60,27 +65,33 @@ def unit_orders(
     for group in block_groups(model, s, fsdp, record):
         inner = [m for b in group for m in reversed(nested_units(b, fsdp, record))]
         groups.append((group[0].module, inner))  # nested: router, then experts, per block
-    forward = [*root, *embedding]
-    for unit, inner in groups:
-        forward += [unit, *inner]
+    forward: list[tuple[nn.Module, list[nn.Module]]] = [(m, []) for m in (*root, *embedding)]
+    forward += groups
+    forward += [(m, []) for m in (*norm, *lm_head)]
     backward = [*root, *lm_head, *norm]
     for unit, inner in reversed(groups):
         backward += [unit, *reversed(inner)]
-    return [*forward, *norm, *lm_head], [*backward, *embedding]
+    return forward, [*backward, *embedding]
 
 
 def set_prefetch(
-    forward: list[nn.Module], backward: list[nn.Module], n: int, *, async_op: bool
+    forward: list[tuple[nn.Module, list[nn.Module]]],
+    backward: list[nn.Module],
+    n: int,
+    *,
+    async_op: bool,
 ) -> None:
-    """Make each unit prefetch the next `n` units of its order (see the module docstring);
+    """Make each top-level unit prefetch its nested units and the next `n` top-level units in
+    forward, each unit the next `n` units of the backward order (see the module docstring);
     `async_op`: the units' all-gathers do not block the CPU (gloo)."""
     if n <= 0 or not forward:
         return
-    units = [typing.cast(FSDPModule, m) for m in forward]
-    for i, unit in enumerate(units):
-        unit.set_modules_to_forward_prefetch(units[i + 1 : i + 1 + n])
+    tops = [typing.cast(FSDPModule, m) for m, _ in forward]
+    for i, (_, inner) in enumerate(forward):
+        nested = [typing.cast(FSDPModule, m) for m in inner]
+        tops[i].set_modules_to_forward_prefetch([*nested, *tops[i + 1 : i + 1 + n]])
     back = [typing.cast(FSDPModule, m) for m in backward]
     for i, unit in enumerate(back):
         unit.set_modules_to_backward_prefetch(back[i + 1 : i + 1 + n])
-    for unit in units if async_op else ():
+    for unit in back if async_op else ():
         unit._set_unshard_async_op(True)  # FSDP2's private setter (no public one in 2.13)
