@@ -24,6 +24,7 @@ from moetx.passes.activation_checkpoint.contexts import (
     RouterScope,
     block_contexts,
 )
+from moetx.passes.activation_checkpoint.kv_cache import kv_cache
 from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.structure.discovery import Block, discover
 from moetx.structure.swap import swap_class
@@ -190,7 +191,7 @@ class _CheckpointedBlock(nn.Module):
         if torch.compiler.is_compiling():  # traced: torch's contexts with moetx's policy
             context_fn = compiled.context_fn(state.mode)
         else:
-            context_fn = functools.partial(block_contexts, state)
+            context_fn = functools.partial(block_contexts, state, kv_cache(kwargs))
         return checkpoint(
             super().forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs
         )
