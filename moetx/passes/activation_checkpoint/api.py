@@ -92,6 +92,11 @@ class ActivationCheckpoint(Pass):
     block, or one a router keeps on itself) raises `ActivationCheckpointError` in the first
     backward, naming the module; use `mode="full"` there.
 
+    **KV caches.** A block given a Hugging Face KV cache (`use_cache=True`) appends to it in
+    forward only: its recomputation gets back what each `cache.update` returned in forward and
+    leaves the cache alone (`kv_cache.UpdateReplay`), so the cache after a training step holds
+    each layer's tokens once, as without checkpointing.
+
     **Collectives under `ExpertParallel`.** Per MoE layer and step, recomputation re-issues,
     in `"full"` and `"router"` mode, the layer's whole dispatch: the int64 count exchange and
     both token all-to-alls (all `_c10d_functional.all_to_all_single`), every rank in the same
