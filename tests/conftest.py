@@ -26,9 +26,15 @@ torch.set_num_threads(1)
 
 _POOLS: dict[str, RankPool] = {}
 
+#: The shared pools' gloo timeout. A body still gets `RankPool`'s 60 s per call, but test_compile
+#: raises that to 300 s for its compiling bodies on these same ranks, where a rank may compile for
+#: minutes while its peer waits in a collective (a stalled collective elsewhere is still killed
+#: at 60 s, as a `RankTimeoutError`).
+PG_TIMEOUT_S = 300.0
+
 
 def _pool(world_size: int) -> Iterator[RankPool]:
-    pool = _POOLS[f"pool{world_size}"] = RankPool(world_size)
+    pool = _POOLS[f"pool{world_size}"] = RankPool(world_size, pg_timeout=PG_TIMEOUT_S)
     try:
         yield pool
     finally:

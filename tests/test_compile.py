@@ -36,7 +36,7 @@ from moetx.models import MoEConfig
 from moetx.passes.activation_checkpoint import MODES
 from moetx.passes.compile import is_compiled
 from moetx.structure import discover
-from moetx.testing import examples, fake_world, gradients, snapshot
+from moetx.testing import examples, fake_world, gradients, nightly_param, snapshot
 from moetx.testing.hf import HFSpec
 from moetx.testing.hf import build_model as build_hf
 from moetx.testing.hf import reference as hf_reference
@@ -69,19 +69,26 @@ BLOCKS = ("model.layers.0", "model.layers.1", "mtp.0.block")
 NIGHTLY = pytest.mark.skipif(examples(1) < 5, reason="full/nightly profile (slow: compiles)")
 
 
-@pytest.fixture(scope="module")
-def pool2() -> Iterator[RankPool]:
-    """This module's own 2 ranks: compiling can outlast the shared pools' 60 s per call on a
-    busy 2-core box, so these allow 300 s (a hang still ends every rank)."""
-    with RankPool(2, timeout=300) as pool:
+def _patient(pool: RankPool) -> Iterator[RankPool]:
+    """`pool` allowing 300 s per call for this module: compiling can outlast the shared pools'
+    60 s on a busy 2-core box (their gloo timeout is 300 s already, tests/conftest.py)."""
+    before, pool.timeout = pool.timeout, 300.0
+    try:
         yield pool
+    finally:
+        pool.timeout = before
 
 
 @pytest.fixture(scope="module")
-def pool4() -> Iterator[RankPool]:
-    """This module's own 4 ranks (300 s per call, as `pool2`)."""
-    with RankPool(4, timeout=300) as pool:
-        yield pool
+def pool2(pool2: RankPool) -> Iterator[RankPool]:
+    """The session's 2 ranks (no ranks of its own to start and warm up), 300 s per call."""
+    yield from _patient(pool2)
+
+
+@pytest.fixture(scope="module")
+def pool4(pool4: RankPool) -> Iterator[RankPool]:
+    """The session's 4 ranks, 300 s per call (as `pool2`)."""
+    yield from _patient(pool4)
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +187,23 @@ def _one_process(pipeline: Pipeline, mesh: ParallelMesh) -> tuple[Any, Any, Any]
     return want, run(model), compile_report(model)
 
 
-@pytest.mark.parametrize("mode", (None, *MODES))
+@pytest.mark.parametrize(
+    "mode",
+    [
+        None,
+        "router",
+        # each mode also compiles under EP | AC | FSDP on 2 ranks in ci (within tolerance)
+        *(
+            nightly_param(m, why="2-rank EP|AC|Compile|FSDP runs it")
+            for m in MODES
+            if m != "router"
+        ),
+    ],
+)
 def test_one_process_is_exact_and_every_block_compiles_whole(mesh, mode):
-    """Loss and every gradient bitwise equal to eager, per AC mode; one graph, no break, per block."""
+    """Loss and every gradient bitwise equal to eager, per AC mode; one graph, no break, per block.
+
+    ci runs no AC and the default (router) mode."""
     ac = ActivationCheckpoint(mode=mode) if mode else Pipeline()
     (want_loss, want), (loss, got), report = _one_process(ac | Compile(backend=BACKEND), mesh)
     assert torch.equal(loss, want_loss)
@@ -227,7 +248,11 @@ def _assert_compiled_parity(results: list[dict[str, Any]], spec: TrainSpec, data
         assert r["graphs"] == {f: (1, 0) for f in blocks}, r["reasons"]
 
 
-@pytest.mark.parametrize("min_unit_bytes", [0, 1 << 20], ids=["per-block", "grouped"])
+@pytest.mark.parametrize(
+    "min_unit_bytes",
+    [0, nightly_param(1 << 20, id="grouped", why="the bf16 test runs grouped units in ci")],
+    ids=["per-block", "grouped"],
+)
 def test_ep_compile_fsdp_fullgraph_matches_one_process_on_2_ranks(pool2, min_unit_bytes):
     """ep = world = 2, `fullgraph=True`: every gradient each step, one graph per block; also
     with every block in one FSDP unit (`min_unit_bytes`: each block's compiled forward runs
@@ -238,7 +263,11 @@ def test_ep_compile_fsdp_fullgraph_matches_one_process_on_2_ranks(pool2, min_uni
     _assert_compiled_parity(pool2.run(compiled_train, SPEC, pipe, degrees), SPEC, 2)
 
 
-@pytest.mark.parametrize("min_unit_bytes", [0, 1 << 20], ids=["per-block", "grouped"])
+@pytest.mark.parametrize(
+    "min_unit_bytes",
+    [nightly_param(0, id="per-block", why="the fp32 test runs per-block units in ci"), 1 << 20],
+    ids=["per-block", "grouped"],
+)
 def test_bf16_fsdp_with_an_fp32_router_unit_compiles_whole_like_eager_on_2_ranks(
     pool2, min_unit_bytes
 ):
@@ -268,7 +297,10 @@ def test_ep_ac_compile_fsdp_fullgraph_matches_one_process_on_2_ranks(pool2, mode
     _assert_compiled_parity(pool2.run(compiled_train, SPEC, pipe, degrees), SPEC, 2)
 
 
-@pytest.mark.parametrize("before", ["ep", "cp|ep"])
+@pytest.mark.parametrize(
+    "before",
+    ["ep", nightly_param("cp|ep", why="cp|ep|ac|compile|fsdp on the same mesh runs in ci")],
+)
 def test_compile_fsdp_with_sharded_experts_compiles_whole_on_4_ranks(pool4, before):
     """ep 2 x ep_shard 2 (with cp 2 too): the experts are a real nested FSDP unit (2 shards),
     and `fullgraph=True` holds: every gradient each step, one graph per block."""
@@ -305,7 +337,7 @@ def test_every_ac_mode_compiles_under_ep_and_fsdp_on_4_ranks(pool4, mode):
     _assert_compiled_parity(pool4.run(compiled_train, SPEC, pipe, degrees), SPEC, 4)
 
 
-@pytest.mark.parametrize("ac", [False, True])
+@pytest.mark.parametrize("ac", [nightly_param(False, why="ci runs it with AC"), True])
 def test_hf_qwen3_moe_compiles_under_ep_fsdp_on_2_ranks(pool2, ac):
     """A Hugging Face tiny model: every gradient each step; each block runs compiled graphs."""
     pytest.importorskip("transformers", reason="needs transformers>=5 (`pip install -e .[hf]`)")

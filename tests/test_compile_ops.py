@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from moetx.models import TopKRouter
 from moetx.models.ops import grouped_swiglu, swiglu_loop
 from moetx.passes.expert_parallel.dispatch import DISPATCHERS
-from moetx.testing import RankPool, compare, examples
+from moetx.testing import RankPool, compare, examples, nightly_param
 from tests.bodies import compile_ops as bodies
 from tests.bodies.compile_ops import BlockCase
 
@@ -41,10 +41,19 @@ def _check(case: BlockCase, results: list[dict[str, Any]], *, graphs: int = 1) -
             assert torch.equal(res["again"]["buffers"][name], 3 * load), name
 
 
-@pytest.mark.parametrize(("shared", "routing_bias"), [(True, True), (False, False)])
-@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+@pytest.mark.parametrize(
+    ("dispatcher", "shared", "routing_bias"),
+    [
+        ("all_to_all", True, True),
+        ("all_gather", False, False),
+        nightly_param("all_to_all", False, False, why="ci runs the diagonal"),
+        nightly_param("all_gather", True, True, why="ci runs the diagonal"),
+    ],
+)
 def test_ep_block_compiles_whole_2_ranks(pool2, dispatcher: str, shared: bool, routing_bias: bool):
-    """EP (both dispatchers) block, aot_eager, fullgraph: one graph, no break, eager numerics."""
+    """EP (both dispatchers) block, aot_eager, fullgraph: one graph, no break, eager numerics.
+
+    ci runs each dispatcher once and each of (shared experts + routing bias, neither) once."""
     case = BlockCase(dispatcher=dispatcher, shared=shared, routing_bias=routing_bias, tokens=(6, 4))
     _check(case, pool2.run(bodies.eager_then_compiled, case))
 
@@ -224,11 +233,20 @@ def test_compiled_router_counts_once_under_checkpoint(order: str):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("ep", [False, True])
-@pytest.mark.parametrize("comm", ["allgather", "p2p"])
+@pytest.mark.parametrize(
+    ("comm", "ep"),
+    [
+        ("allgather", False),
+        ("p2p", True),
+        # CP(all-gather) | EP compiled also runs in test_compile.py (4 ranks, with FSDP)
+        nightly_param("allgather", True, why="ci runs the diagonal; test_compile runs it"),
+        nightly_param("p2p", False, why="ci runs the diagonal"),
+    ],
+)
 def test_cp_blocks_compile_whole_2_ranks(pool2, comm: str, ep: bool):
     """`ContextParallel` (+ `ExpertParallel`), every decoder block compiled with fullgraph: one
-    graph per block (dense and MoE), no break; loss and every gradient equal eager."""
+    graph per block (dense and MoE), no break; loss and every gradient equal eager. ci runs
+    each comm once and with and without EP once."""
     for rank, res in enumerate(pool2.run(bodies.cp_model_compiled, comm, ep, True)):
         assert (res["graphs"], res["breaks"]) == (2, 0), (rank, res["reasons"])
         compare(res["eager"], res["compiled"], what=f"rank {rank} {comm} ep={ep}", **TOL)

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 
 from moetx.planning.meter import LiveActivationMeter
 from moetx.testing import fake_world
+from tests.bodies.meter import read_while_work_held
 
 F32 = 4
 
@@ -115,3 +116,32 @@ def test_exclude_rejects_other_values():
         TypeError, match=r"^`exclude` holds tensors and modules only \(got `int`\)\.$"
     ):
         LiveActivationMeter(exclude=[3])  # type: ignore[list-item]
+
+
+# --------------------------------------------------------------- collectives (2 gloo ranks)
+
+
+@pytest.mark.parametrize("kind", ["c10d", "functional"])
+def test_buffers_a_collective_still_holds_do_not_count(pool2, kind: str):
+    """A collective's Work holds its input and output until it is destroyed, and gloo's worker
+    thread destroys a finished one only after waking the waiter: read in that moment, the
+    dropped buffers of the forward's last collective counted as activations (the intermittent
+    `test_tp_predictions_equal_real_ranks` failure: the logits all-gather's 1088 + 2176 bytes).
+    Provoked here by another thread holding the Work for 2 s: the meter waits for the release
+    and counts neither buffer (before, it read the 48 bytes at once)."""
+    for r in pool2.run(read_while_work_held, kind, hold_s=2.0, timeout_s=30.0):
+        assert r["buffers"] == 48
+        assert r["bytes"] == 0, r
+        assert r["seconds"] >= 1.9, r  # it waited for the release
+
+
+def test_a_collective_held_past_the_timeout_is_a_typed_error(pool2):
+    """A Work kept past `release_timeout` cannot be read around: `CollectiveHeldError`."""
+    for r in pool2.run(read_while_work_held, "c10d", hold_s=4.0, timeout_s=0.5):
+        assert r["bytes"] == (
+            "`LiveActivationMeter` cannot read: a collective issued inside it is still held by "
+            "c10d (after 0.5 s).\n"
+            "  a c10d Work keeps its input and output tensors alive until it is destroyed; "
+            "read now, they would count as activations\n"
+            "  fix: wait on and drop every Work (e.g. from `async_op=True`) before reading"
+        )

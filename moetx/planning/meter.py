@@ -10,11 +10,22 @@ a storage shared by several views counts once.
 Unlike a `saved_tensors_hooks` meter it also sees what non-reentrant checkpointing keeps (the
 block inputs) and what selective checkpointing caches in its own dispatch mode, so it ranks
 checkpointing variants the way the real peak memory does (TORCH-CPU-NOTES §3.5).
+
+Collectives: a c10d `Work` holds its input and output tensors until it is destroyed, and gloo's
+worker thread destroys a finished one only after it has woken the waiter, so for a moment after
+`wait()` the buffers of the last collective (tensor parallelism's logits all-gather) are alive
+though the program dropped them; read then, they counted as activations, intermittently. So the
+meter hands every collective private aliases of its tensors and the program aliases of the
+collective's fresh outputs, holds the ones c10d got weakly, and reads only once they are all
+gone. The Work also holds views of a fresh output that the meter never sees (gloo's per-rank
+chunks) and may drop them last: a collective's fresh output counts only while a tensor the
+program got on it is alive.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -22,24 +33,47 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
-__all__ = ["LiveActivationMeter"]
+from moetx.core.errors import MoetxError
+
+__all__ = ["CollectiveHeldError", "LiveActivationMeter"]
+
+#: How long a reading waits for c10d to release the collectives issued inside the meter.
+RELEASE_TIMEOUT_S = 30.0
+_COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional", "_c10d_functional_autograd"})
+_NOT_COLLECTIVES = frozenset({"wait_tensor", "_wrap_tensor_autograd", "check_for_nan"})
 
 
-def _storages(t: torch.Tensor) -> Iterator[torch.UntypedStorage]:
-    """The storages behind `t`, looking through wrapper subclasses such as DTensor."""
+class CollectiveHeldError(MoetxError, RuntimeError):
+    """A collective issued inside the meter was not released in time to read the meter."""
+
+
+def _leaves(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The plain tensors behind `t`, looking through wrapper subclasses such as DTensor."""
     if is_traceable_wrapper_subclass(t):
         inner_names, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
         for name in inner_names:
             inner = getattr(t, name)
             if isinstance(inner, torch.Tensor):  # DTensor also lists its device mesh
-                yield from _storages(inner)
+                yield from _leaves(inner)
         return
+    yield t
+
+
+def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
     try:
-        yield t.untyped_storage()
+        return t.untyped_storage()
     except (RuntimeError, NotImplementedError):  # sparse, nested or storage-less tensors
-        return
+        return None
+
+
+def _storages(t: torch.Tensor) -> Iterator[torch.UntypedStorage]:
+    """The storages behind `t`, looking through wrapper subclasses such as DTensor."""
+    for leaf in _leaves(t):
+        s = _storage(leaf)
+        if s is not None:
+            yield s
 
 
 def _expand(items: Iterable[torch.Tensor | nn.Module]) -> Iterator[torch.Tensor]:
@@ -79,6 +113,66 @@ class _StorageSet:
         return out
 
 
+class _Releases:
+    """Tensors only a c10d `Work` holds, held weakly; `wait` returns once every one is gone."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._refs: set[weakref.ref[torch.Tensor]] = set()
+
+    def watch(self, t: torch.Tensor) -> None:
+        with self._cond:
+            self._refs.add(weakref.ref(t, self._gone))
+
+    def _gone(self, ref: weakref.ref[torch.Tensor]) -> None:  # runs where the Work dies
+        with self._cond:
+            self._refs.discard(ref)
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._refs, timeout):
+                raise CollectiveHeldError(
+                    "`LiveActivationMeter` cannot read: a collective issued inside it is still "
+                    f"held by c10d (after {timeout:g} s).\n"
+                    "  a c10d Work keeps its input and output tensors alive until it is "
+                    "destroyed; read now, they would count as activations\n"
+                    "  fix: wait on and drop every Work (e.g. from `async_op=True`) before "
+                    "reading"
+                )
+
+
+class _Reached:
+    """Storages collectives allocated, each with (weakly) every tensor the program got on it."""
+
+    def __init__(self) -> None:
+        self._map: dict[int, tuple[weakref.ref[torch.UntypedStorage], list[weakref.ref[Any]]]] = {}
+
+    def allocated(self, storage: torch.UntypedStorage) -> None:
+        self._map[id(storage)] = (weakref.ref(storage), [])
+
+    def seen(self, t: torch.Tensor, storage: torch.UntypedStorage) -> None:
+        entry = self._map.get(id(storage))
+        if entry is not None and entry[0]() is storage:
+            entry[1].append(weakref.ref(t))
+
+    def unreached(self, storage: torch.UntypedStorage) -> bool:
+        """A collective's storage that no tensor the program was given references any more."""
+        entry = self._map.get(id(storage))
+        return entry is not None and entry[0]() is storage and all(r() is None for r in entry[1])
+
+
+def _is_collective(func: Any) -> bool:
+    return (
+        getattr(func, "namespace", None) in _COLLECTIVE_NAMESPACES
+        and func._overloadpacket.__name__ not in _NOT_COLLECTIVES
+    )
+
+
+def _plain(t: Any) -> bool:
+    return type(t) is torch.Tensor
+
+
 class LiveActivationMeter(TorchDispatchMode):
     """Track every op output made inside the context; report the bytes still alive.
 
@@ -86,9 +180,13 @@ class LiveActivationMeter(TorchDispatchMode):
     left resident (for backward, or as outputs). Measure on a single process: under FSDP2 the
     meter also sees all-gathered parameters (TORCH-CPU-NOTES §3.5).
 
+    A reading first waits until c10d has released every collective issued inside the context
+    (see the module docstring), at most `release_timeout` seconds.
+
     Args:
         exclude: Tensors and modules (all their parameters and buffers) whose storages never
             count: the model and its inputs. Views of them are excluded too.
+        release_timeout: Seconds a reading waits for collectives to be released.
 
     Example:
         >>> import torch
@@ -99,11 +197,19 @@ class LiveActivationMeter(TorchDispatchMode):
         256
     """
 
-    def __init__(self, exclude: Iterable[torch.Tensor | nn.Module] = ()) -> None:
+    def __init__(
+        self,
+        exclude: Iterable[torch.Tensor | nn.Module] = (),
+        *,
+        release_timeout: float = RELEASE_TIMEOUT_S,
+    ) -> None:
         super().__init__()
         self._excluded = _StorageSet()
         self.exclude(exclude)
         self._outputs = _StorageSet()
+        self._releases = _Releases()
+        self._release_timeout = release_timeout
+        self._reached = _Reached()
 
     def exclude(self, items: Iterable[torch.Tensor | nn.Module]) -> None:
         """Never count the storages of `items` (tensors, or modules' parameters and buffers)."""
@@ -118,23 +224,79 @@ class LiveActivationMeter(TorchDispatchMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if _is_collective(func):
+            out = self._collective(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                for s in _storages(t):
-                    self._outputs.add(s)
+                for leaf in _leaves(t):
+                    s = _storage(leaf)
+                    if s is not None:
+                        self._outputs.add(s)
+                        self._reached.seen(leaf, s)
+        return out
+
+    def _collective(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run a collective on private aliases of its tensors and watch what its Work holds.
+
+        The Work keeps the tensors it was given (the aliases) and, for ops that allocate their
+        result and run in place on it (functional all-reduce), that result: the program gets an
+        alias of every fresh output, so the original too is held by c10d alone. The Work also
+        holds views of a fresh output that the meter never sees (gloo's per-rank chunks), which
+        it may drop after everything else: a fresh output's storage counts only while a tensor
+        the program was given on it is alive (`_Reached`).
+        """
+        given: list[torch.Tensor] = []
+
+        def alias(t: Any) -> Any:
+            if not _plain(t):
+                return t
+            a = torch.ops.aten.alias.default(t)
+            given.append(a)
+            return a
+
+        args, kwargs = tree_map(alias, (args, kwargs))
+        out = func(*args, **kwargs)
+        ids = {id(a) for a in given}
+
+        def alias_fresh(t: Any) -> Any:
+            if not _plain(t) or id(t) in ids:
+                return t
+            given.append(t)
+            storage = _storage(t)
+            if storage is not None:
+                self._reached.allocated(storage)
+            return torch.ops.aten.alias.default(t)
+
+        out = tree_map(alias_fresh, out)
+        for t in given:
+            self._releases.watch(t)
         return out
 
     def live_storages(
         self, *, exclude: Iterable[torch.Tensor | nn.Module] = ()
     ) -> list[torch.UntypedStorage]:
-        """Run the garbage collector; return the tracked storages still alive, minus exclusions."""
+        """Wait for collectives to be released, run the garbage collector; return the tracked
+        storages still alive, minus exclusions.
+
+        Raises:
+            CollectiveHeldError: A collective issued inside the meter was still held by c10d
+                after `release_timeout` seconds.
+        """
+        gc.collect()  # a Work held only by garbage goes with it
+        self._releases.wait(self._release_timeout)
         gc.collect()
         extra = _StorageSet()
         for t in _expand(exclude):
             for s in _storages(t):
                 extra.add(s)
-        return [s for s in self._outputs.alive() if s not in self._excluded and s not in extra]
+        return [
+            s
+            for s in self._outputs.alive()
+            if s not in self._excluded and s not in extra and not self._reached.unreached(s)
+        ]
 
     def live_bytes(self, *, exclude: Iterable[torch.Tensor | nn.Module] = ()) -> int:
         """Bytes of tracked op-output storages still alive, each storage counted once.

@@ -16,7 +16,7 @@ from moetx.testing.parity import (
     parameters,
     snapshot,
 )
-from moetx.testing.profiles import examples, load_profile
+from moetx.testing.profiles import examples, load_profile, nightly_param
 from moetx.testing.ranks import (
     BackendUnavailableError,
     BodyNotPicklableError,
@@ -49,6 +49,7 @@ __all__ = [
     "gradients",
     "load_profile",
     "missing_gradients",
+    "nightly_param",
     "parameters",
     "rank_device",
     "snapshot",

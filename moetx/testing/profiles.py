@@ -8,8 +8,9 @@ seconds per example, so they set their own count and scale it with the profile:
 from __future__ import annotations
 
 import os
+from typing import Any
 
-__all__ = ["PROFILES", "examples", "load_profile"]
+__all__ = ["PROFILES", "examples", "load_profile", "nightly_param"]
 
 # Profile -> (max_examples for pure-Python properties, scale for `examples`).
 PROFILES: dict[str, tuple[int, float]] = {
@@ -77,3 +78,15 @@ def examples(n_ci: int) -> int:
         return max(2, n_ci // 5)
     _, scale = PROFILES.get(profile, (0, 1.0))
     return int(n_ci * scale)
+
+
+def nightly_param(*values: Any, why: str, id: str | None = None) -> Any:
+    """`pytest.param(*values)` that only the `full` and `nightly` profiles run (`ci` skips it).
+
+    For parametrisations whose coverage the `ci` cases already give (a diagonal of a matrix,
+    a variant of a case run elsewhere): `why` names what covers it, shown as the skip reason.
+    """
+    import pytest  # a test dependency, like hypothesis
+
+    skip = pytest.mark.skipif(examples(1) < 5, reason=f"full/nightly profile ({why})")
+    return pytest.param(*values, marks=skip, id=id)

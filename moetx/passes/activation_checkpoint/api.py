@@ -24,6 +24,7 @@ from moetx.passes.activation_checkpoint.contexts import (
     RouterScope,
     block_contexts,
 )
+from moetx.passes.activation_checkpoint.kv_cache import kv_cache
 from moetx.passes.foreign import refuse_foreign_parallelism
 from moetx.structure.discovery import Block, discover
 from moetx.structure.swap import swap_class
@@ -90,6 +91,11 @@ class ActivationCheckpoint(Pass):
     a router returns are copied when it returns. A saved tensor changed elsewhere (after the
     block, or one a router keeps on itself) raises `ActivationCheckpointError` in the first
     backward, naming the module; use `mode="full"` there.
+
+    **KV caches.** A block given a Hugging Face KV cache (`use_cache=True`) appends to it in
+    forward only: its recomputation gets back what each `cache.update` returned in forward and
+    leaves the cache alone (`kv_cache.UpdateReplay`), so the cache after a training step holds
+    each layer's tokens once, as without checkpointing.
 
     **Collectives under `ExpertParallel`.** Per MoE layer and step, recomputation re-issues,
     in `"full"` and `"router"` mode, the layer's whole dispatch: the int64 count exchange and
@@ -190,7 +196,7 @@ class _CheckpointedBlock(nn.Module):
         if torch.compiler.is_compiling():  # traced: torch's contexts with moetx's policy
             context_fn = compiled.context_fn(state.mode)
         else:
-            context_fn = functools.partial(block_contexts, state)
+            context_fn = functools.partial(block_contexts, state, kv_cache(kwargs))
         return checkpoint(
             super().forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs
         )

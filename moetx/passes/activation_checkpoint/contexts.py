@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetx.core.errors import ActivationCheckpointError
+from moetx.passes.activation_checkpoint.kv_cache import UpdateReplay
 from moetx.passes.activation_checkpoint.saved import Cache, SavedStore
 
 __all__ = ["SAVED_OPS", "BlockState", "RouterScope", "block_contexts", "router_saves"]
@@ -184,8 +185,10 @@ class _Checkpointing:
         caches: _Caches | None,
         phase: int,
         restore: tuple[torch.Tensor, ...] = (),
+        kv: UpdateReplay | None = None,
     ) -> None:
         self.scope, self.caches, self.phase, self.restore = scope, caches, phase, restore
+        self.kv = kv
         self.router_call = -1
         self._router_mode: TorchDispatchMode | None = None
         self._block_mode: _BlockSAC | None = None
@@ -221,6 +224,8 @@ class _Checkpointing:
         self._outer = (self.scope.depth, self.scope.active)
         self.scope.depth, self.scope.active = 0, self
         self.router_call = -1
+        if self.kv is not None:
+            self.kv.patch(self.phase)
         if self.caches is not None:
             if self.phase == 1:
                 self.caches.rewind()
@@ -236,6 +241,8 @@ class _Checkpointing:
                 self._block_mode.__exit__(*exc)
                 self._block_mode = None
         finally:
+            if self.kv is not None:
+                self.kv.unpatch()
             self.scope.depth, self.scope.active = self._outer
             _restore(self.restore, self._snapshot)
             if self.phase == 0 and self.caches is not None:
@@ -263,14 +270,20 @@ class BlockState:
     fqn: str
 
 
-def block_contexts(state: BlockState) -> tuple[_Checkpointing, _Checkpointing]:
+def block_contexts(
+    state: BlockState, kv_cache: Any = None
+) -> tuple[_Checkpointing, _Checkpointing]:
     """The eager forward and recompute contexts of one call of the block `state` describes.
+
+    `kv_cache`: the KV cache the call was given, if any: the recomputation replays the forward's
+    updates of it instead of appending again (`kv_cache.UpdateReplay`).
 
     A module-level function (bound with `functools.partial`), not a method: `checkpoint` calls
     `context_fn()` with no arguments, and dynamo rejects bound methods there.
     """
     caches = None if state.mode == "full" else _Caches(state.fqn, state.mode)
+    kv = None if kv_cache is None else UpdateReplay(kv_cache, state.fqn)
     return (
-        _Checkpointing(state.scope, caches, 0),
-        _Checkpointing(state.scope, caches, 1, restore=state.buffers),
+        _Checkpointing(state.scope, caches, 0, kv=kv),
+        _Checkpointing(state.scope, caches, 1, restore=state.buffers, kv=kv),
     )
