@@ -38,7 +38,7 @@ from moetx.passes import (
     TensorParallel,
 )
 from moetx.planning.predict import Prediction, human_flops, predict
-from moetx.planning.predict_activations import BlockTrace, trace_blocks
+from moetx.planning.predict_activations import BlockTrace, ep_trace_degree, trace_blocks
 from moetx.planning.predict_comm import Traffic
 from moetx.planning.predict_state import ModelShapes, state_bytes
 from moetx.planning.report import human_bytes
@@ -327,18 +327,20 @@ def autoplan(
     cost = cost or CostModel()
     shapes = ModelShapes.of(model)
     source = model
-    traces: dict[tuple[int, Pass | None, int], BlockTrace | MoetxError] = {}
+    traces: dict[tuple[object, ...], BlockTrace | MoetxError] = {}
 
     def tracer(
-        cp: Pass | None, degree: int, ac: Pass | None, tp: Pass | None, tp_degree: int
-    ) -> BlockTrace:
+        cp: Pass | None, degree: int, ac: Pass | None, tp: Pass | None, tp_degree: int,
+        ep: Pass | None, ep_degree: int,
+    ) -> BlockTrace:  # fmt: skip
         every = attrs.evolve(ac, every=1) if isinstance(ac, ActivationCheckpoint) else ac
-        key = (degree, every, tp_degree if tp is not None else 1)
+        ep_key = (ep, ep_trace_degree(ep, ep_degree))
+        key = (degree, every, tp_degree if tp is not None else 1, *ep_key)
         if key not in traces:
             try:
                 traces[key] = trace_blocks(
                     source, micro_batch=micro_batch, seq=seq, ac=every, cp=cp, cp_degree=degree,
-                    tp=tp, tp_degree=tp_degree,
+                    tp=tp, tp_degree=tp_degree, ep=ep, ep_degree=ep_degree,
                 )  # fmt: skip
             except MoetxError as e:  # a pass refuses this model (e.g. CP with an MTP head)
                 traces[key] = e

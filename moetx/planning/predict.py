@@ -22,8 +22,9 @@ __all__ = ["Prediction", "activation_bytes", "human_flops", "predict"]
 #: The stages whose memory and collectives `predict` models (others are refused).
 MODELLED: tuple[str, ...] = ("tp", "cp", "ep", "ac", "fsdp")
 
-#: (cp pass, cp degree, ac pass or None, tp pass or None, tp degree) -> trace; the planner's cache.
-Tracer = Callable[[Pass | None, int, Pass | None, Pass | None, int], BlockTrace]
+#: (cp pass, cp degree, ac pass or None, tp pass or None, tp degree, ep pass or None, ep degree)
+#: -> trace; the planner's cache.
+Tracer = Callable[[Pass | None, int, Pass | None, Pass | None, int, Pass | None, int], BlockTrace]
 
 
 @attrs.frozen
@@ -176,15 +177,15 @@ def predict(
     source: nn.Module | MoEConfig | None = (
         shapes.config if isinstance(model, ModelShapes) else model
     )
-    cp, ac = find_pass(pipeline, "cp"), find_pass(pipeline, "ac")
+    cp, ac, ep = find_pass(pipeline, "cp"), find_pass(pipeline, "ac"), find_pass(pipeline, "ep")
 
     def trace(cp_: Pass | None, degree: int, ac_: Pass | None) -> BlockTrace:
         if tracer is not None:
-            return tracer(cp_, degree, ac_, tp, degrees.tp)
+            return tracer(cp_, degree, ac_, tp, degrees.tp, ep, degrees.ep)
         assert source is not None, "ModelShapes without a config: pass the model"
         return trace_blocks(
             source, micro_batch=micro_batch, seq=seq, ac=ac_, cp=cp_, cp_degree=degree,
-            tp=tp, tp_degree=degrees.tp,
+            tp=tp, tp_degree=degrees.tp, ep=ep, ep_degree=degrees.ep,
         )  # fmt: skip
 
     none = trace(cp, degrees.cp, None)

@@ -40,14 +40,21 @@ from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.models import MoEConfig
 from moetx.passes import ActivationCheckpoint
 from moetx.planning.fake_world import fake_world
+from moetx.planning.meta_values import MetaValues
 from moetx.planning.meter import LiveActivationMeter, _storages
 from moetx.planning.plan import _meta_model
 from moetx.structure.discovery import discover
+from moetx.structure.hf import hf_model_type
 
-__all__ = ["BlockTrace", "trace_blocks"]
+__all__ = ["BlockTrace", "ep_trace_degree", "trace_blocks"]
 
 aten = torch.ops.aten
 _OUTSIDE = -1
+#: Reductions whose 0-dim boolean answer a Python `if` may read. On meta it has no value; the
+#: trace answers True: Hugging Face forwards ask only whether their inputs are the plain case
+#: (`find_packed_sequence_indices`: "no packed sequences", `(mask[:, -1] == 0).all()`), and the
+#: trace's inputs are (one `arange` of positions per row, no padding).
+_PLAIN = (aten.all.default, aten.all.dim, aten.all.dims)
 
 
 @attrs.frozen
@@ -71,10 +78,19 @@ class BlockTrace:
 
 
 class _Flash(TorchFunctionMode):
-    """SDPA on meta tensors through the CPU flash kernel's meta function (what a device runs)."""
+    """SDPA on meta tensors through the CPU flash kernel's meta function (what a device runs);
+    `torch.tensor(data, device="meta")` (no dispatch sees it) gets its data as a twin."""
+
+    def __init__(self, values: MetaValues) -> None:
+        super().__init__()
+        self.values = values
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func is torch.tensor and torch.device(kwargs.get("device") or "cpu").type == "meta":
+            out = func(*args, **kwargs)
+            self.values.know(out, torch.tensor(args[0], dtype=out.dtype))
+            return out
         if func is F.scaled_dot_product_attention and args[0].is_meta:
             q, k, v = args[:3]
             causal, scale = kwargs.get("is_causal", False), kwargs.get("scale")
@@ -101,7 +117,8 @@ class _TracingMeter(LiveActivationMeter):
         self._refs: dict[int, weakref.ref[torch.UntypedStorage]] = {}
         self.flops: defaultdict[int, int] = defaultdict(int)
         self.expert_flops = 0
-        self._counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.values = MetaValues()
+        self._plain: dict[int, weakref.ref[torch.Tensor]] = {}
 
     def __torch_dispatch__(
         self,
@@ -111,20 +128,36 @@ class _TracingMeter(LiveActivationMeter):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func is aten.bincount.default and args[0].is_meta:
-            length = int(kwargs.get("minlength", args[2] if len(args) > 2 else 0))
-            base, extra = divmod(args[0].numel(), max(length, 1))
-            counts = torch.tensor([base + (i < extra) for i in range(length)], dtype=torch.int64)
-            out = torch.empty(length, dtype=torch.int64, device="meta")
-            self._counts[id(out)] = (out, counts)
-            return out
-        if func is aten._to_copy.default and args[0].is_meta and id(args[0]) in self._counts:
-            out, counts = self._counts[id(args[0])]
-            if out is args[0] and str(kwargs.get("device", "meta")) == "cpu":
-                return counts
-        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            read = self.values.host_read(func, args, kwargs)
+            if read is not None:
+                return read
+            plain = self._plain.get(id(args[0]))
+            if func is aten._local_scalar_dense.default and plain and plain() is args[0]:
+                return True  # see `_PLAIN`
+
+        def run(f: Any, a: tuple[Any, ...], k: dict[str, Any]) -> Any:
+            return LiveActivationMeter.__torch_dispatch__(self, f, types, a, k)
+
+        if func is aten._grouped_mm.default and args[0].is_meta and args[1].dim() == 3:
+            # HF's experts on CPU (fp32): the meta function accepts bf16 only, the kernel any.
+            size = [args[0].shape[0], args[1].shape[-1]]
+            dtype = kwargs.get("out_dtype") or args[0].dtype
+            out = run(aten.empty.memory_format, (size,), {"dtype": dtype, "device": "meta"})
+        else:
+            out = self.values.dispatch(run, func, args, kwargs)
+        if (
+            func in _PLAIN
+            and isinstance(out, torch.Tensor)
+            and out.is_meta
+            and out.dtype == torch.bool
+            and out.dim() == 0
+        ):
+            self._plain[id(out)] = weakref.ref(out)
         flops = 0
-        if func._overloadpacket in flop_registry:
+        if func is aten._grouped_mm.default and args[1].dim() == 3:
+            flops = 2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[-1]
+        elif func._overloadpacket in flop_registry:
             flops = int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
         elif func is aten._scaled_dot_product_flash_attention_for_cpu.default:
             flops = _attention_flops(args[0], args[1], bool(kwargs.get("is_causal", args[4])))
@@ -144,6 +177,18 @@ class _TracingMeter(LiveActivationMeter):
         if ref is None or ref() is not storage:
             self._refs[id(storage)] = weakref.ref(storage)
             self.tags[id(storage)] = self.block
+
+
+def ep_trace_degree(ep: Pass | None, degree: int) -> int:
+    """The ep degree a trace runs at: the smallest prime factor of `degree` for the all-to-all
+    dispatcher (under uniform routing a rank receives `T·k` copies whatever the degree, so one
+    trace serves every degree), the degree itself for the all-gather one (a rank gathers all
+    `D·T` tokens); 1 without expert parallelism."""
+    if ep is None or degree <= 1:
+        return 1
+    if getattr(ep, "dispatcher", "all_to_all") == "all_gather":
+        return degree
+    return next(p for p in range(2, degree + 1) if degree % p == 0)
 
 
 def _shallow(config: MoEConfig) -> MoEConfig:
@@ -177,6 +222,8 @@ def trace_blocks(
     cp_degree: int = 1,
     tp: Pass | None = None,
     tp_degree: int = 1,
+    ep: Pass | None = None,
+    ep_degree: int = 1,
 ) -> BlockTrace:
     """Trace one forward on `meta` (see the module docstring) and split what it keeps per block.
 
@@ -191,6 +238,9 @@ def trace_blocks(
         tp: The `TensorParallel` pass (None: none): the trace runs on tp rank 0 of a fake
             world with it applied, so activations and FLOPs are a tp rank's.
         tp_degree: Its degree.
+        ep: The `ExpertParallel` pass (None: none): applied on a fake world of
+            `ep_trace_degree(ep, ep_degree)` ranks, so what its dispatch keeps is in the count.
+        ep_degree: Its degree.
 
     Returns:
         A `BlockTrace`.
@@ -199,7 +249,7 @@ def trace_blocks(
     # own, the caller's) makes each collection scan only what the trace made.
     gc.freeze()
     try:
-        return _trace(model, micro_batch, seq, ac, cp, cp_degree, tp, tp_degree)
+        return _trace(model, micro_batch, seq, ac, cp, cp_degree, tp, tp_degree, ep, ep_degree)
     except (RuntimeError, NotImplementedError, TypeError) as e:  # e.g. `.item()` on meta
         raise PlanningError(
             f"`predict` cannot trace {type(model).__name__}'s forward on meta for its "
@@ -221,15 +271,21 @@ def _trace(
     cp_degree: int,
     tp: Pass | None,
     tp_degree: int,
+    ep: Pass | None = None,
+    ep_degree: int = 1,
 ) -> BlockTrace:
     meta = _meta_model(_shallow(model) if isinstance(model, MoEConfig) else model)
     degree = cp_degree if cp is not None else 1
     tp_degree = tp_degree if tp is not None else 1
     local = seq // degree
-    with fake_world(degree * tp_degree, 0):
-        mesh = ParallelMesh.build(dp_shard=1, cp=degree, tp=tp_degree, device_type="cpu")
+    ep_degree = ep_trace_degree(ep, ep_degree)
+    with fake_world(degree * tp_degree * ep_degree, 0):
+        mesh = ParallelMesh.build(
+            dp_shard=ep_degree, cp=degree, ep=ep_degree, tp=tp_degree, device_type="cpu"
+        )
         tp = tp if tp_degree > 1 else None
-        passes = [p for p in (tp, cp if degree > 1 else None, ac) if p is not None]
+        ep = ep if ep_degree > 1 else None
+        passes = [p for p in (tp, cp if degree > 1 else None, ep, ac) if p is not None]
         if passes:
             every = attrs.evolve(ac, every=1) if isinstance(ac, ActivationCheckpoint) else None
             passes = [every if p is ac and every is not None else p for p in passes]
@@ -239,6 +295,10 @@ def _trace(
         positions = torch.arange(local, device="meta").expand(micro_batch, local)
         labels = torch.zeros(micro_batch, local, dtype=torch.int64, device="meta")
         meter = _TracingMeter(exclude=[meta, ids, positions, labels])
+        # As training feeds them: a Hugging Face model makes its own positions unless CP shards
+        # the sequence (`moetx.training.data`); moetx's models are given them.
+        plain_hf = hf_model_type(meta) is not None and degree == 1
+        extra = {} if plain_hf else {"position_ids": positions}
         handles, kinds = [], {}
         for i, block in enumerate(structure.blocks):
             kinds[i] = "mtp" if block.is_mtp else "moe" if block.moe is not None else "dense"
@@ -248,8 +308,8 @@ def _trace(
             if block.moe is not None:
                 handles += _expert_hooks(meter, block.moe.experts)
         try:
-            with _Flash(), meter:
-                out = meta(ids, labels=labels, position_ids=positions)
+            with _Flash(meter.values), meter:
+                out = meta(ids, labels=labels, **extra)
             kept = meter.live_storages(exclude=[out.logits, out.loss])
         finally:
             for h in handles:
