@@ -8,9 +8,10 @@ expert ids. `MetaValues` keeps a CPU twin of every meta tensor whose value is kn
 - small factories (`zeros`, `ones`, `arange`, `full`, `ones_like`, ...: at most `SMALL`
   elements);
 - routed ids: a `topk` over values the trace does not have answers a round robin, copy `(t, j)`
-  to expert `(t·k + j) mod E`: a perfectly balanced router, `T·k / E` copies per expert (too
-  many ids for a twin: `bincount(ids)` and `zeros(E).index_add(0, ids, ones)` answer the same
-  counts);
+  to expert `(t·k + j) mod E`: a perfectly balanced router, `T·k / E` copies per expert; a
+  full `sort` over experts (moetx's router) the rotation `(t + j) mod E`, as balanced when T is
+  a multiple of E (too many ids for a twin: `bincount(ids)` and `zeros(E).index_add(0, ids,
+  ones)` answer the uniform counts);
 - an op whose tensor inputs all have twins runs on the twins too; if its output size depends on
   values (`repeat_interleave`), the meta output takes the twin's size;
 - collectives on a tensor with a twin behave as if every rank held the same values (under
@@ -39,6 +40,7 @@ c10d = torch.ops._c10d_functional
 #: The most elements a twin may have (an int64 twin of this size is 8 MiB).
 SMALL = 1 << 20
 _LIKE = (aten.ones_like.default, aten.zeros_like.default, aten.full_like.default)
+_SORTS = (aten.sort.default, aten.sort.stable)
 
 Dispatch = Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
 
@@ -94,11 +96,17 @@ class MetaValues:
             out = run(aten.empty.memory_format, ([length],), _meta_kwargs(torch.int64))
             self.know(out, uniform_counts(args[0].numel(), length))
             return out
-        if func is aten.topk.default and twins[0] is None:
+        if func in (aten.topk.default, *_SORTS) and twins[0] is None:
             out = run(func, args, kwargs)
             indices, experts = out[1], args[0].shape[-1]
-            if (args[2] if len(args) > 2 else kwargs.get("dim", -1)) in (-1, args[0].dim() - 1):
-                self.know(indices, torch.arange(indices.numel()).view(indices.shape) % experts)
+            at = 2 if func is aten.topk.default else 1  # sort.stable takes dim by keyword only
+            dim = kwargs.get("dim", args[at] if len(args) > at else -1)
+            if dim in (-1, args[0].dim() - 1) and indices.numel() <= SMALL:
+                rows, k = indices.numel() // max(indices.shape[-1], 1), indices.shape[-1]
+                # top-k: row t picks (t·k + j) mod E; a full sort: the rotation starting at t
+                start = torch.arange(rows) * (k if func is aten.topk.default else 1)
+                value = (start.unsqueeze(1) + torch.arange(k)) % experts
+                self.know(indices, value.view(indices.shape))
             return out
         out = None
         try:
