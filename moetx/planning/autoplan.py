@@ -38,7 +38,7 @@ from moetx.passes import (
 )
 from moetx.planning.enumeration import degree_options, pipelines
 from moetx.planning.predict import Prediction, human_flops, predict
-from moetx.planning.predict_activations import BlockTrace, ep_trace_degree, trace_blocks
+from moetx.planning.predict_activations import BlockTrace, trace_blocks
 from moetx.planning.predict_comm import Traffic
 from moetx.planning.predict_state import ModelShapes, state_bytes
 from moetx.planning.report import human_bytes
@@ -269,8 +269,7 @@ def autoplan(
         ep: Pass | None, ep_degree: int,
     ) -> BlockTrace:  # fmt: skip
         every = attrs.evolve(ac, every=1) if isinstance(ac, ActivationCheckpoint) else ac
-        ep_key = (ep, ep_trace_degree(ep, ep_degree))
-        key = (degree, every, tp_degree if tp is not None else 1, *ep_key)
+        key = (degree, every, tp_degree if tp is not None else 1, ep, ep_degree)
         if key not in traces:
             try:
                 traces[key] = trace_blocks(

@@ -41,6 +41,7 @@ c10d = torch.ops._c10d_functional
 SMALL = 1 << 20
 _LIKE = (aten.ones_like.default, aten.zeros_like.default, aten.full_like.default)
 _SORTS = (aten.sort.default, aten.sort.stable)
+_SPECIAL = (aten.bincount.default, aten.topk.default, aten.index_add.default, *_SORTS, *_LIKE)
 
 Dispatch = Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
 
@@ -88,9 +89,11 @@ class MetaValues:
         self, run: Dispatch, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         """Run `func` on meta through `run` (the meter), and give its output a twin if knowable."""
-        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        tensors = _flat(args, kwargs)
         twins = [self.twin(t) for t in tensors]
         known = all(v is not None for v in twins)
+        if not known and func not in _SPECIAL and not func._schema.is_mutable:
+            return run(func, args, kwargs)  # the common case: activations, nothing to know
         if func is aten.bincount.default and args[0].is_meta and twins[0] is None:
             length = int(kwargs.get("minlength", args[2] if len(args) > 2 else 0))
             out = run(aten.empty.memory_format, ([length],), _meta_kwargs(torch.int64))
@@ -155,6 +158,17 @@ class MetaValues:
         except (RuntimeError, TypeError, NotImplementedError):  # e.g. `set_` to a meta storage
             return None
         return out if all(t.numel() <= SMALL for t in _tensors(out)) else None
+
+
+def _flat(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors among `args` and `kwargs`' values, looking one list deep (an op's schema)."""
+    out: list[torch.Tensor] = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out += [b for b in a if isinstance(b, torch.Tensor)]
+    return out
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:

@@ -179,16 +179,17 @@ class _TracingMeter(LiveActivationMeter):
             self.tags[id(storage)] = self.block
 
 
-def ep_trace_degree(ep: Pass | None, degree: int) -> int:
-    """The ep degree a trace runs at: the smallest prime factor of `degree` for the all-to-all
-    dispatcher (under uniform routing a rank receives `T·k` copies whatever the degree, so one
-    trace serves every degree), the degree itself for the all-gather one (a rank gathers all
-    `D·T` tokens); 1 without expert parallelism."""
+def ep_trace_degree(ep: Pass | None, degree: int, experts: int) -> int:
+    """The ep degree to trace `ep` at `degree` with: for the all-to-all dispatcher the largest
+    divisor of the expert count up to 16 (under a balanced router every rank receives `T·k`
+    copies whatever the degree, so one trace serves every degree, and few local experts make it
+    quick), for the all-gather one the degree itself (a rank gathers all `D·T` tokens); 1
+    without expert parallelism."""
     if ep is None or degree <= 1:
         return 1
     if getattr(ep, "dispatcher", "all_to_all") == "all_gather":
         return degree
-    return next(p for p in range(2, degree + 1) if degree % p == 0)
+    return max(d for d in range(2, min(experts, 16) + 1) if experts % d == 0)
 
 
 def _shallow(config: MoEConfig) -> MoEConfig:
@@ -238,9 +239,9 @@ def trace_blocks(
         tp: The `TensorParallel` pass (None: none): the trace runs on tp rank 0 of a fake
             world with it applied, so activations and FLOPs are a tp rank's.
         tp_degree: Its degree.
-        ep: The `ExpertParallel` pass (None: none): applied on a fake world of
-            `ep_trace_degree(ep, ep_degree)` ranks, so what its dispatch keeps is in the count.
-        ep_degree: Its degree.
+        ep: The `ExpertParallel` pass (None: none): applied on a fake world of `ep_degree`
+            ranks, so what its dispatch keeps is in the count.
+        ep_degree: The degree to trace at (`ep_trace_degree`).
 
     Returns:
         A `BlockTrace`.
@@ -278,7 +279,7 @@ def _trace(
     degree = cp_degree if cp is not None else 1
     tp_degree = tp_degree if tp is not None else 1
     local = seq // degree
-    ep_degree = ep_trace_degree(ep, ep_degree)
+    ep_degree = ep_degree if ep is not None else 1
     with fake_world(degree * tp_degree * ep_degree, 0):
         mesh = ParallelMesh.build(
             dp_shard=ep_degree, cp=degree, ep=ep_degree, tp=tp_degree, device_type="cpu"
