@@ -6,16 +6,20 @@
 - tags every op output with the transformer block that made it (forward hooks), so the bytes a
   forward leaves alive split into "outside blocks" (embedding, final norm, logits' loss) and per
   block kind (dense, MoE, MTP), checkpointed or not, and a model of any depth is then the sum;
-- routes tokens uniformly: on `meta` the router's choices have no values, so the experts'
-  `bincount` answers `T·k / E` tokens per expert (the expected load of a balanced router) and
-  the host copy of those counts (`.tolist()`) gets them; every other op runs as on a device;
+- routes tokens uniformly: on `meta` the router's choices have no values, so the routed ids
+  get CPU twins of a balanced router's (`moetx.planning.meta_values`: `T·k / E` copies per
+  expert), and what the host reads of them (split sizes, counts) has values; every other op
+  runs as on a device;
+- runs Hugging Face models as they are: their one data-dependent branch (the packed-sequence
+  check, a 0-dim `.all()`) answers "plain", and their CPU `_grouped_mm` gets a meta output;
 - runs attention through the flash kernel's meta function (saves the output and the
   log-sum-exp, as the CPU and GPU flash kernels do; on `meta` SDPA would pick the math path);
 - counts forward FLOPs with `torch.utils.flop_counter`'s formulas (matmuls, attention).
 
 With `ContextParallel` the trace runs on a fake world of cp ranks, on the rank's local sequence,
 with the pass applied, so what CP attention keeps (the gathered K/V) is in the count; with
-`TensorParallel` likewise on a world of tp ranks (a rank's heads and MLP columns). Meta ops
+`TensorParallel` likewise on a world of tp ranks (a rank's heads and MLP columns), and with
+`ExpertParallel` on `ep_trace_degree` ranks (what its dispatch keeps). Meta ops
 take microseconds whatever their size, so a DeepSeek-V3 block traces at full width and length.
 The bytes match `LiveActivationMeter` on a real CPU forward (tests: within 0.1% on small models).
 """
