@@ -1,10 +1,12 @@
 """Wall and CPU time of `moetx.autoplan` for the DeepSeek-V3-shaped model at world 256 and 1024.
 
 Every legal mesh (dp_replicate × dp_shard × cp, ep dividing dp_shard × cp and the 256 experts)
-and pipeline (cp and ep when their degree is above 1; no checkpointing, router, selective, full
+and pipeline (cp and ep when their degree is above 1, ep with the all-to-all dispatcher and, at
+ep 2 and 4 (below top_k 8), the all-gather one; no checkpointing, router, selective, full
 and full on every 2nd block; FSDP with reshard_after_forward "auto" or True, or none) is
-enumerated, pruned by parameter-state bytes, and
-the rest predicted (activations from meta traces cached per cp degree and checkpointing mode).
+enumerated, pruned by parameter-state bytes, and the rest predicted (activations from meta
+traces, with the EP pass applied, cached per cp degree, tp degree, dispatcher and its trace
+degree, and checkpointing mode).
 80 GiB per rank, sequences of 4096 tokens, one per data rank. Context parallelism refuses the
 model's MTP head, so its candidates are counted but left out.
 

@@ -57,7 +57,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Start the rank forkserver's imports now if any selected test uses a pool (they overlap)."""
     if any({"pool2", "pool4"} & set(getattr(item, "fixturenames", ())) for item in items):
         if importlib.util.find_spec("transformers") and any(
-            item.path.name in ("test_hf_models.py", "test_hf_context_parallel.py") for item in items
+            item.path.name
+            in ("test_hf_models.py", "test_hf_context_parallel.py", "test_autoplan_hf.py")
+            for item in items
         ):  # HF tests: the ranks import transformers once, in the forkserver
             from moetx.testing import hf, ranks
 

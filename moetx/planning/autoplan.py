@@ -1,12 +1,15 @@
 """`autoplan`: the meshes and pipelines that fit a memory budget, ranked by bytes moved per token.
 
-1. Enumerate legal degrees (`_degree_options`: every factorisation of the world into
-   dp_replicate × cp × dp_shard × tp, tp innermost and dividing every head count, MLP width and
-   the vocabulary, with ep dividing dp_shard × cp and the expert count) and, for each, the
-   pipelines the allowed passes make (tp, cp and ep whenever their degree is above 1; each
-   allowed checkpointing mode).
+1. Enumerate legal degrees (`moetx.planning.enumeration.degree_options`: every factorisation
+   of the world into dp_replicate × cp × dp_shard × tp, tp innermost and dividing every head
+   count, MLP width and the vocabulary, with ep dividing dp_shard × cp and the expert count)
+   and, for each, the pipelines the allowed passes make (`pipelines`: tp, cp and ep whenever
+   their degree is above 1, ep with the all-to-all dispatcher and, where ep < top_k, the
+   all-gather one, which then sends fewer bytes; each allowed checkpointing mode, selective
+   with tp too).
 2. Prune by parameter + gradient + AdamW bytes (`predict_state`, no tracing) before anything else.
-3. Predict activations (one meta trace per cp degree and checkpointing mode, cached), FSDP
+3. Predict activations (one meta trace per cp, tp and ep trace degree, dispatcher and
+   checkpointing mode, cached), FSDP
    buffers, communication and FLOPs (`predict`) for the rest.
    FSDP's reshard policy is a candidate dimension (`fsdp_options`: "auto" and True by
    default); the gathered bytes "auto" keeps per rank are in the memory and the table.
@@ -19,9 +22,8 @@ When nothing fits, the result says so (`AutoPlan.fits` is empty; `AutoPlan.best`
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 from torch import nn
@@ -33,10 +35,8 @@ from moetx.models import MoEConfig
 from moetx.passes import (
     FSDP,
     ActivationCheckpoint,
-    ContextParallel,
-    ExpertParallel,
-    TensorParallel,
 )
+from moetx.planning.enumeration import degree_options, pipelines
 from moetx.planning.predict import Prediction, human_flops, predict
 from moetx.planning.predict_activations import BlockTrace, trace_blocks
 from moetx.planning.predict_comm import Traffic
@@ -204,71 +204,6 @@ class AutoPlan:
         return f"{head}\n{body}{notes}"
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _factorisations(world: int, axes: int) -> Iterator[tuple[int, ...]]:
-    """Ordered tuples of `axes` positive ints whose product is `world` (add `tp` as one more)."""
-    if axes == 1:
-        yield (world,)
-        return
-    for d in _divisors(world):
-        for rest in _factorisations(world // d, axes - 1):
-            yield (d, *rest)
-
-
-def _degree_options(
-    world: int,
-    *,
-    shapes: ModelShapes,
-    seq: int,
-    allowed: frozenset[str],
-    max_cp: int,
-    max_tp: int,
-) -> Iterator[MeshDegrees]:
-    experts = shapes.num_experts
-    for dp_replicate, cp, dp_shard, tp in _factorisations(world, 4):  # tp innermost
-        if tp > 1 and ("tp" not in allowed or tp > max_tp or not shapes.tp_legal(tp)):
-            continue
-        if dp_replicate > 1 and "fsdp" not in allowed:
-            continue  # without FSDP, replicas and shards are the same data parallelism
-        if cp > 1 and ("cp" not in allowed or cp > max_cp or seq % (2 * cp)):
-            continue
-        for ep in _divisors(dp_shard * cp):
-            if ep > 1 and ("ep" not in allowed or not experts or experts % ep):
-                continue
-            yield MeshDegrees(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, ep=ep, tp=tp)
-
-
-def _ac_pass(mode: str) -> ActivationCheckpoint | None:
-    if mode == "none":
-        return None
-    name, _, every = mode.partition("/")
-    return ActivationCheckpoint(mode=name, every=int(every or 1))
-
-
-def _pipelines(
-    d: MeshDegrees, allowed: frozenset[str], modes: Sequence[str], fsdps: Sequence[FSDP]
-) -> Iterator[Pipeline]:
-    options: list[FSDP | None] = [*fsdps, None] if "fsdp" in allowed else [None]
-    for mode, fsdp in itertools.product(modes if "ac" in allowed else ["none"], options):
-        if d.dp_replicate > 1 and fsdp is None:
-            continue
-        if d.tp > 1 and mode.startswith("selective"):
-            # TensorParallel | ActivationCheckpoint(mode="selective") fails in forward on real
-            # ranks ("invalid python storage" in the selective policy over DTensor ops)
-            continue
-        passes: list[Pass | None] = [
-            TensorParallel() if d.tp > 1 else None,
-            ContextParallel() if d.cp > 1 else None,
-            ExpertParallel() if d.ep > 1 else None,
-            _ac_pass(mode),
-            fsdp,
-        ]
-        yield Pipeline(tuple(p for p in passes if p is not None))
-
-
 def autoplan(
     model: nn.Module | MoEConfig,
     *,
@@ -327,18 +262,19 @@ def autoplan(
     cost = cost or CostModel()
     shapes = ModelShapes.of(model)
     source = model
-    traces: dict[tuple[int, Pass | None, int], BlockTrace | MoetxError] = {}
+    traces: dict[tuple[object, ...], BlockTrace | MoetxError] = {}
 
     def tracer(
-        cp: Pass | None, degree: int, ac: Pass | None, tp: Pass | None, tp_degree: int
-    ) -> BlockTrace:
+        cp: Pass | None, degree: int, ac: Pass | None, tp: Pass | None, tp_degree: int,
+        ep: Pass | None, ep_degree: int,
+    ) -> BlockTrace:  # fmt: skip
         every = attrs.evolve(ac, every=1) if isinstance(ac, ActivationCheckpoint) else ac
-        key = (degree, every, tp_degree if tp is not None else 1)
+        key = (degree, every, tp_degree if tp is not None else 1, ep, ep_degree)
         if key not in traces:
             try:
                 traces[key] = trace_blocks(
                     source, micro_batch=micro_batch, seq=seq, ac=every, cp=cp, cp_degree=degree,
-                    tp=tp, tp_degree=tp_degree,
+                    tp=tp, tp_degree=tp_degree, ep=ep, ep_degree=ep_degree,
                 )  # fmt: skip
             except MoetxError as e:  # a pass refuses this model (e.g. CP with an MTP head)
                 traces[key] = e
@@ -352,10 +288,10 @@ def autoplan(
     considered = pruned = 0
     refused: dict[str, str] = {}
     smallest = None
-    for degrees in _degree_options(
+    for degrees in degree_options(
         world, shapes=shapes, seq=seq, allowed=allowed, max_cp=max_cp, max_tp=max_tp
     ):
-        for pipeline in _pipelines(degrees, allowed, ac_modes, fsdp_options):
+        for pipeline in pipelines(degrees, allowed, ac_modes, fsdp_options, shapes.top_k):
             considered += 1
             state = state_bytes(shapes, degrees, pipeline).total
             smallest = state if smallest is None else min(smallest, state)

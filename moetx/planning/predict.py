@@ -11,7 +11,7 @@ from moetx.core.algebra import Pass, Pipeline
 from moetx.core.errors import PlanningError
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
-from moetx.planning.predict_activations import BlockTrace, trace_blocks
+from moetx.planning.predict_activations import BlockTrace, ep_trace_degree, trace_blocks
 from moetx.planning.predict_comm import Routing, Traffic, predict_comm, predict_flops
 from moetx.planning.predict_fsdp import fsdp_resident, fsdp_units
 from moetx.planning.predict_state import ModelShapes, find_pass, iter_blocks, state_bytes
@@ -22,8 +22,9 @@ __all__ = ["Prediction", "activation_bytes", "human_flops", "predict"]
 #: The stages whose memory and collectives `predict` models (others are refused).
 MODELLED: tuple[str, ...] = ("tp", "cp", "ep", "ac", "fsdp")
 
-#: (cp pass, cp degree, ac pass or None, tp pass or None, tp degree) -> trace; the planner's cache.
-Tracer = Callable[[Pass | None, int, Pass | None, Pass | None, int], BlockTrace]
+#: (cp pass, cp degree, ac pass or None, tp pass or None, tp degree, ep pass or None, ep degree
+#: to trace at: `ep_trace_degree`) -> trace; the planner's cache.
+Tracer = Callable[[Pass | None, int, Pass | None, Pass | None, int, Pass | None, int], BlockTrace]
 
 
 @attrs.frozen
@@ -172,15 +173,16 @@ def predict(
     source: nn.Module | MoEConfig | None = (
         shapes.config if isinstance(model, ModelShapes) else model
     )
-    cp, ac = find_pass(pipeline, "cp"), find_pass(pipeline, "ac")
+    cp, ac, ep = find_pass(pipeline, "cp"), find_pass(pipeline, "ac"), find_pass(pipeline, "ep")
+    ep_degree = ep_trace_degree(ep, degrees.ep, shapes.num_experts)
 
     def trace(cp_: Pass | None, degree: int, ac_: Pass | None) -> BlockTrace:
         if tracer is not None:
-            return tracer(cp_, degree, ac_, tp, degrees.tp)
+            return tracer(cp_, degree, ac_, tp, degrees.tp, ep, ep_degree)
         assert source is not None, "ModelShapes without a config: pass the model"
         return trace_blocks(
             source, micro_batch=micro_batch, seq=seq, ac=ac_, cp=cp_, cp_degree=degree,
-            tp=tp, tp_degree=degrees.tp,
+            tp=tp, tp_degree=degrees.tp, ep=ep, ep_degree=ep_degree,
         )  # fmt: skip
 
     none = trace(cp, degrees.cp, None)

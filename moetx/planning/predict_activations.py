@@ -6,9 +6,12 @@
 - tags every op output with the transformer block that made it (forward hooks), so the bytes a
   forward leaves alive split into "outside blocks" (embedding, final norm, logits' loss) and per
   block kind (dense, MoE, MTP), checkpointed or not, and a model of any depth is then the sum;
-- routes tokens uniformly: on `meta` the router's choices have no values, so the experts'
-  `bincount` answers `T·k / E` tokens per expert (the expected load of a balanced router) and
-  the host copy of those counts (`.tolist()`) gets them; every other op runs as on a device;
+- routes tokens uniformly: on `meta` the router's choices have no values, so the routed ids
+  get CPU twins of a balanced router's (`moetx.planning.meta_values`: `T·k / E` copies per
+  expert), and what the host reads of them (split sizes, counts) has values; every other op
+  runs as on a device;
+- runs Hugging Face models as they are: their one data-dependent branch (the packed-sequence
+  check, a 0-dim `.all()`) answers "plain", and their CPU `_grouped_mm` gets a meta output;
 - runs attention through the flash kernel's meta function (saves the output and the
   log-sum-exp, as the CPU and GPU flash kernels do; on `meta` SDPA would pick the math path);
 - counts forward FLOPs with `torch.utils.flop_counter`'s formulas (matmuls, attention).
@@ -18,23 +21,20 @@ rank), on the rank's local sequence, with the pass applied, so what CP attention
 gathered K/V; the ring's own block) is in the count; the fake backend also serves `meta`
 tensors, so the ring's point-to-point sends trace. With `TensorParallel` likewise on a world of
 tp ranks (a rank's heads and MLP columns; with sequence parallelism its part of the residual
-stream). Meta ops take microseconds whatever their size, so a DeepSeek-V3 block traces at full
-width and length.
+stream), and with `ExpertParallel` on `ep_trace_degree` ranks (what its dispatch keeps). Meta ops
+take microseconds whatever their size, so a DeepSeek-V3 block traces at full width and length.
 The bytes match `LiveActivationMeter` on a real CPU forward (tests: within 0.1% on small models).
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import weakref
 from collections import defaultdict
-from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -45,16 +45,22 @@ from moetx.core.errors import PlanningError
 from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.models import MoEConfig
 from moetx.passes import ActivationCheckpoint
-from moetx.passes.context_parallel import blocks as cp_blocks
-from moetx.planning.fake_world import fake_world
+from moetx.planning.meta_env import flash_blocks, meta_world
+from moetx.planning.meta_values import MetaValues
 from moetx.planning.meter import LiveActivationMeter, _storages
 from moetx.planning.plan import _meta_model
 from moetx.structure.discovery import discover
+from moetx.structure.hf import hf_model_type
 
-__all__ = ["BlockTrace", "trace_blocks"]
+__all__ = ["BlockTrace", "ep_trace_degree", "trace_blocks"]
 
 aten = torch.ops.aten
 _OUTSIDE = -1
+#: Reductions whose 0-dim boolean answer a Python `if` may read. On meta it has no value; the
+#: trace answers True: Hugging Face forwards ask only whether their inputs are the plain case
+#: (`find_packed_sequence_indices`: "no packed sequences", `(mask[:, -1] == 0).all()`), and the
+#: trace's inputs are (one `arange` of positions per row, no padding).
+_PLAIN = (aten.all.default, aten.all.dim, aten.all.dims)
 
 
 @attrs.frozen
@@ -78,10 +84,19 @@ class BlockTrace:
 
 
 class _Flash(TorchFunctionMode):
-    """SDPA on meta tensors through the CPU flash kernel's meta function (what a device runs)."""
+    """SDPA on meta tensors through the CPU flash kernel's meta function (what a device runs);
+    `torch.tensor(data, device="meta")` (no dispatch sees it) gets its data as a twin."""
+
+    def __init__(self, values: MetaValues) -> None:
+        super().__init__()
+        self.values = values
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func is torch.tensor and torch.device(kwargs.get("device") or "cpu").type == "meta":
+            out = func(*args, **kwargs)
+            self.values.know(out, torch.tensor(args[0], dtype=out.dtype))
+            return out
         if func is F.scaled_dot_product_attention and args[0].is_meta:
             q, k, v = args[:3]
             causal, scale = kwargs.get("is_causal", False), kwargs.get("scale")
@@ -108,7 +123,8 @@ class _TracingMeter(LiveActivationMeter):
         self._refs: dict[int, weakref.ref[torch.UntypedStorage]] = {}
         self.flops: defaultdict[int, int] = defaultdict(int)
         self.expert_flops = 0
-        self._counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.values = MetaValues()
+        self._plain: dict[int, weakref.ref[torch.Tensor]] = {}
 
     def __torch_dispatch__(
         self,
@@ -118,20 +134,36 @@ class _TracingMeter(LiveActivationMeter):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func is aten.bincount.default and args[0].is_meta:
-            length = int(kwargs.get("minlength", args[2] if len(args) > 2 else 0))
-            base, extra = divmod(args[0].numel(), max(length, 1))
-            counts = torch.tensor([base + (i < extra) for i in range(length)], dtype=torch.int64)
-            out = torch.empty(length, dtype=torch.int64, device="meta")
-            self._counts[id(out)] = (out, counts)
-            return out
-        if func is aten._to_copy.default and args[0].is_meta and id(args[0]) in self._counts:
-            out, counts = self._counts[id(args[0])]
-            if out is args[0] and str(kwargs.get("device", "meta")) == "cpu":
-                return counts
-        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            read = self.values.host_read(func, args, kwargs)
+            if read is not None:
+                return read
+            plain = self._plain.get(id(args[0]))
+            if func is aten._local_scalar_dense.default and plain and plain() is args[0]:
+                return True  # see `_PLAIN`
+
+        def run(f: Any, a: tuple[Any, ...], k: dict[str, Any]) -> Any:
+            return LiveActivationMeter.__torch_dispatch__(self, f, types, a, k)
+
+        if func is aten._grouped_mm.default and args[0].is_meta and args[1].dim() == 3:
+            # HF's experts on CPU (fp32): the meta function accepts bf16 only, the kernel any.
+            size = [args[0].shape[0], args[1].shape[-1]]
+            dtype = kwargs.get("out_dtype") or args[0].dtype
+            out = run(aten.empty.memory_format, (size,), {"dtype": dtype, "device": "meta"})
+        else:
+            out = self.values.dispatch(run, func, args, kwargs)
+        if (
+            func in _PLAIN
+            and isinstance(out, torch.Tensor)
+            and out.is_meta
+            and out.dtype == torch.bool
+            and out.dim() == 0
+        ):
+            self._plain[id(out)] = weakref.ref(out)
         flops = 0
-        if func._overloadpacket in flop_registry:
+        if func is aten._grouped_mm.default and args[1].dim() == 3:
+            flops = 2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[-1]
+        elif func._overloadpacket in flop_registry:
             flops = int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
         elif func is aten._scaled_dot_product_flash_attention_for_cpu.default:
             causal = kwargs.get("is_causal", args[4] if len(args) > 4 else False)  # default: gone
@@ -152,6 +184,19 @@ class _TracingMeter(LiveActivationMeter):
         if ref is None or ref() is not storage:
             self._refs[id(storage)] = weakref.ref(storage)
             self.tags[id(storage)] = self.block
+
+
+def ep_trace_degree(ep: Pass | None, degree: int, experts: int) -> int:
+    """The ep degree to trace `ep` at `degree` with: for the all-to-all dispatcher the largest
+    divisor of the expert count up to 16 (under a balanced router every rank receives `T·k`
+    copies whatever the degree, so one trace serves every degree, and few local experts make it
+    quick), for the all-gather one the degree itself (a rank gathers all `D·T` tokens); 1
+    without expert parallelism."""
+    if ep is None or degree <= 1:
+        return 1
+    if getattr(ep, "dispatcher", "all_to_all") == "all_gather":
+        return degree
+    return max(d for d in range(2, min(experts, 16) + 1) if experts % d == 0)
 
 
 def _shallow(config: MoEConfig) -> MoEConfig:
@@ -185,6 +230,8 @@ def trace_blocks(
     cp_degree: int = 1,
     tp: Pass | None = None,
     tp_degree: int = 1,
+    ep: Pass | None = None,
+    ep_degree: int = 1,
 ) -> BlockTrace:
     """Trace one forward on `meta` (see the module docstring) and split what it keeps per block.
 
@@ -199,6 +246,9 @@ def trace_blocks(
         tp: The `TensorParallel` pass (None: none): the trace runs on tp rank 0 of a fake
             world with it applied, so activations and FLOPs are a tp rank's.
         tp_degree: Its degree.
+        ep: The `ExpertParallel` pass (None: none): applied on a fake world of `ep_degree`
+            ranks, so what its dispatch keeps is in the count.
+        ep_degree: The degree to trace at (`ep_trace_degree`).
 
     Returns:
         A `BlockTrace`.
@@ -207,7 +257,7 @@ def trace_blocks(
     # own, the caller's) makes each collection scan only what the trace made.
     gc.freeze()
     try:
-        return _trace(model, micro_batch, seq, ac, cp, cp_degree, tp, tp_degree)
+        return _trace(model, micro_batch, seq, ac, cp, cp_degree, tp, tp_degree, ep, ep_degree)
     except (RuntimeError, NotImplementedError, TypeError) as e:  # e.g. `.item()` on meta
         raise PlanningError(
             f"`predict` cannot trace {type(model).__name__}'s forward on meta for its "
@@ -229,18 +279,25 @@ def _trace(
     cp_degree: int,
     tp: Pass | None,
     tp_degree: int,
+    ep: Pass | None = None,
+    ep_degree: int = 1,
 ) -> BlockTrace:
     meta = _meta_model(_shallow(model) if isinstance(model, MoEConfig) else model)
     degree = cp_degree if cp is not None else 1
     tp_degree = tp_degree if tp is not None else 1
     local = seq // degree
-    # The last cp rank (tp rank 0): without load balancing its queries see every K/V block, so
-    # it computes (and under "selective" checkpointing keeps) the most; with it, all are alike.
-    with _meta_world(degree * tp_degree, (degree - 1) * tp_degree):
-        mesh = ParallelMesh.build(dp_shard=1, cp=degree, tp=tp_degree, device_type="cpu")
+    ep_degree = ep_degree if ep is not None else 1
+    # The last cp rank (tp rank 0, ep rank 0): without load balancing its queries see every K/V
+    # block, so it computes (and under "selective" checkpointing keeps) the most; with it, all
+    # are alike.
+    with meta_world(degree * tp_degree * ep_degree, (degree - 1) * tp_degree):
+        mesh = ParallelMesh.build(
+            dp_shard=ep_degree, cp=degree, ep=ep_degree, tp=tp_degree, device_type="cpu"
+        )
         assert mesh["cp"].get_local_rank() == degree - 1, "the trace runs on the last cp rank"
         tp = tp if tp_degree > 1 else None
-        passes = [p for p in (tp, cp if degree > 1 else None, ac) if p is not None]
+        ep = ep if ep_degree > 1 else None
+        passes = [p for p in (tp, cp if degree > 1 else None, ep, ac) if p is not None]
         if passes:
             every = attrs.evolve(ac, every=1) if isinstance(ac, ActivationCheckpoint) else None
             passes = [every if p is ac and every is not None else p for p in passes]
@@ -250,6 +307,10 @@ def _trace(
         positions = torch.arange(local, device="meta").expand(micro_batch, local)
         labels = torch.zeros(micro_batch, local, dtype=torch.int64, device="meta")
         meter = _TracingMeter(exclude=[meta, ids, positions, labels])
+        # As training feeds them: a Hugging Face model makes its own positions unless CP shards
+        # the sequence (`moetx.training.data`); moetx's models are given them.
+        plain_hf = hf_model_type(meta) is not None and degree == 1
+        extra = {} if plain_hf else {"position_ids": positions}
         handles, kinds = [], {}
         for i, block in enumerate(structure.blocks):
             kinds[i] = "mtp" if block.is_mtp else "moe" if block.moe is not None else "dense"
@@ -259,8 +320,8 @@ def _trace(
             if block.moe is not None:
                 handles += _expert_hooks(meter, block.moe.experts)
         try:
-            with _Flash(), _flash_blocks(), meter:
-                out = meta(ids, labels=labels, position_ids=positions)
+            with _Flash(meter.values), flash_blocks(), meter:
+                out = meta(ids, labels=labels, **extra)
             kept = meter.live_storages(exclude=[out.logits, out.loss])
         finally:
             for h in handles:
@@ -281,58 +342,6 @@ def _trace(
         flops=flops,
         expert_flops=meter.expert_flops // max(with_experts, 1),
     )
-
-
-@contextlib.contextmanager
-def _flash_blocks() -> Iterator[None]:
-    """Context-parallel attention's block kernel as CPU ranks run it, the flash kernel (its meta
-    function), not the float32 math fallback `blocks._attend` takes off CPU (meta included):
-    "selective" checkpointing keeps each kernel's outputs, the flash kernel's `[B, H, S, D]`
-    output and log-sum-exp but the math path's `[B, H, S, S]` scores. A module global swapped
-    for the trace and restored on exit (issue 18): the branch is on the device type, which meta
-    cannot pass as CPU."""
-    fallback = cp_blocks._attend
-
-    def attend(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        causal: bool,
-        scale: float,
-        mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not q.is_meta:
-            return fallback(q, k, v, causal, scale, mask)
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu.default(
-            q, k, v, 0.0, causal, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale
-        )
-        return out, lse
-
-    cp_blocks._attend = attend
-    try:
-        yield
-    finally:
-        cp_blocks._attend = fallback
-
-
-@contextlib.contextmanager
-def _meta_world(world_size: int, rank: int) -> Iterator[None]:
-    """`fake_world` whose fake backend also serves `meta` tensors, in every group: ring
-    CP's `batch_isend_irecv` asks its group for the backend of its tensors' device (the
-    functional collectives on meta never reach a backend)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers "fake"
-
-    with fake_world(1):  # its checks (no group yet) and, on exit, the teardown
-        dist.destroy_process_group()
-        dist.init_process_group(
-            "cpu:fake,meta:fake", store=FakeStore(), rank=rank, world_size=world_size
-        )
-        # torch leaves a per-device backend string's default backend undefined here ("FAKE"
-        # plugin vs "fake"), and its teardown then warns that it cannot look for hooks
-        world = dist.group.WORLD
-        assert world is not None
-        world._set_default_backend(dist.Backend.backend_type_map["fake"])
-        yield
 
 
 def _expert_hooks(meter: _TracingMeter, experts: nn.Module) -> list[Any]:

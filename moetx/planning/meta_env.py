@@ -1,0 +1,69 @@
+"""Where a meta trace runs: a fake world whose backend serves `meta` tensors, and CP attention's
+block kernel as CPU ranks run it (the flash kernel), so `predict`'s traces see what real ranks do."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from moetx.passes.context_parallel import blocks as cp_blocks
+from moetx.planning.fake_world import fake_world
+
+__all__ = ["flash_blocks", "meta_world"]
+
+aten = torch.ops.aten
+
+
+@contextlib.contextmanager
+def flash_blocks() -> Iterator[None]:
+    """Context-parallel attention's block kernel as CPU ranks run it, the flash kernel (its meta
+    function), not the float32 math fallback `blocks._attend` takes off CPU (meta included):
+    "selective" checkpointing keeps each kernel's outputs, the flash kernel's `[B, H, S, D]`
+    output and log-sum-exp but the math path's `[B, H, S, S]` scores. A module global swapped
+    for the trace and restored on exit (issue 18): the branch is on the device type, which meta
+    cannot pass as CPU."""
+    fallback = cp_blocks._attend
+
+    def attend(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        scale: float,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not q.is_meta:
+            return fallback(q, k, v, causal, scale, mask)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu.default(
+            q, k, v, 0.0, causal, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale
+        )
+        return out, lse
+
+    cp_blocks._attend = attend
+    try:
+        yield
+    finally:
+        cp_blocks._attend = fallback
+
+
+@contextlib.contextmanager
+def meta_world(world_size: int, rank: int) -> Iterator[None]:
+    """`fake_world` whose fake backend also serves `meta` tensors, in every group: ring
+    CP's `batch_isend_irecv` asks its group for the backend of its tensors' device (the
+    functional collectives on meta never reach a backend)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers "fake"
+
+    with fake_world(1):  # its checks (no group yet) and, on exit, the teardown
+        dist.destroy_process_group()
+        dist.init_process_group(
+            "cpu:fake,meta:fake", store=FakeStore(), rank=rank, world_size=world_size
+        )
+        # torch leaves a per-device backend string's default backend undefined here ("FAKE"
+        # plugin vs "fake"), and its teardown then warns that it cannot look for hooks
+        world = dist.group.WORLD
+        assert world is not None
+        world._set_default_backend(dist.Backend.backend_type_map["fake"])
+        yield
