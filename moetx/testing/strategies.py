@@ -25,7 +25,13 @@ from moetx.models import MoEConfig
 
 def _builtin_pass_strategies(*, mixed_precision: bool = True) -> dict[str, st.SearchStrategy[Any]]:
     out: dict[str, st.SearchStrategy[Any]] = {
-        "ep": st.builds(ExpertParallel, dispatcher=st.sampled_from(["all_to_all", "all_gather"])),
+        "ep": st.sampled_from(
+            [
+                ExpertParallel(),
+                ExpertParallel(dedup=True),
+                ExpertParallel(dispatcher="all_gather"),
+            ]
+        ),
         "ac": st.builds(
             ActivationCheckpoint,
             mode=st.sampled_from(["full", "router", "selective"]),
@@ -33,7 +39,9 @@ def _builtin_pass_strategies(*, mixed_precision: bool = True) -> dict[str, st.Se
         ),
         "fsdp": st.builds(
             FSDP,
-            reshard_after_forward=st.booleans(),
+            reshard_after_forward=st.sampled_from([True, False, "auto"]),
+            min_unit_bytes=st.sampled_from([0, 1 << 20]),
+            prefetch=st.integers(0, 2),
             param_dtype=st.sampled_from([None, "bfloat16"] if mixed_precision else [None]),
         ),
     }
@@ -90,6 +98,10 @@ def moe_configs(draw: st.DrawFn, *, ep_degree: int = 1, **fixed: Any) -> MoEConf
         tie_embeddings=draw(st.booleans()),
         aux_loss_coef=draw(st.sampled_from([0.0, 0.01])),
     )
+    # top-1 with its weight renormalised is always 1: the router's true gradient is zero and
+    # what each run computes is rounding noise, which AdamW scales up to a full step (±lr) that
+    # differs between runs. Top-1 routers train through the raw weight (as Switch does).
+    values["norm_topk_prob"] = values["top_k"] > 1
     values.update(fixed)
     return MoEConfig(**values)
 
