@@ -269,7 +269,10 @@ def autoplan(
         ep: Pass | None, ep_degree: int,
     ) -> BlockTrace:  # fmt: skip
         every = attrs.evolve(ac, every=1) if isinstance(ac, ActivationCheckpoint) else ac
-        key = (degree, every, tp_degree if tp is not None else 1, ep, ep_degree)
+        # every pass that changes what a block keeps (ring vs all-gather CP, sequence
+        # parallelism, the dispatcher) is in the key, not only its degree
+        key = (cp if degree > 1 else None, degree, every, tp if tp_degree > 1 else None,
+               tp_degree, ep, ep_degree)  # fmt: skip
         if key not in traces:
             try:
                 traces[key] = trace_blocks(

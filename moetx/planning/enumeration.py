@@ -85,16 +85,22 @@ def pipelines(
     fsdps: Sequence[FSDP],
     top_k: int = 0,
 ) -> Iterator[Pipeline]:
-    """The pipelines for mesh `d`: tp, cp and ep whenever their degree is above 1 (ep with each of
-    `dispatchers(d.ep, top_k)`), each allowed checkpointing mode, each FSDP option or none."""
+    """The pipelines for mesh `d`: tp (with and without sequence parallelism), cp (all-gather and
+    ring) and ep (with each of `dispatchers(d.ep, top_k)`) whenever their degree is above 1, each
+    allowed checkpointing mode, each FSDP option or none."""
     options: list[FSDP | None] = [*fsdps, None] if "fsdp" in allowed else [None]
     eps = [ExpertParallel(dispatcher=n) for n in dispatchers(d.ep, top_k)] if d.ep > 1 else [None]
-    for ep, mode, fsdp in itertools.product(eps, modes if "ac" in allowed else ["none"], options):
+    # ring CP keeps one K/V block where all-gather CP keeps them all; sequence parallelism
+    # shards the residual stream for the same bytes: both can fit where the plain ones do not
+    cps = [ContextParallel(), ContextParallel(comm="p2p")] if d.cp > 1 else [None]
+    tps = [TensorParallel(), TensorParallel(sequence_parallel=True)] if d.tp > 1 else [None]
+    ac_modes = modes if "ac" in allowed else ["none"]
+    for tp, cp, ep, mode, fsdp in itertools.product(tps, cps, eps, ac_modes, options):
         if d.dp_replicate > 1 and fsdp is None:
             continue
         passes: list[Pass | None] = [
-            TensorParallel() if d.tp > 1 else None,
-            ContextParallel() if d.cp > 1 else None,
+            tp,
+            cp,
             ep,
             ac_pass(mode),
             fsdp,
