@@ -311,6 +311,8 @@ def _trace(
         # the sequence (`moetx.training.data`); moetx's models are given them.
         plain_hf = hf_model_type(meta) is not None and degree == 1
         extra = {} if plain_hf else {"position_ids": positions}
+        if hf_model_type(meta) is not None and degree > 1:  # labels shifted over whole rows
+            extra["shift_labels"] = labels
         handles, kinds = [], {}
         for i, block in enumerate(structure.blocks):
             kinds[i] = "mtp" if block.is_mtp else "moe" if block.moe is not None else "dense"
