@@ -11,6 +11,7 @@ import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 from moetx import (
     FSDP,
@@ -25,6 +26,7 @@ from moetx import (
 from moetx.core.algebra import Pass
 from moetx.planning import predict
 from moetx.testing import RankPool, examples
+from moetx.testing.train import TrainSpec, build_model, global_batches
 from tests.bodies.autoplan import measure_step
 from tests.bodies.predict_ring_sp import ring_sp_step
 from tests.test_autoplan import CONFIG, MODES, SPEC, TP_CONFIG, _ac, _routing, fsdps
@@ -180,3 +182,19 @@ def test_flops_follow_the_blocks_a_rank_computes():
     )
     tp2 = MeshDegrees(tp=2)
     assert flops(TensorParallel(sequence_parallel=True), tp2) == flops(TensorParallel(), tp2) > 0
+
+
+def test_flops_equal_the_counted_matmuls_plus_causal_attention():
+    """One process, no checkpointing: the predicted FLOPs per step are torch's `FlopCounterMode`
+    count of a real forward + backward (matmuls; it does not see the CPU flash-attention kernel)
+    plus 3x each layer's causal attention, 4·b·h·s²·d / 2 (forward, backward twice)."""
+    spec = TrainSpec(config=TP_CONFIG, steps=1, rows_per_rank=2, seq_len=16)
+    model = build_model(spec)
+    ids, labels = global_batches(spec, 1)[0]
+    with FlopCounterMode(display=False) as counter:
+        model(ids, labels=labels).loss.backward()
+    c = TP_CONFIG
+    head_dim = c.head_dim or c.hidden_size // c.num_heads
+    attention = c.num_layers * 4 * 2 * c.num_heads * 16 * 16 * head_dim // 2
+    got = predict(TP_CONFIG, MeshDegrees(), Pipeline(()), seq=16, micro_batch=2).flops
+    assert got == counter.get_total_flops() + 3 * attention
