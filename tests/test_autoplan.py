@@ -35,7 +35,7 @@ from moetx.planning import LiveActivationMeter, autoplan, plan, predict
 from moetx.planning.autoplan import PASSES
 from moetx.planning.predict_fsdp import fsdp_units
 from moetx.planning.predict_state import ModelShapes, state_bytes
-from moetx.testing import RankPool, examples, fake_world
+from moetx.testing import RankPool, examples, fake_world, nightly_param
 from moetx.testing.hf import HFSpec
 from moetx.testing.hf import build_model as hf_build_model
 from moetx.testing.strategies import mesh_degrees
@@ -285,7 +285,7 @@ def tp_cases(draw: st.DrawFn) -> tuple[Pipeline, MeshDegrees]:
     return Pipeline(tuple(passes)), degrees
 
 
-@settings(max_examples=examples(8), deadline=None)
+@settings(max_examples=examples(5), deadline=None)
 @given(case=tp_cases())
 def test_tp_predictions_equal_real_ranks(pool4: RankPool, case):
     """`TensorParallel` at tp=2 on 4 gloo ranks: parameter, gradient and AdamW bytes equal the
@@ -518,20 +518,20 @@ def test_fsdp_options_trade_memory_for_bytes():
     assert {c.pipeline for c in default.fits} == {Pipeline((auto,)), Pipeline((lean,)), Pipeline()}
 
 
-def test_deepseek_v3_at_256_and_1024_ranks_in_seconds():
-    """The 685B DeepSeek-V3-shaped model plans at world 256 and 1024 quickly (CPU seconds; the
-    wall time on a shared box is printed)."""
+@pytest.mark.parametrize("world", [nightly_param(256, why="ci plans world 1024"), 1024])
+def test_deepseek_v3_plans_at_256_and_1024_ranks(world: int):
+    """The 685B DeepSeek-V3-shaped model plans at world 256 and 1024: the best candidate fits 80
+    GiB with expert parallelism, and the CP refusal is said (how long it takes is measured in
+    `benchmarks/autoplan_time.py`, not asserted; the wall time is printed)."""
     config = MoEConfig.deepseek_v3_shaped()
-    for world in (256, 1024):
-        wall, cpu = time.perf_counter(), time.process_time()
-        r = autoplan(config, world=world, memory_per_rank=80 * 2**30, seq=4096)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        print(f"DeepSeek-V3 autoplan at world {world}: {wall:.1f} s wall, {cpu:.1f} s CPU")
-        assert cpu < 60
-        best = r.best
-        assert best.prediction.memory <= 80 * 2**30
-        assert any(isinstance(p, ExpertParallel) for p in best.pipeline)
-        assert r.refused  # ContextParallel refuses the MTP head: said, not silently dropped
+    wall, cpu = time.perf_counter(), time.process_time()
+    r = autoplan(config, world=world, memory_per_rank=80 * 2**30, seq=4096)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(f"DeepSeek-V3 autoplan at world {world}: {wall:.1f} s wall, {cpu:.1f} s CPU")
+    best = r.best
+    assert best.prediction.memory <= 80 * 2**30
+    assert any(isinstance(p, ExpertParallel) for p in best.pipeline)
+    assert r.refused  # ContextParallel refuses the MTP head: said, not silently dropped
 
 
 def test_cli_prints_the_ranking_and_the_miss(capsys: pytest.CaptureFixture[str]):
