@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import attrs
 import pytest
 import torch
@@ -287,12 +285,10 @@ def test_selection_bias_changes_choice_but_not_weights():
     assert torch.equal(weights, scores[:, 2:])
 
 
-def test_deepseek_v3_shaped_builds_on_meta_quickly():
-    """The DeepSeek-V3-shaped config builds on meta in seconds with ~685B parameters."""
-    start = time.perf_counter()
+def test_deepseek_v3_shaped_builds_on_meta():
+    """The DeepSeek-V3-shaped config builds on meta with ~685B parameters."""
     with torch.device("meta"):
         model = MoETransformer(MoEConfig.deepseek_v3_shaped())
-    assert time.perf_counter() - start < 10
     count = sum(p.numel() for p in model.parameters())
     assert 6.0e11 < count < 7.5e11
 

@@ -165,8 +165,9 @@ def test_degrees_must_match_a_real_process_group(pool2: RankPool) -> None:
     assert "must equal the initialised process group's (2)" in str(info.value.exceptions[0])
 
 
-def test_deepseek_v3_at_256_ranks_in_seconds() -> None:
-    """The 685B DeepSeek-V3-shaped model plans at world 256, ep 64 quickly, with exact totals."""
+def test_deepseek_v3_at_256_ranks() -> None:
+    """The 685B DeepSeek-V3-shaped model plans at world 256, ep 64 with exact totals (how long
+    it takes is measured in `benchmarks/plan_time.py`; printed here, not asserted)."""
     config = MoEConfig.deepseek_v3_shaped()
     start = time.perf_counter()
     p = plan(
@@ -174,7 +175,6 @@ def test_deepseek_v3_at_256_ranks_in_seconds() -> None:
     )
     elapsed = time.perf_counter() - start
     print(f"DeepSeek-V3 plan at world 256: {elapsed:.2f} s")
-    assert elapsed < 60
     with torch.device("meta"):
         count = sum(q.numel() for q in MoETransformer(config).parameters())
     assert p.num_parameters == count > 680e9

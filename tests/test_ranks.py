@@ -28,16 +28,17 @@ def pool(request: pytest.FixtureRequest) -> RankPool:
     return request.getfixturevalue(f"pool{request.param}")  # type: ignore[no-any-return]
 
 
-def test_pool_start_cost_is_paid_once(pool2: RankPool) -> None:
-    """The first start pays for the forkserver's imports; later starts take a fraction of a second."""
+def test_a_second_pool_starts_once_and_runs(pool2: RankPool) -> None:
+    """A second pool beside the session's starts its ranks once and runs on them (the start
+    times are printed, not asserted: performance is measured, not tested)."""
     begin = time.perf_counter()
     with RankPool(2) as fresh:
         warm = time.perf_counter() - begin
         assert fresh.run(bodies.rank_and_world)[1][:2] == (1, 2)
+        assert fresh.stats.starts == 1 and fresh.stats.calls == 1
     print(
         f"\npool start: first {pool2.stats.first_start_s:.2f} s (forkserver preload), warm {warm:.3f} s"
     )
-    assert warm < 5.0
 
 
 def test_collective_results_come_back_per_rank_in_rank_order(pool: RankPool) -> None:
@@ -48,16 +49,18 @@ def test_collective_results_come_back_per_rank_in_rank_order(pool: RankPool) -> 
     assert [r[:2] for r in pool.run(bodies.rank_and_world)] == [(r, ws) for r in range(ws)]
 
 
-def test_per_call_overhead_is_milliseconds(pool: RankPool) -> None:
-    """A trivial body costs a few milliseconds per call."""
+def test_calls_reuse_the_running_ranks(pool: RankPool) -> None:
+    """Calls run on the ranks already started (no restart per call: what keeps a call at a few
+    milliseconds, printed here, not asserted)."""
     pool.run(bodies.noop)
+    starts, calls = pool.stats.starts, pool.stats.calls
     n = 30
     begin = time.perf_counter()
     for _ in range(n):
         pool.run(bodies.noop)
     per_call = (time.perf_counter() - begin) / n
     print(f"\nper-call overhead at ws={pool.world_size}: {per_call * 1e3:.2f} ms")
-    assert per_call < 0.25
+    assert (pool.stats.starts, pool.stats.calls) == (starts, calls + n)
 
 
 def test_tensors_come_back_intact(pool2: RankPool) -> None:
