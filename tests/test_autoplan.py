@@ -346,6 +346,20 @@ def test_uniform_routing_is_between_best_and_worst():
 
 # --------------------------------------------------------------------- autoplan on real ranks
 
+
+def assert_candidate_trains_like_one_process(pool: RankPool, spec: TrainSpec, best) -> None:
+    """`best` (a `Candidate`) applied on the pool's ranks through the public training loop:
+    loss and every gradient each step, then the parameters, equal the one-process model's."""
+    degrees = best.degrees
+    data_ranks = degrees.dp_replicate * degrees.dp_shard
+    ignore = torch.zeros(
+        spec.steps, data_ranks * spec.rows_per_rank, spec.seq_len, dtype=torch.bool
+    )
+    results = pool.run(training_loop.public_loop, spec, best.pipeline, degrees, ignore)
+    ref = train(build_model(spec), training_loop.masked_batches(spec, data_ranks, ignore), spec.lr)
+    assert_matches_reference(results, ref)
+
+
 BUDGET = 64 * 1024
 
 
@@ -360,13 +374,7 @@ def test_top_candidate_trains_like_one_process(pool4: RankPool):
     best = result.best
     assert best.prediction.memory <= BUDGET
     assert [c.cost for c in result.fits] == sorted(c.cost for c in result.fits)
-    degrees = best.degrees
-    data_ranks = degrees.dp_replicate * degrees.dp_shard
-    rows = data_ranks * spec.rows_per_rank
-    ignore = torch.zeros(spec.steps, rows, spec.seq_len, dtype=torch.bool)
-    results = pool4.run(training_loop.public_loop, spec, best.pipeline, degrees, ignore)
-    ref = train(build_model(spec), training_loop.masked_batches(spec, data_ranks, ignore), spec.lr)
-    assert_matches_reference(results, ref)
+    assert_candidate_trains_like_one_process(pool4, spec, best)
 
 
 def test_top_tensor_parallel_candidate_trains_like_one_process(pool4: RankPool):
@@ -386,13 +394,7 @@ def test_top_tensor_parallel_candidate_trains_like_one_process(pool4: RankPool):
         repr(p) for c in result.fits + result.misses if c.degrees.tp > 1 for p in c.pipeline
     }
     assert "ActivationCheckpoint(mode='selective')" in tp_modes  # proven below
-    degrees = best.degrees
-    data_ranks = degrees.dp_replicate * degrees.dp_shard
-    rows = data_ranks * spec.rows_per_rank
-    ignore = torch.zeros(spec.steps, rows, spec.seq_len, dtype=torch.bool)
-    results = pool4.run(training_loop.public_loop, spec, best.pipeline, degrees, ignore)
-    ref = train(build_model(spec), training_loop.masked_batches(spec, data_ranks, ignore), spec.lr)
-    assert_matches_reference(results, ref)
+    assert_candidate_trains_like_one_process(pool4, spec, best)
 
 
 def test_all_gather_dispatcher_wins_when_top_k_exceeds_ep(pool2: RankPool):

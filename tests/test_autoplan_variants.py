@@ -3,15 +3,13 @@ predicted as `predict` alone predicts it, and a ring candidate it picks trains l
 
 from __future__ import annotations
 
-import torch
-
 from moetx import ContextParallel, TensorParallel
 from moetx.models import MoEConfig
 from moetx.planning import autoplan, predict
 from moetx.planning.autoplan import PASSES
 from moetx.testing import RankPool
-from moetx.testing.train import TrainSpec, assert_matches_reference, build_model, train
-from tests.bodies import training_loop
+from moetx.testing.train import TrainSpec
+from tests.test_autoplan import assert_candidate_trains_like_one_process
 
 # Long sequence, few parameters: activations (where ring and all-gather CP differ) dominate.
 CONFIG = MoEConfig(
@@ -77,9 +75,4 @@ def test_ring_context_parallel_is_chosen_when_only_it_fits(pool4: RankPool):
     assert "ContextParallel(comm='p2p')" in repr(best.pipeline)
     assert not any(c.degrees.cp == 4 and "allgather" in repr(c.pipeline) for c in result.fits)
     spec = TrainSpec(config=CONFIG, steps=2, rows_per_rank=ROWS, seq_len=SEQ, lr=1e-3)
-    degrees = best.degrees
-    data_ranks = degrees.dp_replicate * degrees.dp_shard
-    ignore = torch.zeros(spec.steps, data_ranks * ROWS, SEQ, dtype=torch.bool)
-    results = pool4.run(training_loop.public_loop, spec, best.pipeline, degrees, ignore)
-    ref = train(build_model(spec), training_loop.masked_batches(spec, data_ranks, ignore), spec.lr)
-    assert_matches_reference(results, ref)
+    assert_candidate_trains_like_one_process(pool4, spec, best)

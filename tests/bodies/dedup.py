@@ -30,6 +30,24 @@ from tests.bodies.expert_parallel import MoECase, _CollectiveLog, moe_case_input
 from tests.bodies.plan import _batch
 
 
+def _dedup_dispatch(
+    moe: torch.nn.Module, hidden: torch.Tensor, mesh: Any, case: Any, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's routing of `hidden` and what the dedup dispatcher sends for it: (top-k
+    expert index, dispatched rows, their expert ids)."""
+    flat = hidden.detach().reshape(-1, case.hidden_size)
+    with torch.no_grad():
+        index, weights, _ = moe.gate(flat)
+        dispatcher = DedupAllToAllDispatcher(
+            group=mesh["ep"].get_group(),
+            rank=rank,
+            degree=case.degree,
+            num_experts=case.num_experts,
+        )
+        tokens, expert_ids, _ = dispatcher.dispatch(flat, index, weights)
+    return index, tokens, expert_ids
+
+
 def remote_pairs(index: torch.Tensor, num_experts: int, degree: int) -> list[int]:
     """Distinct (token, rank) pairs per destination ep rank, from the routed `[T, k]` ids."""
     owner = index // (num_experts // degree)
@@ -58,16 +76,7 @@ def moe_layer_step(case: MoECase, dedup: bool = True) -> dict[str, Any]:
     with log:
         out, _ = moe(hidden)
         (out * cotangent).sum().backward()
-    flat = hidden.detach().reshape(-1, case.hidden_size)
-    with torch.no_grad():
-        index, weights, _ = moe.gate(flat)
-        dispatcher = DedupAllToAllDispatcher(
-            group=mesh["ep"].get_group(),
-            rank=rank,
-            degree=case.degree,
-            num_experts=case.num_experts,
-        )
-        tokens, expert_ids, _ = dispatcher.dispatch(flat, index, weights)
+    index, tokens, expert_ids = _dedup_dispatch(moe, hidden, mesh, case, rank)
     pairs = remote_pairs(index, case.num_experts, case.degree)
     received = torch.zeros(case.degree, dtype=torch.int64)
     dist.all_to_all_single(received, torch.tensor(pairs))
@@ -260,16 +269,7 @@ def bf16_layer_step(case: MoECase, dedup: bool) -> dict[str, Any]:
     hidden.requires_grad_(True)
     out, _ = moe(hidden)
     (out.float() * cotangent.float()).sum().backward()
-    flat = hidden.detach().reshape(-1, case.hidden_size)
-    with torch.no_grad():
-        index, weights, _ = moe.gate(flat)
-        dispatcher = DedupAllToAllDispatcher(
-            group=mesh["ep"].get_group(),
-            rank=rank,
-            degree=case.degree,
-            num_experts=case.num_experts,
-        )
-        tokens, expert_ids, _ = dispatcher.dispatch(flat, index, weights)
+    _, tokens, expert_ids = _dedup_dispatch(moe, hidden, mesh, case, rank)
     return {
         "out": out.detach().float(),
         "hidden_grad": hidden.grad.float(),
