@@ -141,6 +141,26 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def counted_step(
+    model: Any, batch: dict[str, Any], mesh: Any, pipeline: Pipeline, log: Any, *, meter: bool
+) -> int:
+    """One forward + backward (+ `sync_gradients` without FSDP) with every collective counted in
+    `log`; returns the bytes forward leaves alive (`meter`; -1 without)."""
+    live = LiveActivationMeter(exclude=[model, *batch.values()])
+    with log:
+        if meter:
+            with live:
+                out = model(**batch)
+            activations = live.live_bytes(exclude=[out.logits, out.loss])
+        else:
+            out, activations = model(**batch), -1
+        out.loss.backward()
+        if not any(p.placement.stage == "fsdp" for p in pipeline):
+            log.all_reduce = "grad_all_reduce"
+            sync_gradients(model, mesh)
+    return activations
+
+
 def measure_step(
     spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, *, meter: bool
 ) -> dict[str, Any]:
@@ -169,18 +189,7 @@ def measure_step(
         handles.append(moe.router.register_forward_hook(hook))
     log = CountingMode(_axes(mesh))
     log.ep_gathers = any(getattr(p, "dispatcher", "") == "all_gather" for p in pipeline)
-    live = LiveActivationMeter(exclude=[model, *batch.values()])
-    with log:
-        if meter:
-            with live:
-                out = model(**batch)
-            activations = live.live_bytes(exclude=[out.logits, out.loss])
-        else:
-            out, activations = model(**batch), -1
-        out.loss.backward()
-        if not any(p.placement.stage == "fsdp" for p in pipeline):
-            log.all_reduce = "grad_all_reduce"
-            sync_gradients(model, mesh)
+    activations = counted_step(model, batch, mesh, pipeline, log, meter=meter)
     for h in handles:
         h.remove()
     ep_group = mesh["ep"].get_group()

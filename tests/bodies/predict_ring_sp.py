@@ -9,10 +9,8 @@ import torch
 
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
-from moetx.planning.meter import LiveActivationMeter
 from moetx.testing.train import TrainSpec, build_model, mesh_for
-from moetx.training.grad_sync import sync_gradients
-from tests.bodies.autoplan import PREFER, CountingMode, _axes, _nbytes, _unbox
+from tests.bodies.autoplan import PREFER, CountingMode, _axes, _nbytes, _unbox, counted_step
 from tests.bodies.plan import _batch
 from tests.bodies.plan import _nbytes as _held
 
@@ -44,18 +42,7 @@ def ring_sp_step(
     model = pipeline.apply(build_model(spec), mesh)
     batch = _batch(spec, pipeline, degrees)
     log = RingCountingMode(_axes(mesh))
-    live = LiveActivationMeter(exclude=[model, *batch.values()])
-    with log:
-        if meter:
-            with live:
-                out = model(**batch)
-            activations = live.live_bytes(exclude=[out.logits, out.loss])
-        else:
-            out, activations = model(**batch), -1
-        out.loss.backward()
-        if not any(p.placement.stage == "fsdp" for p in pipeline):
-            log.all_reduce = "grad_all_reduce"
-            sync_gradients(model, mesh)
+    activations = counted_step(model, batch, mesh, pipeline, log, meter=meter)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
     opt.step()
     moments = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
