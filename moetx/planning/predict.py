@@ -12,7 +12,8 @@ from moetx.core.errors import PlanningError
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.planning.predict_activations import BlockTrace, ep_trace_degree, trace_blocks
-from moetx.planning.predict_comm import Routing, Traffic, predict_comm, predict_flops
+from moetx.planning.predict_comm import Routing, Traffic, predict_comm
+from moetx.planning.predict_flops import predict_flops
 from moetx.planning.predict_fsdp import fsdp_resident, fsdp_units
 from moetx.planning.predict_state import ModelShapes, find_pass, iter_blocks, state_bytes
 from moetx.planning.report import RankBytes, human_bytes

@@ -14,7 +14,9 @@
   check, a 0-dim `.all()`) answers "plain", and their CPU `_grouped_mm` gets a meta output;
 - runs attention through the flash kernel's meta function (saves the output and the
   log-sum-exp, as the CPU and GPU flash kernels do; on `meta` SDPA would pick the math path);
-- counts forward FLOPs with `torch.utils.flop_counter`'s formulas (matmuls, attention).
+- counts forward FLOPs with `torch.utils.flop_counter`'s formulas (matmuls, attention), and per
+  block what a recomputation would rerun: the ops before the block's last saved tensor (a
+  `saved_tensors_hooks` pack), where non-reentrant checkpointing stops recomputing.
 
 With `ContextParallel` the trace runs on a fake world of cp ranks (as its last, most loaded cp
 rank), on the rank's local sequence, with the pass applied, so what CP attention keeps (the
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import attrs
@@ -45,6 +47,8 @@ from moetx.core.errors import PlanningError
 from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.models import MoEConfig
 from moetx.passes import ActivationCheckpoint
+from moetx.passes.activation_checkpoint import MODES, SAVED_OPS
+from moetx.passes.activation_checkpoint.contexts import router_saves
 from moetx.planning.meta_env import flash_blocks, meta_world
 from moetx.planning.meta_values import MetaValues
 from moetx.planning.meter import LiveActivationMeter, _storages
@@ -74,6 +78,11 @@ class BlockTrace:
         flops_outside: Forward FLOPs outside blocks (lm head, embeddings).
         flops: Forward FLOPs per block kind.
         expert_flops: The part of a MoE block's FLOPs spent in routed experts (scales with load).
+        recompute_flops: Per checkpoint mode (`MODES`) and block kind, the FLOPs recomputing the
+            block reruns: its ops up to its last saved tensor (non-reentrant `checkpoint` stops
+            there; autograd saves an op's inputs before it runs and its outputs after), less
+            those the mode's caches answer (a router's; "selective": also `SAVED_OPS`).
+        recompute_expert_flops: The part of those spent in routed experts.
     """
 
     outside: int
@@ -81,6 +90,8 @@ class BlockTrace:
     flops_outside: int
     flops: dict[str, int]
     expert_flops: int
+    recompute_flops: dict[str, dict[str, int]]
+    recompute_expert_flops: dict[str, dict[str, int]]
 
 
 class _Flash(TorchFunctionMode):
@@ -119,10 +130,15 @@ class _TracingMeter(LiveActivationMeter):
         super().__init__(exclude)
         self.block = _OUTSIDE
         self.in_experts = False
+        self.in_router = False
         self.tags: dict[int, int] = {}
         self._refs: dict[int, weakref.ref[torch.UntypedStorage]] = {}
         self.flops: defaultdict[int, int] = defaultdict(int)
         self.expert_flops = 0
+        # Per block, the FLOPs recomputing it in each mode would rerun so far ((mode, False):
+        # all, (mode, True): in experts), and their values at the block's latest pack.
+        self.rerun: defaultdict[int, Counter[tuple[str, bool]]] = defaultdict(Counter)
+        self.at_pack: dict[int, Counter[tuple[str, bool]]] = {}
         self.values = MetaValues()
         self._plain: dict[int, weakref.ref[torch.Tensor]] = {}
 
@@ -172,11 +188,26 @@ class _TracingMeter(LiveActivationMeter):
             self.flops[self.block] += flops
             if self.in_experts:
                 self.expert_flops += flops
+            for mode in self._rerun_by(func):
+                self.rerun[self.block][mode, False] += flops
+                self.rerun[self.block][mode, True] += flops if self.in_experts else 0
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 for s in _storages(t):
                     self._tag(s)
         return out
+
+    def _rerun_by(self, func: Any) -> tuple[str, ...]:
+        """The checkpoint modes whose recomputation reruns `func` (the others' caches answer it)."""
+        if self.in_router and router_saves(func):
+            return ("full",)
+        return ("full", "router") if func in SAVED_OPS else MODES
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """A `saved_tensors_hooks` pack: recomputing the block would run up to here."""
+        if self.block != _OUTSIDE:
+            self.at_pack[self.block] = Counter(self.rerun[self.block])
+        return t
 
     def _tag(self, storage: torch.UntypedStorage) -> None:
         # Keyed by id, so a storage that died and whose id was reused gets the new tag.
@@ -320,9 +351,11 @@ def _trace(
             handles += [block.module.register_forward_pre_hook(pre)]
             handles += [block.module.register_forward_hook(post)]
             if block.moe is not None:
-                handles += _expert_hooks(meter, block.moe.experts)
+                handles += _flag_hooks(meter, block.moe.experts, "in_experts")
+                handles += _flag_hooks(meter, block.moe.router, "in_router")
+        packs = torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t)
         try:
-            with _Flash(meter.values), flash_blocks(), meter:
+            with _Flash(meter.values), flash_blocks(), meter, packs:
                 out = meta(ids, labels=labels, **extra)
             kept = meter.live_storages(exclude=[out.logits, out.loss])
         finally:
@@ -333,9 +366,15 @@ def _trace(
         per_index[meter.tags.get(id(s), _OUTSIDE)] += s.nbytes()
     blocks: dict[str, int] = {}
     flops: dict[str, int] = {}
+    rerun: dict[str, dict[str, int]] = {mode: {} for mode in MODES}
+    rerun_experts: dict[str, dict[str, int]] = {mode: {} for mode in MODES}
     for i, kind in kinds.items():  # one block of each kind is representative
         blocks.setdefault(kind, per_index[i])
         flops.setdefault(kind, meter.flops[i])
+        at_pack = meter.at_pack.get(i, Counter())
+        for mode in MODES:
+            rerun[mode].setdefault(kind, at_pack[mode, False])
+            rerun_experts[mode].setdefault(kind, at_pack[mode, True])
     with_experts = sum(1 for b in structure.blocks if b.moe is not None)
     return BlockTrace(
         outside=per_index[_OUTSIDE],
@@ -343,19 +382,18 @@ def _trace(
         flops_outside=meter.flops[_OUTSIDE],
         flops=flops,
         expert_flops=meter.expert_flops // max(with_experts, 1),
+        recompute_flops=rerun,
+        recompute_expert_flops=rerun_experts,
     )
 
 
-def _expert_hooks(meter: _TracingMeter, experts: nn.Module) -> list[Any]:
+def _flag_hooks(meter: _TracingMeter, module: nn.Module, flag: str) -> list[Any]:
+    """Hooks that set `meter.<flag>` while `module`'s forward runs."""
+
     def pre(module: nn.Module, args: Any) -> None:
-        meter.in_experts = True
+        setattr(meter, flag, True)
 
     def post(module: nn.Module, args: Any, out: Any) -> None:
-        meter.in_experts = False
+        setattr(meter, flag, False)
 
-    return [experts.register_forward_pre_hook(pre), experts.register_forward_hook(post)]
-
-
-def total_flops(trace: BlockTrace, kinds: list[str]) -> int:
-    """Forward FLOPs of a model whose blocks have `kinds`."""
-    return trace.flops_outside + sum(trace.flops.get(k, 0) for k in kinds)
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]

@@ -41,13 +41,12 @@ import torch
 
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
-from moetx.planning.predict_activations import BlockTrace
 from moetx.planning.predict_dedup import dedup_all_to_all
 from moetx.planning.predict_fsdp import fsdp_units
 from moetx.planning.predict_sequence import ring_sends, sequence_parallel
 from moetx.planning.predict_state import ModelShapes, find_pass, iter_blocks, uses_tp
 
-__all__ = ["Traffic", "predict_comm", "predict_flops", "recomputes_forward"]
+__all__ = ["Traffic", "predict_comm", "recomputes_forward"]
 
 #: `routing[layer][src][dst]`: token copies ep rank `src` sends to ep rank `dst` in MoE layer
 #: `layer` (the MoE blocks in `discover` order); with `ExpertParallel(dedup=True)`, distinct
@@ -331,26 +330,3 @@ def predict_comm(
         + _cp(shapes, degrees, pipeline, micro_batch, seq)
         + _tp(shapes, degrees, pipeline, micro_batch, seq)
     )
-
-
-def predict_flops(
-    trace: BlockTrace, shapes: ModelShapes, degrees: MeshDegrees, pipeline: Pipeline
-) -> tuple[int, int]:
-    """(expected, worst) FLOPs per rank per step: forward, backward (2x), recomputation.
-
-    The trace's expert FLOPs are those of this rank's tokens under uniform routing, which is what
-    an ep rank computes on average; the worst rank receives `ep · min(k, E / ep) / k` times that.
-    """
-    forward = trace.flops_outside
-    recompute = 0
-    for i, kind in iter_blocks(shapes):
-        forward += trace.flops.get(kind, 0)
-        if recomputes_forward(pipeline, i):
-            recompute += trace.flops.get(kind, 0)
-    expected = 3 * forward + recompute
-    worst = expected
-    if find_pass(pipeline, "ep") is not None and degrees.ep > 1 and shapes.top_k:
-        ratio = degrees.ep * min(shapes.top_k, shapes.num_experts // degrees.ep) / shapes.top_k
-        layers = len(shapes.moe_blocks)
-        worst += int((ratio - 1) * 3 * trace.expert_flops * layers)
-    return expected, worst
