@@ -3,8 +3,10 @@ real CPU forward + backward in every `ActivationCheckpoint` mode, on models hypo
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,7 +17,7 @@ from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.models import MoEConfig
 from moetx.models.config import SCORE_FUNCS
 from moetx.planning import predict
-from moetx.testing import examples, fake_world
+from moetx.testing import examples, fake_world, hf
 from moetx.testing.train import TrainSpec, build_model, global_batches
 from tests.test_autoplan import MODES, _ac
 
@@ -39,11 +41,18 @@ def _flash_backward(
     return 2 * _causal_attention(q, k, is_causal)  # backward: twice forward, as `predict` counts
 
 
-#: `FlopCounterMode` does not count the CPU flash-attention kernels; these count each call
-#: (forward, recomputed forward, backward), so whether recomputation reruns attention is measured.
-ATTENTION = {
+def _grouped_mm(a: Any, b: Any, *args: Any, **_: Any) -> int:
+    """Grouped matmuls contract `a`'s last dim with `b`'s own (ragged when both are 2-D)."""
+    return 2 * math.prod(a) * b[-1]
+
+
+#: What `FlopCounterMode` does not count: the CPU flash-attention kernels and `_grouped_mm`
+#: (Hugging Face's experts). These formulas count each call (forward, recomputed forward,
+#: backward), so whether recomputation reruns attention or experts is measured, not assumed.
+UNCOUNTED = {
     aten._scaled_dot_product_flash_attention_for_cpu: _flash,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_backward,
+    aten._grouped_mm: _grouped_mm,
 }
 
 
@@ -72,15 +81,17 @@ def configs(draw: st.DrawFn) -> MoEConfig:
     )
 
 
-def counted_flops(spec: TrainSpec, mode: str) -> int:
-    """`FlopCounterMode`'s count (attention included) of one forward + backward of `spec`'s model
-    with checkpointing `mode` applied, on one process."""
-    model = build_model(spec)
-    ids, labels = global_batches(spec, 1)[0]
+def counted_flops(spec: TrainSpec | hf.HFSpec, mode: str) -> int:
+    """`FlopCounterMode`'s count (with `UNCOUNTED`) of one forward + backward of `spec`'s model
+    (moetx's or Hugging Face's) with checkpointing `mode` applied, on one process."""
+    if isinstance(spec, hf.HFSpec):
+        model, (ids, labels) = hf.build_model(spec), hf.global_batches(spec, 1)[0]
+    else:
+        model, (ids, labels) = build_model(spec), global_batches(spec, 1)[0]
     with fake_world(1):
         if _ac(mode):
             model = Pipeline(tuple(_ac(mode))).apply(model, ParallelMesh.build())
-        with FlopCounterMode(display=False, custom_mapping=ATTENTION) as counter:
+        with FlopCounterMode(display=False, custom_mapping=UNCOUNTED) as counter:
             model(ids, labels=labels).loss.backward()
     return int(counter.get_total_flops())
 
@@ -132,3 +143,18 @@ def test_recomputation_stops_at_the_last_saved_tensor():
     assert full - router == 2 * t * h * moe.num_experts
     pred = predict(moe, MeshDegrees(), Pipeline(tuple(_ac("router"))), seq=8, micro_batch=2)
     assert pred.flops == router
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_hf_flops_equal_the_counted_ones(family: str):
+    """Hugging Face models (their `_grouped_mm` experts; DeepSeek-V3's dense first layer, shared
+    experts and grouped router) in every checkpointing mode: predicted FLOPs equal the counted."""
+    pytest.importorskip("transformers", reason="needs Hugging Face transformers>=5")
+    spec = hf.HFSpec(family=family, steps=1)
+    for mode in MODES:
+        pipeline = Pipeline(tuple(_ac(mode)))
+        got = predict(
+            hf.build_model(spec), MeshDegrees(), pipeline, seq=spec.seq_len,
+            micro_batch=spec.rows_per_rank,
+        )  # fmt: skip
+        assert got.flops == counted_flops(spec, mode), mode
