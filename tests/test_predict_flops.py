@@ -3,57 +3,19 @@ real CPU forward + backward in every `ActivationCheckpoint` mode, on models hypo
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.flop_counter import FlopCounterMode
 
-from moetx import MeshDegrees, Pipeline
+from moetx import ContextParallel, MeshDegrees, Pipeline
 from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.models import MoEConfig
 from moetx.models.config import SCORE_FUNCS
 from moetx.planning import predict
-from moetx.testing import examples, fake_world, hf
+from moetx.testing import RankPool, examples, fake_world, hf
 from moetx.testing.train import TrainSpec, build_model, global_batches
-from tests.test_autoplan import MODES, _ac
-
-aten = torch.ops.aten
-
-
-def _causal_attention(q: Any, k: Any, causal: bool) -> int:
-    """`predict`'s convention: 4·b·h·s_q·s_k·d, halved when causal (the masked half is skipped)."""
-    b, h, s, d = q
-    full = 4 * b * h * s * k[-2] * d
-    return full // 2 if causal and s == k[-2] else full
-
-
-def _flash(q: Any, k: Any, v: Any, dropout: float = 0.0, is_causal: bool = False, **_: Any) -> int:
-    return _causal_attention(q, k, is_causal)
-
-
-def _flash_backward(
-    grad: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, dropout: float, is_causal: bool, **_: Any
-) -> int:
-    return 2 * _causal_attention(q, k, is_causal)  # backward: twice forward, as `predict` counts
-
-
-def _grouped_mm(a: Any, b: Any, *args: Any, **_: Any) -> int:
-    """Grouped matmuls contract `a`'s last dim with `b`'s own (ragged when both are 2-D)."""
-    return 2 * math.prod(a) * b[-1]
-
-
-#: What `FlopCounterMode` does not count: the CPU flash-attention kernels and `_grouped_mm`
-#: (Hugging Face's experts). These formulas count each call (forward, recomputed forward,
-#: backward), so whether recomputation reruns attention or experts is measured, not assumed.
-UNCOUNTED = {
-    aten._scaled_dot_product_flash_attention_for_cpu: _flash,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_backward,
-    aten._grouped_mm: _grouped_mm,
-}
+from tests.bodies.predict_flops import count_step, rank_flops
+from tests.test_autoplan import MODES, TP_CONFIG, _ac
 
 
 @st.composite
@@ -82,8 +44,8 @@ def configs(draw: st.DrawFn) -> MoEConfig:
 
 
 def counted_flops(spec: TrainSpec | hf.HFSpec, mode: str) -> int:
-    """`FlopCounterMode`'s count (with `UNCOUNTED`) of one forward + backward of `spec`'s model
-    (moetx's or Hugging Face's) with checkpointing `mode` applied, on one process."""
+    """The counted FLOPs of one step of `spec`'s model (moetx's or Hugging Face's) with
+    checkpointing `mode` applied, on one process."""
     if isinstance(spec, hf.HFSpec):
         model, (ids, labels) = hf.build_model(spec), hf.global_batches(spec, 1)[0]
     else:
@@ -91,9 +53,7 @@ def counted_flops(spec: TrainSpec | hf.HFSpec, mode: str) -> int:
     with fake_world(1):
         if _ac(mode):
             model = Pipeline(tuple(_ac(mode))).apply(model, ParallelMesh.build())
-        with FlopCounterMode(display=False, custom_mapping=UNCOUNTED) as counter:
-            model(ids, labels=labels).loss.backward()
-    return int(counter.get_total_flops())
+        return count_step(model, {"input_ids": ids, "labels": labels})
 
 
 @settings(max_examples=examples(15))
@@ -158,3 +118,16 @@ def test_hf_flops_equal_the_counted_ones(family: str):
             micro_batch=spec.rows_per_rank,
         )  # fmt: skip
         assert got.flops == counted_flops(spec, mode), mode
+
+
+@pytest.mark.parametrize("comm", ["allgather", "p2p"])
+def test_context_parallel_flops_equal_every_rank(pool2: RankPool, comm: str):
+    """ContextParallel (all-gather and ring) on 2 gloo ranks, each checkpointing mode: every
+    rank's counted FLOPs (load balanced: alike) equal the prediction; the ring's recomputation
+    reruns its attention blocks, selective mode saves them."""
+    spec = TrainSpec(config=TP_CONFIG, steps=1, rows_per_rank=2, seq_len=16)
+    degrees = MeshDegrees(cp=2)
+    for mode in MODES:
+        pipeline = Pipeline((ContextParallel(comm=comm), *_ac(mode)))
+        p = predict(TP_CONFIG, degrees, pipeline, seq=16, micro_batch=2)
+        assert pool2.run(rank_flops, spec, pipeline, degrees) == [p.flops] * 2, mode
