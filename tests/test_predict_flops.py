@@ -20,7 +20,8 @@ from tests.test_autoplan import MODES, TP_CONFIG, _ac
 
 @st.composite
 def configs(draw: st.DrawFn) -> MoEConfig:
-    """Small models: 1-3 blocks, any of them dense, shared experts, top-k, an MTP block or not."""
+    """Small models: 1-3 blocks, any of them dense, shared experts, top-k, an MTP block or not,
+    the router's options (score function, bias, normalisation, aux loss)."""
     layers = draw(st.integers(1, 3))
     experts = draw(st.sampled_from([2, 4]))
     heads = draw(st.sampled_from([1, 2]))
@@ -39,6 +40,8 @@ def configs(draw: st.DrawFn) -> MoEConfig:
         num_mtp_layers=draw(st.integers(0, 1)),
         score_func=draw(st.sampled_from(SCORE_FUNCS)),
         routing_bias=draw(st.booleans()),
+        norm_topk_prob=draw(st.booleans()),
+        aux_loss_coef=draw(st.sampled_from([0.0, 0.01])),
         tie_embeddings=draw(st.booleans()),
     )
 
