@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moetx import ContextParallel, MeshDegrees, Pipeline
+from moetx import ContextParallel, ExpertParallel, MeshDegrees, Pipeline
 from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.models import MoEConfig
 from moetx.models.config import SCORE_FUNCS
@@ -134,3 +134,19 @@ def test_context_parallel_flops_equal_every_rank(pool2: RankPool, comm: str):
         pipeline = Pipeline((ContextParallel(comm=comm), *_ac(mode)))
         p = predict(TP_CONFIG, degrees, pipeline, seq=16, micro_batch=2)
         assert pool2.run(rank_flops, spec, pipeline, degrees) == [p.flops] * 2, mode
+
+
+@pytest.mark.parametrize("dispatcher", ["all_to_all", "all_gather"])
+def test_expert_parallel_flops_average_to_the_prediction(pool2: RankPool, dispatcher: str):
+    """ExpertParallel on 2 gloo ranks, each checkpointing mode: a rank's expert FLOPs follow the
+    routing drawn, their sum over the ep group does not (every token copy is computed once, and
+    recomputed once where the mode reruns experts), and equals the prediction (a balanced
+    router's) times the ranks; the most loaded rank is within `flops_worst`."""
+    spec = TrainSpec(config=TP_CONFIG, steps=1, rows_per_rank=2, seq_len=16)
+    degrees = MeshDegrees(dp_shard=2, ep=2)
+    for mode in MODES:
+        pipeline = Pipeline((ExpertParallel(dispatcher=dispatcher), *_ac(mode)))
+        p = predict(TP_CONFIG, degrees, pipeline, seq=16, micro_batch=2)
+        counted = pool2.run(rank_flops, spec, pipeline, degrees)
+        assert sum(counted) == 2 * p.flops, (mode, counted, p.flops)
+        assert max(counted) <= p.flops_worst, mode
