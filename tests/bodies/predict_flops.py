@@ -37,7 +37,8 @@ def _flash_backward(
 
 
 def _grouped_mm(a: Any, b: Any, *args: Any, **_: Any) -> int:
-    """Grouped matmuls contract `a`'s last dim with `b`'s own (ragged when both are 2-D)."""
+    """2·numel(a)·N: every element of `a` (whose last dim is the contracted one) meets the `N`
+    output columns of its group (`b`'s last dim), whether `b` or the contraction is grouped."""
     return 2 * math.prod(a) * b[-1]
 
 
