@@ -53,14 +53,22 @@ def test_hf_activations_within_5_percent_of_real_ranks(pool4: RankPool, family: 
         assert all(abs(p.activations - r) <= 0.05 * r for r in real), (p.activations, real)
 
 
-@pytest.mark.parametrize("comm", ["allgather", "p2p"])
-@pytest.mark.parametrize("mode", ["none", "full"])
-def test_hf_context_parallel_predictions_equal_real_ranks(pool4: RankPool, comm: str, mode: str):
+@pytest.mark.parametrize(
+    "comm,mode,logits",
+    [("allgather", "none", False), ("allgather", "full", True), ("p2p", "none", True),
+     ("p2p", "full", False)],
+)  # fmt: skip
+def test_hf_context_parallel_predictions_equal_real_ranks(
+    pool4: RankPool, comm: str, mode: str, logits: bool
+):
     """Qwen3-MoE under CP | AC | FSDP on 4 gloo ranks (dp_shard=2, cp=2; labels shifted over whole
-    rows, each rank its chunk, as training feeds it): the trace (the CP recipe's inputs on meta)
-    is within 5% of every rank's meter, and the collectives equal the counted ones (but the batch
-    check's flag all-reduce, which `predict` leaves out)."""
-    spec = HFSpec(family="qwen3_moe", steps=1, seq_len=16)
+    rows, each rank its chunk, as training feeds it), with the router aux loss
+    (`output_router_logits`) or not: the trace (the CP recipe's inputs on meta) is within 5% of
+    every rank's meter, and the collectives equal the counted ones (the batch check's flag
+    all-reduce over the world and the aux loss's statistics over cp included)."""
+    spec = HFSpec(
+        family="qwen3_moe", steps=1, seq_len=16, overrides=(("output_router_logits", logits),)
+    )
     ac = [] if mode == "none" else [ActivationCheckpoint(mode=mode)]
     pipeline = Pipeline((ContextParallel(comm=comm), *ac, FSDP(reshard_after_forward=True)))
     degrees = MeshDegrees(dp_shard=2, cp=2)
@@ -71,9 +79,9 @@ def test_hf_context_parallel_predictions_equal_real_ranks(pool4: RankPool, comm:
     real = [g["activations"] for g in got]
     assert all(abs(p.activations - r) <= 0.05 * r for r in real), (p.activations, real)
     want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
+    assert want["cp_guard_all_reduce[world]"] == (1, 2 * 3 * 40 // 4)  # 5 int64 flags
+    assert ("aux_all_gather[cp]" in want) == logits
     for g in got:
-        # not modelled (README): HF CP's batch check all-reduces 5 int64 flags over the world
-        assert g["comm"].pop("hsdp_all_reduce[world]") == (1, 2 * 3 * 40 // 4)
         assert {k: v for k, v in g["comm"].items() if v[1] or k in want} == want
 
 

@@ -10,7 +10,8 @@ one backward of one micro-batch:
   (none in backward with `reshard_after_forward=False`, or for the units "auto" keeps gathered;
   `min_unit_bytes` joins small embedding / lm head units to the root and groups small blocks),
   one reduce-scatter of the gradients, and with HSDP an all-reduce over the replicas; FSDP2's
-  padded shards.
+  padded shards. A separate lm head unit is gathered once more in backward when the output
+  carries an aux loss (the root's pre-backward prefetch reruns after the lm head resharded).
 - `ExpertParallel` (the all-gather dispatcher: `_ep_all_gather`; all-to-all): per MoE layer in forward the int64 count exchange,
   the dispatch and the combine; in backward the two reversed; checkpointing in `full`/`router`
   mode reissues the forward three in backward (`selective` saves them).
@@ -25,10 +26,16 @@ one backward of one micro-batch:
   all-reduce of the `[B, S, H]` activation per row-wise layer (attention `o_proj`, MLP
   `down_proj`) and for the vocabulary-parallel embedding, and one all-gather of the logits;
   in backward one all-reduce per column-wise layer's input gradient (q/k/v, gate/up, lm head);
-  a recomputed block redoes its forward sums but an MLP's (checkpointing stops there). With
+  a recomputed block redoes its forward sums but an MLP's (checkpointing stops there; an aux
+  loss after it makes it redo that one too). With
   sequence parallelism, all-gathers and reduce-scatters of the sequence-sharded residual
   stream at each region's edges, and one all-reduce per norm weight's gradient
   (`predict_sequence.sequence_parallel`).
+- the small ones (`predict_aux`): with a routing bias under `FSDP` or `ContextParallel`, the
+  load counters' all-reduce per MoE layer (`load_sync_all_reduce[world]`); with an aux loss
+  under `ContextParallel`, its statistics' all-reduce, all-gather and reduce-scatter per MoE
+  layer (`aux_*[cp]`; an HF model's with `output_router_logits`, once per step); an HF model
+  under `ContextParallel`, its batch check's all-reduce (`cp_guard_all_reduce[world]`).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import torch
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.planning.predict_activations import BlockTrace
+from moetx.planning.predict_aux import aux_collectives
 from moetx.planning.predict_dedup import dedup_all_to_all
 from moetx.planning.predict_fsdp import fsdp_units
 from moetx.planning.predict_sequence import ring_sends, sequence_parallel
@@ -90,12 +98,17 @@ def _fsdp(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[Traff
     if fsdp is None:
         return []
     keep_all = getattr(fsdp, "reshard_after_forward", True) is False
+    units = fsdp_units(shapes, d, pipeline)
+    # The root unit's pre-backward hook runs once per output tensor that gets a gradient, and
+    # prefetches the lm head each time: an aux-loss output's gradient arrives after the lm
+    # head's backward has resharded it, so the lm head is gathered once more.
+    late = any(u.root for u in units) and bool(shapes.aux_blocks or shapes.router_logits)
     out: dict[tuple[str, str], list[int]] = {}
-    for unit in fsdp_units(shapes, d, pipeline):
+    for unit in units:
         axis = "ep_fsdp" if unit.name == "expert" else "dp_shard_cp"
         w, n = unit.mesh_size, unit.count
         if w > 1:
-            gathers = 1 if keep_all or unit.kept else 2
+            gathers = (1 if keep_all or unit.kept else 2) + (late and unit.name == "lm_head")
             row = out.setdefault(("fsdp_all_gather", axis), [0, 0])
             row[0] += n * gathers
             row[1] += n * gathers * (w - 1) * unit.shard_bytes
@@ -284,8 +297,10 @@ def _tp(
         if recomputes_forward(pipeline, i):
             # the recomputation stops at the last saved tensor: the MLP's sum (a dense
             # `down_proj`, a shared expert's), which only feeds the residual, is not redone; a
-            # MoE block without shared experts ends in routed experts, and redoes `o_proj`'s
-            calls += forward - (i not in shapes.moe_blocks or forward > 1)
+            # MoE block without shared experts ends in routed experts, and redoes `o_proj`'s;
+            # an aux loss, computed after the MLP from saved tensors, makes it redo them all
+            last = i not in shapes.moe_blocks or forward > 1
+            calls += forward - (last and i not in shapes.aux_blocks)
     out = [
         Traffic(
             "tp_all_reduce",
@@ -324,12 +339,15 @@ def predict_comm(
         ep_rank: The rank's position in its ep group (with `routing`).
     """
     tokens = micro_batch * (seq // degrees.cp)
+    again = {i for i in range(shapes.num_blocks) if recomputes_forward(pipeline, i)}
+    small = aux_collectives(shapes, degrees, pipeline, micro_batch=micro_batch, recomputed=again)
     return tuple(
         _fsdp(shapes, degrees, pipeline)
         + _grad_sync(shapes, degrees, pipeline)
         + _ep(shapes, degrees, pipeline, tokens, routing, ep_rank)
         + _cp(shapes, degrees, pipeline, micro_batch, seq)
         + _tp(shapes, degrees, pipeline, micro_batch, seq)
+        + [Traffic(*row) for row in small]
     )
 
 

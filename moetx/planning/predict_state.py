@@ -30,6 +30,7 @@ from moetx.models import MoEConfig, MoETransformer
 from moetx.passes.tensor_parallel.targets import tp_targets
 from moetx.planning.report import RankBytes
 from moetx.structure.discovery import ModelStructure, discover
+from moetx.structure.hf import hf_model_type
 
 __all__ = [
     "ModelShapes",
@@ -100,6 +101,17 @@ class ModelShapes:
     tied_embeddings: bool
     routing_bias: bool
     config: MoEConfig | None = attrs.field(default=None, eq=False)
+    #: Bytes of each routing-load counter buffer (one entry per MoE layer and buffer): what
+    #: `moetx.passes.load_sync` all-reduces each forward.
+    counters: tuple[int, ...] = ()
+    #: Blocks whose MoE layer has a nonzero aux loss and a `stats_reducer` hook (moetx's
+    #: `MoEBlock`): their statistics are summed over cp under `ContextParallel`.
+    aux_blocks: tuple[int, ...] = ()
+    #: A Hugging Face transformers model (`ContextParallel` checks its batches over the world).
+    hf: bool = False
+    #: An HF model whose config asks for the router aux loss (`output_router_logits`), which
+    #: `ContextParallel` reduces over cp (`moetx.passes.context_parallel.hf_aux`).
+    router_logits: bool = False
     tp: TPLayout = attrs.field(factory=lambda: TPLayout(refused="not read"))
     #: Results the predictors derive from these shapes, keyed by what they depend on (the
     #: planner asks for the same FSDP units thousands of times).
@@ -154,6 +166,9 @@ class ModelShapes:
         kv_heads = int(getattr(attn, "num_kv_heads", getattr(attn, "num_key_value_heads", 1)))
         head_dim = int(getattr(attn, "head_dim", 1))
         dtype = next(p.dtype for p in model.parameters())
+        layers = [(i, b.moe) for i, b in enumerate(s.blocks) if b.moe is not None]
+        buffers = [(m.module, n) for _, m in layers for n in m.counter_buffer_names]
+        hf = hf_model_type(model) is not None
         return cls(
             params=params,
             num_blocks=len(s.blocks),
@@ -168,6 +183,17 @@ class ModelShapes:
             tied_embeddings=s.tied_embeddings,
             routing_bias=bool(first is not None and first.counter_buffer_names),
             config=config,
+            counters=tuple(
+                m.get_buffer(n).numel() * m.get_buffer(n).element_size() for m, n in buffers
+            ),
+            aux_blocks=tuple(
+                i
+                for i, m in layers
+                if m.stats_reducer_attr is not None and getattr(m.module, "aux_loss_coef", 0.0) != 0
+            ),
+            hf=hf,
+            router_logits=hf
+            and bool(getattr(getattr(model, "config", None), "output_router_logits", False)),
             tp=tp,
         )
 
