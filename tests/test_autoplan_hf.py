@@ -12,7 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moetx import FSDP, ActivationCheckpoint, ContextParallel, ExpertParallel, MeshDegrees, Pipeline
+from moetx import (
+    FSDP,
+    ActivationCheckpoint,
+    ContextParallel,
+    ExpertParallel,
+    MeshDegrees,
+    Pipeline,
+    TensorParallel,
+)
 from moetx.planning import autoplan, predict
 from moetx.testing import RankPool
 from moetx.testing.hf import HFSpec, build_model
@@ -82,6 +90,22 @@ def test_hf_context_parallel_predictions_equal_real_ranks(
     assert want["cp_guard_all_reduce[world]"] == (1, 2 * 3 * 40 // 4)  # 5 int64 flags
     assert ("aux_all_gather[cp]" in want) == logits
     for g in got:
+        assert {k: v for k, v in g["comm"].items() if v[1] or k in want} == want
+
+
+def test_hf_latent_attention_tensor_parallel_collectives_equal_real_ranks(pool4: RankPool):
+    """DeepSeek-V3 (latent attention) under TP | AC | FSDP on 4 gloo ranks (dp_shard=2, tp=2):
+    every collective equals the counted calls and bytes, the tp all-reduces of the latent
+    column-wise inputs (`q_lora_rank`, `kv_lora_rank` wide, not the hidden size) and of the
+    shared rotary key's gradient included."""
+    spec = HFSpec(family="deepseek_v3", steps=1)
+    pipeline = Pipeline((TensorParallel(), ActivationCheckpoint(mode="full"), FSDP()))
+    degrees = MeshDegrees(dp_shard=2, tp=2)
+    p = predict(
+        build_model(spec), degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank
+    )
+    want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
+    for g in pool4.run(hf_measure_step, spec, pipeline, degrees):
         assert {k: v for k, v in g["comm"].items() if v[1] or k in want} == want
 
 

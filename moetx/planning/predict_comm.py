@@ -291,24 +291,23 @@ def _tp(
         norms = itemsize if find_pass(pipeline, "fsdp") is not None else None
         rows = sequence_parallel(shapes, t, tokens, itemsize, recomputed, norms)
         return [Traffic(kind, "tp", calls, sent) for kind, (calls, sent) in rows.items() if calls]
+
+    def summed(width: int) -> int:  # an all-reduce of a [tokens, width] activation
+        return 2 * (t - 1) * tokens * width * itemsize // t
+
     calls = sum(shapes.tp.outside_calls)
+    sent = calls * summed(shapes.hidden_size)
     for i, (forward, backward) in enumerate(shapes.tp.block_calls):
-        calls += forward + backward
         if recomputes_forward(pipeline, i):
             # the recomputation stops at the last saved tensor: the MLP's sum (a dense
             # `down_proj`, a shared expert's), which only feeds the residual, is not redone; a
             # MoE block without shared experts ends in routed experts, and redoes `o_proj`'s;
             # an aux loss, computed after the MLP from saved tensors, makes it redo them all
             last = i not in shapes.moe_blocks or forward > 1
-            calls += forward - (last and i not in shapes.aux_blocks)
-    out = [
-        Traffic(
-            "tp_all_reduce",
-            "tp",
-            calls,
-            calls * (2 * (t - 1) * tokens * shapes.hidden_size * itemsize // t),
-        )
-    ]
+            forward += forward - (last and i not in shapes.aux_blocks)
+        calls += forward + backward
+        sent += forward * summed(shapes.hidden_size) + summed(shapes.tp.grad_widths[i])
+    out = [Traffic("tp_all_reduce", "tp", calls, sent)]
     if shapes.tp.logits:
         local = tokens * (shapes.tp.logits // t) * itemsize
         out.append(Traffic("tp_all_gather", "tp", 1, (t - 1) * local))

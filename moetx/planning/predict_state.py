@@ -71,11 +71,16 @@ class TPLayout:
         outside_calls: The same outside blocks (the vocabulary-parallel embedding in forward,
             the lm head's input gradient in backward).
         logits: The vocabulary the lm head's logits are all-gathered over (0: not sharded).
+        grad_widths: Per block, the widths of its backward all-reduces summed: each column-wise
+            layer's input (the hidden size, or a latent attention's `q_lora_rank` /
+            `kv_lora_rank`) and a latent attention's shared rotary key (`latent`: one more
+            backward call). Forward all-reduces are all hidden-size wide.
     """
 
     sizes: tuple[int, ...] = ()
     refused: str = ""
     block_calls: tuple[tuple[int, int], ...] = ()
+    grad_widths: tuple[int, ...] = ()
     outside_calls: tuple[int, int] = (0, 0)
     logits: int = 0
 
@@ -216,6 +221,7 @@ def _tp_layout(model: nn.Module, s: ModelStructure) -> tuple[dict[int, int], TPL
     dims: dict[int, int] = {}
     sizes: set[int] = set()
     calls = [[0, 0] for _ in s.blocks]
+    widths = [0 for _ in s.blocks]
     outside = [0, 0]
     logits = 0
     for t in targets:
@@ -233,6 +239,7 @@ def _tp_layout(model: nn.Module, s: ModelStructure) -> tuple[dict[int, int], TPL
         calls[block][0] += len(t.rowwise)  # each row-wise output summed in forward
         calls[block][1] += len(t.colwise)  # each column-wise input's gradient in backward
         for name in t.colwise:
+            widths[block] += int(_weight(t.module.get_submodule(name)).shape[1])
             for p in t.module.get_submodule(name).parameters():
                 dims[id(p)] = 0
                 sizes.add(int(p.shape[0]))
@@ -246,11 +253,16 @@ def _tp_layout(model: nn.Module, s: ModelStructure) -> tuple[dict[int, int], TPL
                 sizes.add(_weight(t.module.get_submodule(name)).shape[0] // head_dim)
         elif t.kind == "latent_attention":
             sizes.add(int(t.module.num_heads))  # type: ignore[arg-type]
+            # `tensor_parallel.latent`: the shared rotary key's gradient, summed in backward
+            calls[block][1] += 1
+            key = _weight(t.module.get_submodule("kv_a_proj_with_mqa")).shape[0]
+            widths[block] += int(key) - int(t.module.kv_lora_rank)  # type: ignore[arg-type]
         if t.per_head:
             return {}, TPLayout(refused=f"`{t.fqn}` has per-head norms (not modelled)")
     layout = TPLayout(
         sizes=tuple(sorted(sizes)),
         block_calls=tuple((f, b) for f, b in calls),
+        grad_widths=tuple(widths),
         outside_calls=(outside[0], outside[1]),
         logits=logits,
     )

@@ -46,14 +46,16 @@ PREFER = {
 }
 
 
-#: The small forward collectives, named by the function that issues them (found on the Python
-#: stack): the routing-load counters' sum (`moetx.passes.load_sync`), CP's aux-loss statistics
-#: (`StatsReducer`, HF's `AuxLossReducer`) and the HF CP batch check (`_BatchGuard`).
+#: The small collectives, named by the function that issues them (found on the Python stack):
+#: the routing-load counters' sum (`moetx.passes.load_sync`), CP's aux-loss statistics
+#: (`StatsReducer`, HF's `AuxLossReducer`), the HF CP batch check (`_BatchGuard`), and TP's sum
+#: of a latent attention's rotary-key gradient (`tensor_parallel.latent`, in backward).
 ISSUERS = {
     "_reduce_increment.<locals>.hook": "load_sync",
     "StatsReducer.__call__": "aux",
     "AuxLossReducer.__call__": "aux",
     "_BatchGuard.__call__": "cp_guard",
+    "_SumSliceGradOverTP.backward": "tp",
 }
 
 
