@@ -69,14 +69,13 @@ def test_hf_activations_within_5_percent_of_real_ranks(pool4: RankPool, family: 
 def test_hf_context_parallel_predictions_equal_real_ranks(
     pool4: RankPool, comm: str, mode: str, logits: bool
 ):
-    """Qwen3-MoE under CP | AC | FSDP on 4 gloo ranks (dp_shard=2, cp=2; labels shifted over whole
-    rows, each rank its chunk, as training feeds it), with the router aux loss
+    """Qwen3-MoE (2 K/V heads) under CP | AC | FSDP on 4 gloo ranks (dp_shard=2, cp=2; labels
+    shifted over whole rows, each rank its chunk, as training feeds it), with the router aux loss
     (`output_router_logits`) or not: the trace (the CP recipe's inputs on meta) is within 5% of
     every rank's meter, and the collectives equal the counted ones (the batch check's flag
     all-reduce over the world and the aux loss's statistics over cp included)."""
-    spec = HFSpec(
-        family="qwen3_moe", steps=1, seq_len=16, overrides=(("output_router_logits", logits),)
-    )
+    overrides = (("output_router_logits", logits), ("num_key_value_heads", 2))
+    spec = HFSpec(family="qwen3_moe", steps=1, seq_len=16, overrides=overrides)
     ac = [] if mode == "none" else [ActivationCheckpoint(mode=mode)]
     pipeline = Pipeline((ContextParallel(comm=comm), *ac, FSDP(reshard_after_forward=True)))
     degrees = MeshDegrees(dp_shard=2, cp=2)
@@ -93,18 +92,26 @@ def test_hf_context_parallel_predictions_equal_real_ranks(
         assert {k: v for k, v in g["comm"].items() if v[1] or k in want} == want
 
 
-def test_hf_latent_attention_tensor_parallel_collectives_equal_real_ranks(pool4: RankPool):
-    """DeepSeek-V3 (latent attention) under TP | AC | FSDP on 4 gloo ranks (dp_shard=2, tp=2):
-    every collective equals the counted calls and bytes, the tp all-reduces of the latent
-    column-wise inputs (`q_lora_rank`, `kv_lora_rank` wide, not the hidden size) and of the
-    shared rotary key's gradient included."""
-    spec = HFSpec(family="deepseek_v3", steps=1)
-    pipeline = Pipeline((TensorParallel(), ActivationCheckpoint(mode="full"), FSDP()))
-    degrees = MeshDegrees(dp_shard=2, tp=2)
+def test_hf_latent_attention_collectives_equal_real_ranks(pool4: RankPool):
+    """DeepSeek-V3 (latent attention) under TP | CP | AC | FSDP on 4 gloo ranks (cp=2, tp=2),
+    with `output_router_logits`: every collective equals the counted calls and bytes, among
+    them the tp all-reduces of the latent column-wise inputs (`q_lora_rank`, `kv_lora_rank`
+    wide, not the hidden size) and of the shared rotary key's gradient, CP's K/V of every query
+    head padded to one width, the batch check over every rank, and the lm head gathered again
+    for the router logits' late pre-backward hooks (DeepSeek-V3 returns no aux loss, so no
+    aux-loss statistics)."""
+    spec = HFSpec(
+        family="deepseek_v3", steps=1, seq_len=16, overrides=(("output_router_logits", True),)
+    )
+    pipeline = Pipeline(
+        (TensorParallel(), ContextParallel(), ActivationCheckpoint(mode="full"), FSDP())
+    )
+    degrees = MeshDegrees(cp=2, tp=2)
     p = predict(
         build_model(spec), degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank
     )
     want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
+    assert "aux_all_gather[cp]" not in want and "cp_guard_all_reduce[world]" in want
     for g in pool4.run(hf_measure_step, spec, pipeline, degrees):
         assert {k: v for k, v in g["comm"].items() if v[1] or k in want} == want
 

@@ -67,7 +67,7 @@ def _cp_stats(
     out: list[Row] = []
     if shapes.hf:
         out.append(("cp_guard_all_reduce", "world", 1, _all_reduce(8 * _GUARD_FLAGS, d.world_size)))
-    if shapes.hf and shapes.router_logits:
+    if shapes.router_aux:
         reduce, gather, scatter = _all_reduce(4 * (e + 2), c), (c - 1) * 4 * e, (c - 1) * 4 * e
         out += [("aux_all_reduce", "cp", 1, reduce), ("aux_all_gather", "cp", 1, gather)]
         out.append(("aux_reduce_scatter", "cp", 1, scatter))

@@ -114,9 +114,12 @@ class ModelShapes:
     aux_blocks: tuple[int, ...] = ()
     #: A Hugging Face transformers model (`ContextParallel` checks its batches over the world).
     hf: bool = False
-    #: An HF model whose config asks for the router aux loss (`output_router_logits`), which
-    #: `ContextParallel` reduces over cp (`moetx.passes.context_parallel.hf_aux`).
+    #: An HF model whose output carries its router logits (config `output_router_logits`):
+    #: tensors of the autograd graph, each a late pre-backward hook for FSDP's root unit.
     router_logits: bool = False
+    #: ... and a router aux loss computed from them (a `router_aux_loss_coef`; not
+    #: DeepSeek-V3), which `ContextParallel` reduces over cp (`hf_aux`).
+    router_aux: bool = False
     tp: TPLayout = attrs.field(factory=lambda: TPLayout(refused="not read"))
     #: Results the predictors derive from these shapes, keyed by what they depend on (the
     #: planner asks for the same FSDP units thousands of times).
@@ -168,12 +171,13 @@ class ModelShapes:
         moe = [i for i, b in enumerate(s.blocks) if b.moe is not None]
         first = s.blocks[moe[0]].moe if moe else None
         attn = s.blocks[0].attention
-        kv_heads = int(getattr(attn, "num_kv_heads", getattr(attn, "num_key_value_heads", 1)))
-        head_dim = int(getattr(attn, "head_dim", 1))
+        kv_heads, head_dim = _kv_layout(attn)
         dtype = next(p.dtype for p in model.parameters())
         layers = [(i, b.moe) for i, b in enumerate(s.blocks) if b.moe is not None]
         buffers = [(m.module, n) for _, m in layers for n in m.counter_buffer_names]
         hf = hf_model_type(model) is not None
+        config_logits = getattr(getattr(model, "config", None), "output_router_logits", False)
+        logits = hf and bool(config_logits)
         return cls(
             params=params,
             num_blocks=len(s.blocks),
@@ -197,8 +201,8 @@ class ModelShapes:
                 if m.stats_reducer_attr is not None and getattr(m.module, "aux_loss_coef", 0.0) != 0
             ),
             hf=hf,
-            router_logits=hf
-            and bool(getattr(getattr(model, "config", None), "output_router_logits", False)),
+            router_logits=logits,
+            router_aux=logits and hasattr(model, "router_aux_loss_coef"),
             tp=tp,
         )
 
@@ -210,6 +214,18 @@ class ModelShapes:
     def num_parameters(self) -> int:
         """Parameter count (tied parameters once)."""
         return sum(math.prod(p.shape) for p in self.params)
+
+
+def _kv_layout(attn: nn.Module) -> tuple[int, int]:
+    """(K/V heads, head dim) of the K/V that context parallelism gathers: moetx's attention
+    (`num_kv_heads`), HF's (`config.num_key_value_heads`), or HF latent attention, whose K/V
+    reach the kernel per query head, padded to one width (`context_parallel.hf`)."""
+    if hasattr(attn, "kv_lora_rank"):
+        width = max(int(getattr(attn, "qk_head_dim", 1)), int(getattr(attn, "v_head_dim", 1)))
+        return int(getattr(attn, "num_heads", 1)), width
+    config = getattr(attn, "config", None)
+    heads = getattr(attn, "num_kv_heads", getattr(config, "num_key_value_heads", 1))
+    return int(heads), int(getattr(attn, "head_dim", 1))
 
 
 def _tp_layout(model: nn.Module, s: ModelStructure) -> tuple[dict[int, int], TPLayout]:

@@ -81,6 +81,7 @@ def _axes(mesh: ParallelMesh) -> dict[str, list[str]]:
         ("cp", mesh["cp"]),
         ("dp_replicate", mesh["dp_replicate"]),
         ("world", mesh.tokens if mesh.degrees.tp > 1 else mesh.root),  # sync_gradients' group
+        *[("world", mesh.root)] * (mesh.degrees.tp > 1),  # HF CP's batch check: every rank
         *[("tp", dm["tp"]) for dm in (mesh.dense, mesh.fsdp, mesh.moe) if mesh.degrees.tp > 1],
     ):
         group = dm.get_group()
