@@ -12,7 +12,8 @@ lists them (tests count every collective of a real step against the prediction):
   all-reduce of the int64 `[B, E]` choice counts and an autograd all-gather of the float32
   `[B, E]` probability sums, both again in a block recomputed in `full`/`router` mode (in
   `selective` mode their outputs are saved), and the gather's reduce-scatter in backward.
-  A Hugging Face model with `output_router_logits` (`hf_aux`, one hook on the whole model, never
+  A Hugging Face model returning a router aux loss (`output_router_logits` and a
+  `router_aux_loss_coef`: not DeepSeek-V3; `hf_aux`, one hook on the whole model, never
   recomputed): one all-reduce of `E + 2` float32 (counts, token count, formula check), one
   all-gather of the `E` float32 probability sums and its reduce-scatter in backward.
 - `cp_guard_all_reduce` on `world` (every rank): a Hugging Face model under `ContextParallel`

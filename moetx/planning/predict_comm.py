@@ -11,13 +11,15 @@ one backward of one micro-batch:
   `min_unit_bytes` joins small embedding / lm head units to the root and groups small blocks),
   one reduce-scatter of the gradients, and with HSDP an all-reduce over the replicas; FSDP2's
   padded shards. A separate lm head unit is gathered once more in backward when the output
-  carries an aux loss (the root's pre-backward prefetch reruns after the lm head resharded).
+  carries an aux loss or HF router logits (the root's pre-backward hook, prefetching the lm
+  head, runs once per output tensor; theirs after the lm head's backward resharded it).
 - `ExpertParallel` (the all-gather dispatcher: `_ep_all_gather`; all-to-all): per MoE layer in forward the int64 count exchange,
   the dispatch and the combine; in backward the two reversed; checkpointing in `full`/`router`
   mode reissues the forward three in backward (`selective` saves them).
 - no `FSDP`: `moetx.sync_gradients`, one all-reduce of the dense gradients over the world and
   one per expert parameter over dp_replicate × ep_shard.
-- `ContextParallel` (allgather): per attention layer one all-gather of the stacked K/V, its
+- `ContextParallel` (allgather): per attention layer one all-gather of the stacked K/V (HF
+  latent attention: one K/V head per query head, padded to the wider of K and V), its
   reduce-scatter in backward, and a second all-gather under `full`/`router` checkpointing;
   (p2p, ring) per attention layer `cp - 1` sends of the K/V block in forward (again in a
   checkpointed block, in every mode), `cp - 1` of it and `cp` of its float32 gradient in
@@ -25,17 +27,19 @@ one backward of one micro-batch:
 - `TensorParallel` (no sequence parallelism; DTensor redistributions): in forward one
   all-reduce of the `[B, S, H]` activation per row-wise layer (attention `o_proj`, MLP
   `down_proj`) and for the vocabulary-parallel embedding, and one all-gather of the logits;
-  in backward one all-reduce per column-wise layer's input gradient (q/k/v, gate/up, lm head);
-  a recomputed block redoes its forward sums but an MLP's (checkpointing stops there; an aux
-  loss after it makes it redo that one too). With
+  in backward one all-reduce per column-wise layer's input gradient (q/k/v, gate/up, lm head;
+  latent attention's are `q_lora_rank` / `kv_lora_rank` wide, and its shared rotary key's
+  gradient is summed too); a recomputed block redoes its forward sums but an MLP's
+  (checkpointing stops there; an aux loss after it makes it redo that one too). With
   sequence parallelism, all-gathers and reduce-scatters of the sequence-sharded residual
   stream at each region's edges, and one all-reduce per norm weight's gradient
   (`predict_sequence.sequence_parallel`).
 - the small ones (`predict_aux`): with a routing bias under `FSDP` or `ContextParallel`, the
   load counters' all-reduce per MoE layer (`load_sync_all_reduce[world]`); with an aux loss
   under `ContextParallel`, its statistics' all-reduce, all-gather and reduce-scatter per MoE
-  layer (`aux_*[cp]`; an HF model's with `output_router_logits`, once per step); an HF model
-  under `ContextParallel`, its batch check's all-reduce (`cp_guard_all_reduce[world]`).
+  layer (`aux_*[cp]`; an HF model's router aux loss, `output_router_logits`, once per step);
+  an HF model under `ContextParallel`, its batch check's all-reduce over every rank
+  (`cp_guard_all_reduce[world]`).
 """
 
 from __future__ import annotations
