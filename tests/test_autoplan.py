@@ -44,8 +44,8 @@ from tests.bodies import training_loop
 from tests.bodies.autoplan import hf_held_bytes, measure_step
 from tests.bodies.plan import gathered_after_forward, held_bytes
 
-# Odd sizes (vocab 67, hidden 12, widths 6 / 10) split unevenly over 2 and 4 ranks. No routing
-# bias or aux loss: their small all-reduces are not predicted (README: Auto-planner).
+# Odd sizes (vocab 67, hidden 12, widths 6 / 10) split unevenly over 2 and 4 ranks. Routing bias
+# and the aux loss (and their collectives) are drawn by the tests that count collectives.
 CONFIG = MoEConfig(
     vocab_size=67, hidden_size=12, num_heads=2, num_kv_heads=1, num_layers=3, num_dense_layers=1,
     num_experts=4, top_k=2, expert_hidden_size=6, num_shared_experts=1, dense_hidden_size=10,
@@ -92,7 +92,7 @@ def fsdps(draw: st.DrawFn) -> FSDP:
     )
 
 
-def _spec(degrees: MeshDegrees, **config: int) -> TrainSpec:
+def _spec(degrees: MeshDegrees, **config: float) -> TrainSpec:
     mtp = config.pop("num_mtp_layers", 0) * (degrees.cp == 1)  # CP refuses an MTP head
     return attrs.evolve(SPEC, config=attrs.evolve(CONFIG, num_mtp_layers=mtp, **config))
 
@@ -234,16 +234,18 @@ def _routing(results: list[dict], rank: int) -> list[list[list[int]]]:
 
 
 @settings(max_examples=examples(8), deadline=None)
-@given(case=cases(world_size=4))
-def test_comm_bytes_equal_counted_bytes_on_real_ranks(pool4: RankPool, case):
+@given(case=cases(world_size=4), bias=st.booleans(), aux=st.booleans())
+def test_comm_bytes_equal_counted_bytes_on_real_ranks(pool4: RankPool, case, bias, aux):
     """Every collective a step issues (FSDP all-gather / reduce-scatter / HSDP all-reduce,
     gradient all-reduce without FSDP, EP all-to-all for the routing drawn or the all-gather
-    dispatcher's all-gathers / reduce-scatters, CP K/V all-gather /
-    reduce-scatter), counted on 4 gloo ranks, equals the prediction: calls and bytes, per kind
-    and axis, on every rank. Without FSDP (whose buffers the meter would see) and EP (whose
-    activations follow the routing drawn), activations are within 5% of each rank's meter."""
+    dispatcher's all-gathers / reduce-scatters, CP K/V all-gather / reduce-scatter, with a
+    routing bias its load counters' all-reduce, with an aux loss under CP its statistics'
+    all-reduce / all-gather / reduce-scatter), counted on 4 gloo ranks, equals the prediction:
+    calls and bytes, per kind and axis, on every rank. Without FSDP (whose buffers the meter
+    would see) and EP (whose activations follow the routing drawn), activations are within 5%
+    of each rank's meter."""
     pipeline, degrees, _ = case
-    spec = _spec(degrees)
+    spec = _spec(degrees, routing_bias=bias, aux_loss_coef=0.01 * aux)
     fsdp = any(isinstance(p, FSDP) for p in pipeline)
     results = pool4.run(measure_step, spec, pipeline, degrees, meter=not fsdp)
     for rank, got in enumerate(results):
@@ -286,21 +288,23 @@ def tp_cases(draw: st.DrawFn) -> tuple[Pipeline, MeshDegrees]:
 
 
 @settings(max_examples=examples(5), deadline=None)
-@given(case=tp_cases())
-def test_tp_predictions_equal_real_ranks(pool4: RankPool, case):
+@given(case=tp_cases(), bias=st.booleans(), aux=st.booleans())
+def test_tp_predictions_equal_real_ranks(pool4: RankPool, case, bias, aux):
     """`TensorParallel` at tp=2 on 4 gloo ranks: parameter, gradient and AdamW bytes equal the
     held shards exactly; every collective (tp all-reduces and the logits all-gather, FSDP's on
-    the tp-local shards, gradient sync) equals the counted calls and bytes; without FSDP and
-    EP, activations are within 5% of each rank's meter."""
+    the tp-local shards, gradient sync, the routing-load and aux-loss statistics' sums when
+    drawn) equals the counted calls and bytes; without FSDP and EP, activations are within 5%
+    of each rank's meter."""
     pipeline, degrees = case
-    spec = attrs.evolve(SPEC, config=TP_CONFIG)
+    config = attrs.evolve(TP_CONFIG, routing_bias=bias, aux_loss_coef=0.01 * aux)
+    spec = attrs.evolve(SPEC, config=config)
     fsdp = any(isinstance(p, FSDP) for p in pipeline)
     held = pool4.run(held_bytes, spec, pipeline, degrees)
     results = pool4.run(measure_step, spec, pipeline, degrees, meter=not fsdp)
     for rank, got in enumerate(results):
         routing = _routing(results, rank) if degrees.ep > 1 else None
         p = predict(
-            TP_CONFIG, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank,
+            config, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank,
             routing=routing, ep_rank=got["ep_rank"],
         )  # fmt: skip
         state = p.state

@@ -12,7 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moetx import FSDP, ActivationCheckpoint, ContextParallel, ExpertParallel, MeshDegrees, Pipeline
+from moetx import (
+    FSDP,
+    ActivationCheckpoint,
+    ContextParallel,
+    ExpertParallel,
+    MeshDegrees,
+    Pipeline,
+    TensorParallel,
+)
 from moetx.planning import autoplan, predict
 from moetx.testing import RankPool
 from moetx.testing.hf import HFSpec, build_model
@@ -53,14 +61,21 @@ def test_hf_activations_within_5_percent_of_real_ranks(pool4: RankPool, family: 
         assert all(abs(p.activations - r) <= 0.05 * r for r in real), (p.activations, real)
 
 
-@pytest.mark.parametrize("comm", ["allgather", "p2p"])
-@pytest.mark.parametrize("mode", ["none", "full"])
-def test_hf_context_parallel_predictions_equal_real_ranks(pool4: RankPool, comm: str, mode: str):
-    """Qwen3-MoE under CP | AC | FSDP on 4 gloo ranks (dp_shard=2, cp=2; labels shifted over whole
-    rows, each rank its chunk, as training feeds it): the trace (the CP recipe's inputs on meta)
-    is within 5% of every rank's meter, and the collectives equal the counted ones (but the batch
-    check's flag all-reduce, which `predict` leaves out)."""
-    spec = HFSpec(family="qwen3_moe", steps=1, seq_len=16)
+@pytest.mark.parametrize(
+    "comm,mode,logits",
+    [("allgather", "none", False), ("allgather", "full", True), ("p2p", "none", True),
+     ("p2p", "full", False)],
+)  # fmt: skip
+def test_hf_context_parallel_predictions_equal_real_ranks(
+    pool4: RankPool, comm: str, mode: str, logits: bool
+):
+    """Qwen3-MoE (2 K/V heads) under CP | AC | FSDP on 4 gloo ranks (dp_shard=2, cp=2; labels
+    shifted over whole rows, each rank its chunk, as training feeds it), with the router aux loss
+    (`output_router_logits`) or not: the trace (the CP recipe's inputs on meta) is within 5% of
+    every rank's meter, and the collectives equal the counted ones (the batch check's flag
+    all-reduce over the world and the aux loss's statistics over cp included)."""
+    overrides = (("output_router_logits", logits), ("num_key_value_heads", 2))
+    spec = HFSpec(family="qwen3_moe", steps=1, seq_len=16, overrides=overrides)
     ac = [] if mode == "none" else [ActivationCheckpoint(mode=mode)]
     pipeline = Pipeline((ContextParallel(comm=comm), *ac, FSDP(reshard_after_forward=True)))
     degrees = MeshDegrees(dp_shard=2, cp=2)
@@ -71,9 +86,33 @@ def test_hf_context_parallel_predictions_equal_real_ranks(pool4: RankPool, comm:
     real = [g["activations"] for g in got]
     assert all(abs(p.activations - r) <= 0.05 * r for r in real), (p.activations, real)
     want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
+    assert want["cp_guard_all_reduce[world]"] == (1, 2 * 3 * 40 // 4)  # 5 int64 flags
+    assert ("aux_all_gather[cp]" in want) == logits
     for g in got:
-        # not modelled (README): HF CP's batch check all-reduces 5 int64 flags over the world
-        assert g["comm"].pop("hsdp_all_reduce[world]") == (1, 2 * 3 * 40 // 4)
+        assert {k: v for k, v in g["comm"].items() if v[1] or k in want} == want
+
+
+def test_hf_latent_attention_collectives_equal_real_ranks(pool4: RankPool):
+    """DeepSeek-V3 (latent attention) under TP | CP | AC | FSDP on 4 gloo ranks (cp=2, tp=2),
+    with `output_router_logits`: every collective equals the counted calls and bytes, among
+    them the tp all-reduces of the latent column-wise inputs (`q_lora_rank`, `kv_lora_rank`
+    wide, not the hidden size) and of the shared rotary key's gradient, CP's K/V of every query
+    head padded to one width, the batch check over every rank, and the lm head gathered again
+    for the router logits' late pre-backward hooks (DeepSeek-V3 returns no aux loss, so no
+    aux-loss statistics)."""
+    spec = HFSpec(
+        family="deepseek_v3", steps=1, seq_len=16, overrides=(("output_router_logits", True),)
+    )
+    pipeline = Pipeline(
+        (TensorParallel(), ContextParallel(), ActivationCheckpoint(mode="full"), FSDP())
+    )
+    degrees = MeshDegrees(cp=2, tp=2)
+    p = predict(
+        build_model(spec), degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank
+    )
+    want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
+    assert "aux_all_gather[cp]" not in want and "cp_guard_all_reduce[world]" in want
+    for g in pool4.run(hf_measure_step, spec, pipeline, degrees):
         assert {k: v for k, v in g["comm"].items() if v[1] or k in want} == want
 
 

@@ -45,10 +45,11 @@ MESHES = (
 
 
 @st.composite
-def cases(draw: st.DrawFn) -> tuple[int, Pipeline, MeshDegrees, dict[str, int]]:
+def cases(draw: st.DrawFn) -> tuple[int, Pipeline, MeshDegrees, dict[str, float]]:
     """(world, pipeline, degrees, config changes): ring CP whenever cp > 1 but, with tp=2, either
     ring CP or sequence parallelism (the other one drawn); load balancing on or off; any
-    checkpointing mode; FSDP or not; shared experts and tied embeddings or not."""
+    checkpointing mode; FSDP or not; shared experts, tied embeddings, a routing bias and an aux
+    loss or not."""
     world, degrees = draw(st.sampled_from(MESHES))
     ring = degrees.cp > 1 and (degrees.tp == 1 or draw(st.booleans()))
     sequence = degrees.tp > 1 and (not ring or draw(st.booleans()))
@@ -59,7 +60,9 @@ def cases(draw: st.DrawFn) -> tuple[int, Pipeline, MeshDegrees, dict[str, int]]:
     passes += _ac(draw(st.sampled_from(MODES)))
     if degrees.dp_replicate > 1 or draw(st.booleans()):
         passes.append(draw(fsdps()))
-    config = {"num_shared_experts": draw(st.integers(0, 1))}
+    config: dict[str, float] = {"num_shared_experts": draw(st.integers(0, 1))}
+    config["routing_bias"] = draw(st.booleans())
+    config["aux_loss_coef"] = 0.01 * draw(st.booleans())
     if degrees.cp == 1:
         config["tie_embeddings"] = draw(st.booleans())
     return world, Pipeline(tuple(passes)), degrees, config
@@ -72,7 +75,8 @@ def test_ring_and_sequence_parallel_predictions_equal_real_ranks(
 ):
     """On 2 or 4 gloo ranks, one step of ring CP and / or sequence parallelism: every collective
     a rank issues (the ring's K/V and gradient sends, tp all-gathers / reduce-scatters /
-    all-reduces, the norm gradients' sums, CP's input guard, FSDP's and the gradient sync) equals
+    all-reduces, the norm gradients' sums, CP's input guard, FSDP's and the gradient sync, the
+    routing-load counters' and the CP aux-loss statistics' sums when drawn) equals
     the predicted calls and bytes per kind and axis; parameter, gradient and AdamW bytes equal the
     held shards exactly; without FSDP, activations are within 5% of the largest rank's meter."""
     world, pipeline, degrees, changes = case

@@ -1,4 +1,4 @@
-"""Communication bytes per step and FLOPs per rank, from the model's shapes and the passes' collectives.
+"""Communication bytes per step per rank, from the model's shapes and the collectives the passes issue.
 
 Bytes are what leaves one rank (the ring/wire convention): an all-gather of a `b`-byte shard
 over `w` ranks sends `(w-1)·b`, a reduce-scatter of a `w·b`-byte input `(w-1)·b`, a ring
@@ -10,13 +10,16 @@ one backward of one micro-batch:
   (none in backward with `reshard_after_forward=False`, or for the units "auto" keeps gathered;
   `min_unit_bytes` joins small embedding / lm head units to the root and groups small blocks),
   one reduce-scatter of the gradients, and with HSDP an all-reduce over the replicas; FSDP2's
-  padded shards.
+  padded shards. A separate lm head unit is gathered once more in backward when the output
+  carries an aux loss or HF router logits (the root's pre-backward hook, prefetching the lm
+  head, runs once per output tensor; theirs after the lm head's backward resharded it).
 - `ExpertParallel` (the all-gather dispatcher: `_ep_all_gather`; all-to-all): per MoE layer in forward the int64 count exchange,
   the dispatch and the combine; in backward the two reversed; checkpointing in `full`/`router`
   mode reissues the forward three in backward (`selective` saves them).
 - no `FSDP`: `moetx.sync_gradients`, one all-reduce of the dense gradients over the world and
   one per expert parameter over dp_replicate × ep_shard.
-- `ContextParallel` (allgather): per attention layer one all-gather of the stacked K/V, its
+- `ContextParallel` (allgather): per attention layer one all-gather of the stacked K/V (HF
+  latent attention: one K/V head per query head, padded to the wider of K and V), its
   reduce-scatter in backward, and a second all-gather under `full`/`router` checkpointing;
   (p2p, ring) per attention layer `cp - 1` sends of the K/V block in forward (again in a
   checkpointed block, in every mode), `cp - 1` of it and `cp` of its float32 gradient in
@@ -24,11 +27,19 @@ one backward of one micro-batch:
 - `TensorParallel` (no sequence parallelism; DTensor redistributions): in forward one
   all-reduce of the `[B, S, H]` activation per row-wise layer (attention `o_proj`, MLP
   `down_proj`) and for the vocabulary-parallel embedding, and one all-gather of the logits;
-  in backward one all-reduce per column-wise layer's input gradient (q/k/v, gate/up, lm head);
-  a recomputed block redoes its forward sums but an MLP's (checkpointing stops there). With
+  in backward one all-reduce per column-wise layer's input gradient (q/k/v, gate/up, lm head;
+  latent attention's are `q_lora_rank` / `kv_lora_rank` wide, and its shared rotary key's
+  gradient is summed too); a recomputed block redoes its forward sums but an MLP's
+  (checkpointing stops there; an aux loss after it makes it redo that one too). With
   sequence parallelism, all-gathers and reduce-scatters of the sequence-sharded residual
   stream at each region's edges, and one all-reduce per norm weight's gradient
   (`predict_sequence.sequence_parallel`).
+- the small ones (`predict_aux`): with a routing bias under `FSDP` or `ContextParallel`, the
+  load counters' all-reduce per MoE layer (`load_sync_all_reduce[world]`); with an aux loss
+  under `ContextParallel`, its statistics' all-reduce, all-gather and reduce-scatter per MoE
+  layer (`aux_*[cp]`; an HF model's router aux loss, `output_router_logits`, once per step);
+  an HF model under `ContextParallel`, its batch check's all-reduce over every rank
+  (`cp_guard_all_reduce[world]`).
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ import torch
 
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
+from moetx.planning.predict_aux import aux_collectives
 from moetx.planning.predict_dedup import dedup_all_to_all
 from moetx.planning.predict_fsdp import fsdp_units
 from moetx.planning.predict_sequence import ring_sends, sequence_parallel
@@ -89,12 +101,17 @@ def _fsdp(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[Traff
     if fsdp is None:
         return []
     keep_all = getattr(fsdp, "reshard_after_forward", True) is False
+    units = fsdp_units(shapes, d, pipeline)
+    # The root unit's pre-backward hook runs once per output tensor that gets a gradient, and
+    # prefetches the lm head each time: an aux-loss output's gradient arrives after the lm
+    # head's backward has resharded it, so the lm head is gathered once more.
+    late = any(u.root for u in units) and bool(shapes.aux_blocks or shapes.router_logits)
     out: dict[tuple[str, str], list[int]] = {}
-    for unit in fsdp_units(shapes, d, pipeline):
+    for unit in units:
         axis = "ep_fsdp" if unit.name == "expert" else "dp_shard_cp"
         w, n = unit.mesh_size, unit.count
         if w > 1:
-            gathers = 1 if keep_all or unit.kept else 2
+            gathers = (1 if keep_all or unit.kept else 2) + (late and unit.name == "lm_head")
             row = out.setdefault(("fsdp_all_gather", axis), [0, 0])
             row[0] += n * gathers
             row[1] += n * gathers * (w - 1) * unit.shard_bytes
@@ -277,22 +294,23 @@ def _tp(
         norms = itemsize if find_pass(pipeline, "fsdp") is not None else None
         rows = sequence_parallel(shapes, t, tokens, itemsize, recomputed, norms)
         return [Traffic(kind, "tp", calls, sent) for kind, (calls, sent) in rows.items() if calls]
+
+    def summed(width: int) -> int:  # an all-reduce of a [tokens, width] activation
+        return 2 * (t - 1) * tokens * width * itemsize // t
+
     calls = sum(shapes.tp.outside_calls)
+    sent = calls * summed(shapes.hidden_size)
     for i, (forward, backward) in enumerate(shapes.tp.block_calls):
-        calls += forward + backward
         if recomputes_forward(pipeline, i):
             # the recomputation stops at the last saved tensor: the MLP's sum (a dense
             # `down_proj`, a shared expert's), which only feeds the residual, is not redone; a
-            # MoE block without shared experts ends in routed experts, and redoes `o_proj`'s
-            calls += forward - (i not in shapes.moe_blocks or forward > 1)
-    out = [
-        Traffic(
-            "tp_all_reduce",
-            "tp",
-            calls,
-            calls * (2 * (t - 1) * tokens * shapes.hidden_size * itemsize // t),
-        )
-    ]
+            # MoE block without shared experts ends in routed experts, and redoes `o_proj`'s;
+            # an aux loss, computed after the MLP from saved tensors, makes it redo them all
+            last = i not in shapes.moe_blocks or forward > 1
+            forward += forward - (last and i not in shapes.aux_blocks)
+        calls += forward + backward
+        sent += forward * summed(shapes.hidden_size) + summed(shapes.tp.grad_widths[i])
+    out = [Traffic("tp_all_reduce", "tp", calls, sent)]
     if shapes.tp.logits:
         local = tokens * (shapes.tp.logits // t) * itemsize
         out.append(Traffic("tp_all_gather", "tp", 1, (t - 1) * local))
@@ -323,10 +341,13 @@ def predict_comm(
         ep_rank: The rank's position in its ep group (with `routing`).
     """
     tokens = micro_batch * (seq // degrees.cp)
+    again = {i for i in range(shapes.num_blocks) if recomputes_forward(pipeline, i)}
+    small = aux_collectives(shapes, degrees, pipeline, micro_batch=micro_batch, recomputed=again)
     return tuple(
         _fsdp(shapes, degrees, pipeline)
         + _grad_sync(shapes, degrees, pipeline)
         + _ep(shapes, degrees, pipeline, tokens, routing, ep_rank)
         + _cp(shapes, degrees, pipeline, micro_batch, seq)
         + _tp(shapes, degrees, pipeline, micro_batch, seq)
+        + [Traffic(*row) for row in small]
     )

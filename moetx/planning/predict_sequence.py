@@ -42,7 +42,8 @@ def sequence_parallel(
     input's gradient. Outside: the embedding reduce-scatters its lookup (tied: slices it), the
     lm head all-gathers its input and its logits, and backward reverses the first two. A block
     with `recomputed[i]` redoes its forward collectives but a last one that only feeds the
-    residual (a dense `down_proj`'s reduce-scatter, a shared expert's all-reduce). Each norm
+    residual (a dense `down_proj`'s reduce-scatter, a shared expert's all-reduce, unless an aux
+    loss follows it: `ModelShapes.aux_blocks`). Each norm
     weight's gradient is all-reduced once (`norm_grads`, `norm_itemsize`).
     """
     h = shapes.hidden_size
@@ -59,7 +60,8 @@ def sequence_parallel(
         if recomputed[i]:
             gathers += 2
             scatters += scattered - (not moe)
-            sums += max(summed - 1, 0)
+            # an aux loss (after the MLP, saving its inputs) keeps the recomputation going
+            sums += summed if i in shapes.aux_blocks else max(summed - 1, 0)
     logits = (t - 1) * tokens * (shapes.tp.logits // t) * itemsize
     norms, norm_bytes = norm_grads(shapes, t, norm_itemsize)
     return {

@@ -30,6 +30,7 @@ from moetx.models import MoEConfig, MoETransformer
 from moetx.passes.tensor_parallel.targets import tp_targets
 from moetx.planning.report import RankBytes
 from moetx.structure.discovery import ModelStructure, discover
+from moetx.structure.hf import hf_model_type
 
 __all__ = [
     "ModelShapes",
@@ -70,11 +71,16 @@ class TPLayout:
         outside_calls: The same outside blocks (the vocabulary-parallel embedding in forward,
             the lm head's input gradient in backward).
         logits: The vocabulary the lm head's logits are all-gathered over (0: not sharded).
+        grad_widths: Per block, the widths of its backward all-reduces summed: each column-wise
+            layer's input (the hidden size, or a latent attention's `q_lora_rank` /
+            `kv_lora_rank`) and a latent attention's shared rotary key (`latent`: one more
+            backward call). Forward all-reduces are all hidden-size wide.
     """
 
     sizes: tuple[int, ...] = ()
     refused: str = ""
     block_calls: tuple[tuple[int, int], ...] = ()
+    grad_widths: tuple[int, ...] = ()
     outside_calls: tuple[int, int] = (0, 0)
     logits: int = 0
 
@@ -100,6 +106,20 @@ class ModelShapes:
     tied_embeddings: bool
     routing_bias: bool
     config: MoEConfig | None = attrs.field(default=None, eq=False)
+    #: Bytes of each routing-load counter buffer (one entry per MoE layer and buffer): what
+    #: `moetx.passes.load_sync` all-reduces each forward.
+    counters: tuple[int, ...] = ()
+    #: Blocks whose MoE layer has a nonzero aux loss and a `stats_reducer` hook (moetx's
+    #: `MoEBlock`): their statistics are summed over cp under `ContextParallel`.
+    aux_blocks: tuple[int, ...] = ()
+    #: A Hugging Face transformers model (`ContextParallel` checks its batches over the world).
+    hf: bool = False
+    #: An HF model whose output carries its router logits (config `output_router_logits`):
+    #: tensors of the autograd graph, each a late pre-backward hook for FSDP's root unit.
+    router_logits: bool = False
+    #: ... and a router aux loss computed from them (a `router_aux_loss_coef`; not
+    #: DeepSeek-V3), which `ContextParallel` reduces over cp (`hf_aux`).
+    router_aux: bool = False
     tp: TPLayout = attrs.field(factory=lambda: TPLayout(refused="not read"))
     #: Results the predictors derive from these shapes, keyed by what they depend on (the
     #: planner asks for the same FSDP units thousands of times).
@@ -151,9 +171,13 @@ class ModelShapes:
         moe = [i for i, b in enumerate(s.blocks) if b.moe is not None]
         first = s.blocks[moe[0]].moe if moe else None
         attn = s.blocks[0].attention
-        kv_heads = int(getattr(attn, "num_kv_heads", getattr(attn, "num_key_value_heads", 1)))
-        head_dim = int(getattr(attn, "head_dim", 1))
+        kv_heads, head_dim = _kv_layout(attn)
         dtype = next(p.dtype for p in model.parameters())
+        layers = [(i, b.moe) for i, b in enumerate(s.blocks) if b.moe is not None]
+        buffers = [(m.module, n) for _, m in layers for n in m.counter_buffer_names]
+        hf = hf_model_type(model) is not None
+        config_logits = getattr(getattr(model, "config", None), "output_router_logits", False)
+        logits = hf and bool(config_logits)
         return cls(
             params=params,
             num_blocks=len(s.blocks),
@@ -168,6 +192,17 @@ class ModelShapes:
             tied_embeddings=s.tied_embeddings,
             routing_bias=bool(first is not None and first.counter_buffer_names),
             config=config,
+            counters=tuple(
+                m.get_buffer(n).numel() * m.get_buffer(n).element_size() for m, n in buffers
+            ),
+            aux_blocks=tuple(
+                i
+                for i, m in layers
+                if m.stats_reducer_attr is not None and getattr(m.module, "aux_loss_coef", 0.0) != 0
+            ),
+            hf=hf,
+            router_logits=logits,
+            router_aux=logits and hasattr(model, "router_aux_loss_coef"),
             tp=tp,
         )
 
@@ -181,6 +216,18 @@ class ModelShapes:
         return sum(math.prod(p.shape) for p in self.params)
 
 
+def _kv_layout(attn: nn.Module) -> tuple[int, int]:
+    """(K/V heads, head dim) of the K/V that context parallelism gathers: moetx's attention
+    (`num_kv_heads`), HF's (`config.num_key_value_heads`), or HF latent attention, whose K/V
+    reach the kernel per query head, padded to one width (`context_parallel.hf`)."""
+    if hasattr(attn, "kv_lora_rank"):
+        width = max(int(getattr(attn, "qk_head_dim", 1)), int(getattr(attn, "v_head_dim", 1)))
+        return int(getattr(attn, "num_heads", 1)), width
+    config = getattr(attn, "config", None)
+    heads = getattr(attn, "num_kv_heads", getattr(config, "num_key_value_heads", 1))
+    return int(heads), int(getattr(attn, "head_dim", 1))
+
+
 def _tp_layout(model: nn.Module, s: ModelStructure) -> tuple[dict[int, int], TPLayout]:
     """(parameter id -> the dim TP shards, the layout) from `tp_targets`."""
     try:
@@ -190,6 +237,7 @@ def _tp_layout(model: nn.Module, s: ModelStructure) -> tuple[dict[int, int], TPL
     dims: dict[int, int] = {}
     sizes: set[int] = set()
     calls = [[0, 0] for _ in s.blocks]
+    widths = [0 for _ in s.blocks]
     outside = [0, 0]
     logits = 0
     for t in targets:
@@ -207,6 +255,7 @@ def _tp_layout(model: nn.Module, s: ModelStructure) -> tuple[dict[int, int], TPL
         calls[block][0] += len(t.rowwise)  # each row-wise output summed in forward
         calls[block][1] += len(t.colwise)  # each column-wise input's gradient in backward
         for name in t.colwise:
+            widths[block] += int(_weight(t.module.get_submodule(name)).shape[1])
             for p in t.module.get_submodule(name).parameters():
                 dims[id(p)] = 0
                 sizes.add(int(p.shape[0]))
@@ -220,11 +269,16 @@ def _tp_layout(model: nn.Module, s: ModelStructure) -> tuple[dict[int, int], TPL
                 sizes.add(_weight(t.module.get_submodule(name)).shape[0] // head_dim)
         elif t.kind == "latent_attention":
             sizes.add(int(t.module.num_heads))  # type: ignore[arg-type]
+            # `tensor_parallel.latent`: the shared rotary key's gradient, summed in backward
+            calls[block][1] += 1
+            key = _weight(t.module.get_submodule("kv_a_proj_with_mqa")).shape[0]
+            widths[block] += int(key) - int(t.module.kv_lora_rank)  # type: ignore[arg-type]
         if t.per_head:
             return {}, TPLayout(refused=f"`{t.fqn}` has per-head norms (not modelled)")
     layout = TPLayout(
         sizes=tuple(sorted(sizes)),
         block_calls=tuple((f, b) for f, b in calls),
+        grad_widths=tuple(widths),
         outside_calls=(outside[0], outside[1]),
         logits=logits,
     )

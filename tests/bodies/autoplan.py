@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from typing import Any
 
@@ -30,6 +31,10 @@ PREFER = {
     "grad_all_reduce": ("world", "ep_fsdp"),
     "hsdp_all_reduce": ("dp_replicate",),
     "load_sync_all_reduce": ("world",),
+    "cp_guard_all_reduce": ("world",),
+    "aux_all_reduce": ("cp",),
+    "aux_all_gather": ("cp",),
+    "aux_reduce_scatter": ("cp",),
     "ep_all_to_all": ("ep",),
     "cp_all_gather": ("cp",),
     "cp_reduce_scatter": ("cp",),
@@ -39,6 +44,31 @@ PREFER = {
     "ep_all_gather": ("ep",),
     "ep_reduce_scatter": ("ep",),
 }
+
+
+#: The small collectives, named by the function that issues them (found on the Python stack):
+#: the routing-load counters' sum (`moetx.passes.load_sync`), CP's aux-loss statistics
+#: (`StatsReducer`, HF's `AuxLossReducer`), the HF CP batch check (`_BatchGuard`), and TP's sum
+#: of a latent attention's rotary-key gradient (`tensor_parallel.latent`, in backward).
+ISSUERS = {
+    "_reduce_increment.<locals>.hook": "load_sync",
+    "StatsReducer.__call__": "aux",
+    "AuxLossReducer.__call__": "aux",
+    "_BatchGuard.__call__": "cp_guard",
+    "_SumSliceGradOverTP.backward": "tp",
+}
+
+
+def _issuer() -> str | None:
+    """The `ISSUERS` prefix of the moetx function on the stack that issued this collective."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        name = ISSUERS.get(code.co_qualname)
+        if name is not None and "moetx" in code.co_filename:
+            return name
+        frame = frame.f_back
+    return None
 
 
 def _axes(mesh: ParallelMesh) -> dict[str, list[str]]:
@@ -51,6 +81,7 @@ def _axes(mesh: ParallelMesh) -> dict[str, list[str]]:
         ("cp", mesh["cp"]),
         ("dp_replicate", mesh["dp_replicate"]),
         ("world", mesh.tokens if mesh.degrees.tp > 1 else mesh.root),  # sync_gradients' group
+        *[("world", mesh.root)] * (mesh.degrees.tp > 1),  # HF CP's batch check: every rank
         *[("tp", dm["tp"]) for dm in (mesh.dense, mesh.fsdp, mesh.moe) if mesh.degrees.tp > 1],
     ):
         group = dm.get_group()
@@ -66,7 +97,11 @@ class CountingMode(TorchDispatchMode):
     Bytes follow the planner's convention: all-gather `(w-1)·input`, reduce-scatter
     `(w-1)/w·input`, ring all-reduce `2(w-1)/w·size`, all-to-all the rows sent to other ranks.
     Sees FSDP2's c10d ops (`_allgather_base_`, `_reduce_scatter_base_`, `allreduce_`) and the
-    functional ones (`_c10d_functional.*`) that EP and CP issue.
+    functional ones (`_c10d_functional.*`) that EP and CP issue. The small ones issued in forward
+    by the functions in `ISSUERS` are named after them (`load_sync_all_reduce`, `aux_*`,
+    `cp_guard_all_reduce`); the reduce-scatter backward runs for an aux-loss all-gather (in C++,
+    no issuer on the stack) is told from CP's K/V ones by its shape: a float `[rows, E]` or `[E]`
+    where K/V are 5-D.
     """
 
     def __init__(self, axes: dict[str, list[str]]) -> None:
@@ -99,11 +134,8 @@ class CountingMode(TorchDispatchMode):
         elif ns == "c10d" and name == "allreduce_":
             pg = _unbox(args[1])
             w = pg.size()
-            kind = self.all_reduce or (
-                "load_sync_all_reduce"
-                if self.axes.get(pg.group_name) == "world"
-                else "hsdp_all_reduce"
-            )
+            issuer = _issuer()
+            kind = self.all_reduce or (f"{issuer}_all_reduce" if issuer else "hsdp_all_reduce")
             self._add(kind, pg, 2 * (w - 1) * sum(_nbytes(t) for t in args[0]) // w)
         elif ns == "_c10d_functional" and name == "all_to_all_single":
             x, pg = args[0], _resolve_process_group(args[3])
@@ -113,23 +145,30 @@ class CountingMode(TorchDispatchMode):
             self._add("ep_all_to_all", pg, sum(s for j, s in enumerate(splits) if j != me) * row)
         elif ns.startswith("_c10d_functional") and name == "all_gather_into_tensor":
             pg = _resolve_process_group(args[2])
-            self._add(self._on(pg, "all_gather"), pg, (pg.size() - 1) * _nbytes(args[0]))
+            kind = self._on(pg, "all_gather", args[0])
+            self._add(kind, pg, (pg.size() - 1) * _nbytes(args[0]))
         elif ns.startswith("_c10d_functional") and name == "reduce_scatter_tensor":
             pg = _resolve_process_group(args[3])
             sent = (pg.size() - 1) * _nbytes(args[0]) // pg.size()
-            self._add(self._on(pg, "reduce_scatter"), pg, sent)
+            self._add(self._on(pg, "reduce_scatter", args[0]), pg, sent)
         elif ns == "_c10d_functional" and name == "all_reduce":  # DTensor's (tensor parallel)
             pg = _resolve_process_group(args[2])
             w = pg.size()
-            self._add("tp_all_reduce", pg, 2 * (w - 1) * _nbytes(args[0]) // w)
+            issuer = _issuer()
+            kind = f"{issuer}_all_reduce" if issuer else "tp_all_reduce"
+            self._add(kind, pg, 2 * (w - 1) * _nbytes(args[0]) // w)
         return func(*args, **kwargs)
 
-    def _on(self, pg: Any, what: str) -> str:
-        """`tp_<what>` on the tp group (DTensor redistributions), else CP's `cp_<what>`."""
+    def _on(self, pg: Any, what: str, x: torch.Tensor) -> str:
+        """`tp_<what>` on the tp group (DTensor redistributions), `ep_<what>` the all-gather
+        dispatcher's, `aux_<what>` the aux-loss statistics', else CP's `cp_<what>`."""
         axes = self.axes.get(pg.group_name) or self.axes.get(
             str(dist.get_process_group_ranks(pg)), []
         )
         prefix = "tp" if "tp" in axes else "ep" if self.ep_gathers and "ep" in axes else "cp"
+        issuer = _issuer()
+        if prefix == "cp" and (issuer == "aux" or (x.is_floating_point() and x.dim() <= 2)):
+            prefix = "aux"
         return f"{prefix}_{what}"
 
 
