@@ -563,8 +563,13 @@ def test_passes_it_does_not_model_are_refused():
         def _apply(self, model, mesh, record):  # type: ignore[no-untyped-def]
             return model
 
-    with pytest.raises(ValueError, match=r"^`predict` models \(.*\) only, not Compile\(\)"):
+    with pytest.raises(ValueError, match=r"^`predict` models \(.*\) only, not Compile\(\)") as e:
         predict(CONFIG, MeshDegrees(), Pipeline((Compile(),)), seq=8)
+    assert str(e.value).endswith(
+        "  fix: predict the pipeline without it for parameters and collectives (a "
+        "compiled block issues the eager block's collectives); what a compiled block saves for "
+        "backward is the compiler's choice, which the meta trace cannot see."
+    )
     with pytest.raises(PlanningError, match=r"^`TensorParallel` cannot shard this model over tp=2"):
         predict(CONFIG, MeshDegrees(tp=2), Pipeline((TensorParallel(),)), seq=8)
 

@@ -160,9 +160,15 @@ def predict(
     tp = find_pass(pipeline, "tp")
     if unknown or (degrees.tp > 1 and tp is None):
         what = repr(unknown[0]) if unknown else f"tp={degrees.tp} without TensorParallel"
+        fix = "use `Pipeline.plan` for parameter bytes of other passes."
+        if unknown and unknown[0].placement.stage == "compile":
+            fix = (
+                "predict the pipeline without it for parameters and collectives (a "
+                "compiled block issues the eager block's collectives); what a compiled block "
+                "saves for backward is the compiler's choice, which the meta trace cannot see."
+            )
         raise PlanningError(
-            f"`predict` models {MODELLED} only, not {what}: its bytes would be wrong.\n"
-            "  fix: use `Pipeline.plan` for parameter bytes of other passes."
+            f"`predict` models {MODELLED} only, not {what}: its bytes would be wrong.\n  fix: {fix}"
         )
     shapes = model if isinstance(model, ModelShapes) else ModelShapes.of(model)
     if tp is not None and not shapes.tp_legal(degrees.tp):
