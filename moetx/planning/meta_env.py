@@ -8,6 +8,9 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import _redistribute as dtensor_redistribute
+from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 
 from moetx.passes.context_parallel import blocks as cp_blocks
 from moetx.planning.fake_world import fake_world
@@ -56,6 +59,7 @@ def meta_world(world_size: int, rank: int) -> Iterator[None]:
     functional collectives on meta never reach a backend)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers "fake"
 
+    _forget_meshes()
     with fake_world(1):  # its checks (no group yet) and, on exit, the teardown
         dist.destroy_process_group()
         dist.init_process_group(
@@ -67,3 +71,17 @@ def meta_world(world_size: int, rank: int) -> Iterator[None]:
         assert world is not None
         world._set_default_backend(dist.Backend.backend_type_map["fake"])
         yield
+
+
+def _forget_meshes() -> None:
+    """Clear DTensor's caches of sharding decisions, which hold the meshes they were made on.
+
+    They are keyed by `DeviceMesh` equality (ranks, layout, names; not its process groups), so
+    in a later world with an equal mesh a cached output spec brought back a mesh of the world
+    torn down: a collective on it named a group that no longer exists ("Could not resolve the
+    process group registered under the name ..."), e.g. sequence parallelism's reduce-scatter
+    in a trace with CP after traces without it.
+    """
+    _clear_sharding_prop_cache()  # the Python cache and the C++ fast path's
+    dtensor_redistribute._gen_transform_infos.cache_clear()
+    clear_redistribute_planner_cache()
