@@ -28,20 +28,19 @@ from collections.abc import Mapping, Sequence
 import attrs
 from torch import nn
 
-from moetx.core.algebra import Pass, Pipeline
+from moetx.core.algebra import Pipeline
 from moetx.core.errors import MoetxError, PlanningError
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.passes import (
     FSDP,
-    ActivationCheckpoint,
 )
 from moetx.planning.enumeration import degree_options, pipelines
 from moetx.planning.predict import Prediction, human_flops, predict
-from moetx.planning.predict_activations import BlockTrace, trace_blocks
 from moetx.planning.predict_comm import Traffic
 from moetx.planning.predict_state import ModelShapes, state_bytes
 from moetx.planning.report import human_bytes
+from moetx.planning.trace_cache import TraceCache
 
 __all__ = [
     "AC_MODES",
@@ -261,30 +260,7 @@ def autoplan(
         )
     cost = cost or CostModel()
     shapes = ModelShapes.of(model)
-    source = model
-    traces: dict[tuple[object, ...], BlockTrace | MoetxError] = {}
-
-    def tracer(
-        cp: Pass | None, degree: int, ac: Pass | None, tp: Pass | None, tp_degree: int,
-        ep: Pass | None, ep_degree: int,
-    ) -> BlockTrace:  # fmt: skip
-        every = attrs.evolve(ac, every=1) if isinstance(ac, ActivationCheckpoint) else ac
-        # every pass that changes what a block keeps (ring vs all-gather CP, sequence
-        # parallelism, the dispatcher) is in the key, not only its degree
-        key = (cp if degree > 1 else None, degree, every, tp if tp_degree > 1 else None,
-               tp_degree, ep, ep_degree)  # fmt: skip
-        if key not in traces:
-            try:
-                traces[key] = trace_blocks(
-                    source, micro_batch=micro_batch, seq=seq, ac=every, cp=cp, cp_degree=degree,
-                    tp=tp, tp_degree=tp_degree, ep=ep, ep_degree=ep_degree,
-                )  # fmt: skip
-            except MoetxError as e:  # a pass refuses this model (e.g. CP with an MTP head)
-                traces[key] = e
-        found = traces[key]
-        if isinstance(found, MoetxError):
-            raise found
-        return found
+    tracer = TraceCache(model, micro_batch=micro_batch, seq=seq, experts=shapes.num_experts)
 
     fits: list[Candidate] = []
     misses: list[Candidate] = []

@@ -56,21 +56,33 @@ def flash_blocks() -> Iterator[None]:
 def meta_world(world_size: int, rank: int) -> Iterator[None]:
     """`fake_world` whose fake backend also serves `meta` tensors, in every group: ring
     CP's `batch_isend_irecv` asks its group for the backend of its tensors' device (the
-    functional collectives on meta never reach a backend)."""
+    functional collectives on meta never reach a backend).
+
+    Inside it torch runs CPU ops on one thread: a trace's only CPU work is the routing
+    bookkeeping's twins (`meta_values`: e.g. a stable sort of DeepSeek-V3's 32,768 routed ids),
+    and on a busy machine a parallel region waits for threads the scheduler has not run (such a
+    sort took 20-80 ms instead of 0.5 ms on the shared 2-core box: a trace 0.6-1 s instead of
+    0.13 s). The thread count is restored on exit."""
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers "fake"
 
     _forget_meshes()
-    with fake_world(1):  # its checks (no group yet) and, on exit, the teardown
-        dist.destroy_process_group()
-        dist.init_process_group(
-            "cpu:fake,meta:fake", store=FakeStore(), rank=rank, world_size=world_size
-        )
-        # torch leaves a per-device backend string's default backend undefined here ("FAKE"
-        # plugin vs "fake"), and its teardown then warns that it cannot look for hooks
-        world = dist.group.WORLD
-        assert world is not None
-        world._set_default_backend(dist.Backend.backend_type_map["fake"])
-        yield
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with fake_world(1):  # its checks (no group yet) and, on exit, the teardown
+            dist.destroy_process_group()
+            dist.init_process_group(
+                "cpu:fake,meta:fake", store=FakeStore(), rank=rank, world_size=world_size
+            )
+            # torch leaves a per-device backend string's default backend undefined here
+            # ("FAKE" plugin vs "fake"), and its teardown then warns that it cannot look for
+            # hooks
+            world = dist.group.WORLD
+            assert world is not None
+            world._set_default_backend(dist.Backend.backend_type_map["fake"])
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _forget_meshes() -> None:
