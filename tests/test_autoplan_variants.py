@@ -18,6 +18,7 @@ from moetx.planning.predict_activations import BlockTrace, ep_trace_degree, trac
 from moetx.planning.predict_state import ModelShapes
 from moetx.planning.trace_cache import TraceCache
 from moetx.testing import RankPool
+from moetx.testing.hf import HFSpec, build_model
 from moetx.testing.train import TrainSpec
 from tests.test_autoplan import assert_candidate_trains_like_one_process
 
@@ -69,8 +70,6 @@ def _outcome(make: Callable[..., BlockTrace], *args: object, **kwargs: object) -
 
 def _hf_model(family: str):
     pytest.importorskip("transformers", reason="needs Hugging Face transformers>=5")
-    from moetx.testing.hf import HFSpec, build_model
-
     # the tiny Qwen3-MoE has one kv head, which tp 2 refuses
     kv = (("num_key_value_heads", 2),) if family == "qwen3_moe" else ()
     return build_model(HFSpec(family=family, overrides=kv))

@@ -8,9 +8,10 @@
    all-gather one, which then sends fewer bytes; each allowed checkpointing mode, selective
    with tp too).
 2. Prune by parameter + gradient + AdamW bytes (`predict_state`, no tracing) before anything else.
-3. Predict activations (one meta trace per cp, tp and ep trace degree, dispatcher and
-   checkpointing mode, cached), FSDP
-   buffers, communication and FLOPs (`predict`) for the rest.
+3. Predict activations (one meta trace per cp, ep trace degree, dispatcher and checkpointing
+   mode, cached; a tensor-parallel one composed from it and a cheap all-to-all trace at that
+   tp degree, `moetx.planning.trace_cache`), FSDP buffers, communication and FLOPs
+   (`predict`) for the rest.
    FSDP's reshard policy is a candidate dimension (`fsdp_options`: "auto" and True by
    default); the gathered bytes "auto" keeps per rank are in the memory and the table.
 4. Rank what fits by `CostModel.cost`: by default bytes sent per token per rank; give bandwidths
@@ -55,8 +56,8 @@ __all__ = [
 #: Checkpointing choices: none, a mode on every block, or a mode on every 2nd block.
 AC_MODES: tuple[str, ...] = ("none", "router", "selective", "full", "full/2")
 PASSES: tuple[str, ...] = ("tp", "cp", "ep", "ac", "fsdp")
-#: Those tried unless told: tensor parallelism is opt-in (each tp degree costs a meta trace per
-#: checkpointing mode: on DeepSeek-V3 at world 256, ~4 s becomes ~20 s of CPU).
+#: Those tried unless told: tensor parallelism is opt-in (each tp degree costs a cheap meta trace
+#: per checkpointing mode and triples the candidates: `benchmarks/autoplan_time.py`).
 DEFAULT_PASSES: tuple[str, ...] = ("cp", "ep", "ac", "fsdp")
 #: The reshard policies tried by default: units kept gathered while they fit the rank's sharded
 #: training state (one all-gather per unit and step), or every unit resharded (two; less memory).

@@ -3,7 +3,8 @@
 A trace (`trace_blocks`) costs a forward on `meta`, most of it the routed experts' loop: one
 matmul chain per local expert, 256 per MoE block on DeepSeek-V3 without expert parallelism.
 `autoplan` asks for one per cp pass and degree, tp pass and degree, ep pass and trace degree,
-and checkpointing mode; tensor parallelism alone triples the count (tp 2, 4, 8).
+and checkpointing mode; tensor parallelism multiplies the count (tp 2, 4, 8, each with and
+without sequence parallelism).
 
 `TensorParallel` never touches the routed experts, and expert parallelism nothing else:
 `TensorParallel` shards attention, dense MLPs, shared experts and the vocabulary and leaves the
@@ -21,8 +22,10 @@ outputs: FLOPs add; bytes add too, as a storage the tp regions and the routed ex
 preconditions carry over as well: tp's are checked in the tp term, the dispatcher's in the
 tp = 1 term (they read the expert count and ep degree, never tp), and a term that is refused
 makes the cache trace the key whole, as it is. `tests/test_autoplan_variants.py` checks every
-composed key against a fresh `predict`; on DeepSeek-V3 at world 256 and 1024 every candidate's
-prediction equals the one traced whole (`benchmarks/autoplan_time.py`).
+cp form x tp form x dispatcher x checkpointing mode against `trace_blocks` on the key whole
+(moetx's model, Hugging Face Qwen3-MoE and DeepSeek-V3); on DeepSeek-V3 with tp allowed at
+world 256 and 1024, every one of the 1,170 / 2,370 predicted candidates equals its prediction
+with every key traced whole (`benchmarks/autoplan_time.py` says how it was checked).
 """
 
 from __future__ import annotations
@@ -90,7 +93,9 @@ class TraceCache:
             self._traces[key] = self._make(cp, degree, every, tp, tp_degree, ep, ep_degree)
         found = self._traces[key]
         if isinstance(found, MoetxError):
-            raise found
+            # without its old traceback: raised again per candidate (tens of thousands when CP
+            # refuses the model), it would otherwise grow and keep every frame it passed alive
+            raise found.with_traceback(None)
         return found
 
     def _make(
