@@ -5,13 +5,39 @@ and pipeline (cp and ep when their degree is above 1, ep with the all-to-all dis
 ep 2 and 4 (below top_k 8), the all-gather one; no checkpointing, router, selective, full
 and full on every 2nd block; FSDP with reshard_after_forward "auto" or True, or none) is
 enumerated, pruned by parameter-state bytes, and the rest predicted (activations from meta
-traces, with the EP pass applied, cached per cp degree, tp degree, dispatcher and its trace
-degree, and checkpointing mode).
+traces, with the EP pass applied, cached per cp degree, dispatcher and its trace degree, and
+checkpointing mode; a tp trace composed from the tp = 1 one and a cheap all-to-all trace at
+that tp degree: `moetx.planning.trace_cache`).
 80 GiB per rank, sequences of 4096 tokens, one per data rank. Context parallelism refuses the
-model's MTP head, so its candidates are counted but left out.
+model's MTP head (and sequence parallelism this model), so their candidates are counted but
+left out.
 
 Run: `python -m benchmarks.autoplan_time`. Prints a markdown table (median of 3 runs each),
 for the default passes and again with tensor parallelism allowed (tp 2, 4, 8: opt-in).
+
+Measured on the shared 2-core box (other helpers' tests running; `uptime` load given), wall /
+CPU seconds (`time.process_time`), world 256 / 1024:
+
+| | default passes | tp allowed | traces run at 1024 with tp |
+|---|---|---|---|
+| before (af2da8e; 1 run each, load 2-3.7) | 6.6 / 11.1 wall, 7.7 / 11.9 CPU | 61.5 / 81.1 wall, 46.7 / 60.2 CPU | 64 + 180 refused |
+| after (this script, load 5.8 -> 4.7) | 8.1 / 8.1 wall, 6.1 / 6.1 CPU | 34.8 / 14.8 wall, 12.1 / 14.1 CPU | 28 + 180 refused |
+
+(The 34.8 s wall at world 256 is a load spike: 12.1 s CPU. The previous session measured 20.8
+/ 31.1 s wall with tp at load ~7; traces then varied 3-8x with load, see below.) What changed:
+tp traces are composed, not run (36 of the 64 at world 1024, those with 64-256 local experts);
+a trace runs
+torch's CPU ops on one thread (`meta_env.meta_world`: the routing twins' 32k-id sorts waited
+20-80 ms for OpenMP threads on the loaded box, 0.5 ms on one); one `Pipeline` per distinct pass
+tuple. Left at world 1024 with tp (cProfile): the 16 tp = 1 traces ~5 s CPU, the 12 cheap tp
+traces ~2.7 s, 180 refused keys ~2.8 s (each builds its fake mesh, up to 1,024 ranks: ~3,900
+`new_group` calls), per-candidate `predict` / `state_bytes` ~3 s.
+
+Predictions unchanged: autoplan with tp at world 256 and 1024, with the composition and with it
+turned off (every key traced whole), gives equal fits, misses (every prediction), order,
+counts and refusals (1,170 / 2,370 predicted candidates). Against af2da8e the all-gather
+dispatcher's candidates hold 472 B less (8 B x 59 MoE blocks): a stale CPU twin (its count
+tensor) was counted, depending on id reuse; fixed in `meta_values`.
 """
 
 from __future__ import annotations

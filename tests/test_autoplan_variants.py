@@ -1,13 +1,24 @@
 """`autoplan` weighs ring CP and sequence parallelism beside the plain forms, each candidate
-predicted as `predict` alone predicts it, and a ring candidate it picks trains like one process."""
+predicted as `predict` alone predicts it (tensor-parallel traces composed from cheaper ones by
+`TraceCache` included), and a ring candidate it picks trains like one process."""
 
 from __future__ import annotations
 
-from moetx import ContextParallel, TensorParallel
+import itertools
+from collections.abc import Callable
+
+import pytest
+
+from moetx import ActivationCheckpoint, ContextParallel, ExpertParallel, TensorParallel
+from moetx.core.errors import MoetxError
 from moetx.models import MoEConfig
 from moetx.planning import autoplan, predict
 from moetx.planning.autoplan import PASSES
+from moetx.planning.predict_activations import BlockTrace, ep_trace_degree, trace_blocks
+from moetx.planning.predict_state import ModelShapes
+from moetx.planning.trace_cache import TraceCache
 from moetx.testing import RankPool
+from moetx.testing.hf import HFSpec, build_model
 from moetx.testing.train import TrainSpec
 from tests.test_autoplan import assert_candidate_trains_like_one_process
 
@@ -47,6 +58,51 @@ def test_every_candidate_is_predicted_as_predict_alone_predicts_it():
     for c in result.fits + result.misses:
         alone = predict(CONFIG, c.degrees, c.pipeline, seq=SEQ, micro_batch=ROWS)
         assert c.prediction == alone, (c.pipeline, c.degrees)
+
+
+def _outcome(make: Callable[..., BlockTrace], *args: object, **kwargs: object) -> BlockTrace | str:
+    """The trace, or the refusal's kind and first line."""
+    try:
+        return make(*args, **kwargs)
+    except MoetxError as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0]}"
+
+
+def _hf_model(family: str):
+    pytest.importorskip("transformers", reason="needs Hugging Face transformers>=5")
+    # the tiny Qwen3-MoE has one kv head, which tp 2 refuses
+    kv = (("num_key_value_heads", 2),) if family == "qwen3_moe" else ()
+    return build_model(HFSpec(family=family, overrides=kv))
+
+
+@pytest.mark.parametrize("family", ["moetx", "qwen3_moe", "deepseek_v3"])
+def test_composed_tensor_parallel_traces_equal_traces_made_whole(family: str):
+    """`TraceCache` composes a tp trace from the tp = 1 trace with the same dispatcher and the
+    tp change measured with the all-to-all one; for every cp form, tp form, dispatcher and
+    checkpointing mode the result (a trace, or the refusal) equals `trace_blocks` on the key
+    whole, on moetx's model and Hugging Face ones."""
+    model = CONFIG if family == "moetx" else _hf_model(family)
+    seq, rows = (SEQ, ROWS) if family == "moetx" else (8, 2)
+    experts = ModelShapes.of(model).num_experts
+    cheap = ep_trace_degree(ExpertParallel(), 2, experts)
+    cache = TraceCache(model, micro_batch=rows, seq=seq, experts=experts)
+    cps = [(None, 1), (ContextParallel(), 2), (ContextParallel(comm="p2p"), 2)]
+    tps = [(TensorParallel(), 2), (TensorParallel(sequence_parallel=True), 2)]
+    eps = [(None, 1), (ExpertParallel(dispatcher="all_gather"), 2), (ExpertParallel(), cheap)]
+    acs = [None, *(ActivationCheckpoint(mode=m) for m in ("router", "selective", "full"))]
+    traced = 0
+    for (cp, cpd), (tp, tpd), (ep, epd), ac in itertools.product(cps, tps, eps, acs):
+        got = _outcome(cache, cp, cpd, ac, tp, tpd, ep, epd)
+        whole = _outcome(
+            trace_blocks, model, micro_batch=rows, seq=seq, ac=ac, cp=cp, cp_degree=cpd, tp=tp,
+            tp_degree=tpd, ep=ep, ep_degree=epd,
+        )  # fmt: skip
+        assert got == whole, (cp, tp, ep, ac)
+        traced += isinstance(whole, BlockTrace)
+    assert traced and cache.composed, (traced, cache.composed)
+    print(
+        f"{family}: {traced} traced keys; the cache traced {cache.traced}, composed {cache.composed}"
+    )
 
 
 def test_ring_context_parallel_is_chosen_when_only_it_fits(pool4: RankPool):

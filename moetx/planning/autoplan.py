@@ -8,9 +8,10 @@
    all-gather one, which then sends fewer bytes; each allowed checkpointing mode, selective
    with tp too).
 2. Prune by parameter + gradient + AdamW bytes (`predict_state`, no tracing) before anything else.
-3. Predict activations (one meta trace per cp, tp and ep trace degree, dispatcher and
-   checkpointing mode, cached), FSDP
-   buffers, communication and FLOPs (`predict`) for the rest.
+3. Predict activations (one meta trace per cp, ep trace degree, dispatcher and checkpointing
+   mode, cached; a tensor-parallel one composed from it and a cheap all-to-all trace at that
+   tp degree, `moetx.planning.trace_cache`), FSDP buffers, communication and FLOPs
+   (`predict`) for the rest.
    FSDP's reshard policy is a candidate dimension (`fsdp_options`: "auto" and True by
    default); the gathered bytes "auto" keeps per rank are in the memory and the table.
 4. Rank what fits by `CostModel.cost`: by default bytes sent per token per rank; give bandwidths
@@ -28,20 +29,19 @@ from collections.abc import Mapping, Sequence
 import attrs
 from torch import nn
 
-from moetx.core.algebra import Pass, Pipeline
+from moetx.core.algebra import Pipeline
 from moetx.core.errors import MoetxError, PlanningError
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.passes import (
     FSDP,
-    ActivationCheckpoint,
 )
 from moetx.planning.enumeration import degree_options, pipelines
 from moetx.planning.predict import Prediction, human_flops, predict
-from moetx.planning.predict_activations import BlockTrace, trace_blocks
 from moetx.planning.predict_comm import Traffic
 from moetx.planning.predict_state import ModelShapes, state_bytes
 from moetx.planning.report import human_bytes
+from moetx.planning.trace_cache import TraceCache
 
 __all__ = [
     "AC_MODES",
@@ -56,8 +56,9 @@ __all__ = [
 #: Checkpointing choices: none, a mode on every block, or a mode on every 2nd block.
 AC_MODES: tuple[str, ...] = ("none", "router", "selective", "full", "full/2")
 PASSES: tuple[str, ...] = ("tp", "cp", "ep", "ac", "fsdp")
-#: Those tried unless told: tensor parallelism is opt-in (each tp degree costs a meta trace per
-#: checkpointing mode: on DeepSeek-V3 at world 256, ~4 s becomes ~20 s of CPU).
+#: Those tried unless told: tensor parallelism is opt-in (each tp degree costs a cheap meta trace
+#: per checkpointing mode; on DeepSeek-V3 at world 1024 the candidates go from 5,845 to 31,605
+#: and ~6 s of CPU to ~14 s: `benchmarks/autoplan_time.py`).
 DEFAULT_PASSES: tuple[str, ...] = ("cp", "ep", "ac", "fsdp")
 #: The reshard policies tried by default: units kept gathered while they fit the rank's sharded
 #: training state (one all-gather per unit and step), or every unit resharded (two; less memory).
@@ -261,30 +262,7 @@ def autoplan(
         )
     cost = cost or CostModel()
     shapes = ModelShapes.of(model)
-    source = model
-    traces: dict[tuple[object, ...], BlockTrace | MoetxError] = {}
-
-    def tracer(
-        cp: Pass | None, degree: int, ac: Pass | None, tp: Pass | None, tp_degree: int,
-        ep: Pass | None, ep_degree: int,
-    ) -> BlockTrace:  # fmt: skip
-        every = attrs.evolve(ac, every=1) if isinstance(ac, ActivationCheckpoint) else ac
-        # every pass that changes what a block keeps (ring vs all-gather CP, sequence
-        # parallelism, the dispatcher) is in the key, not only its degree
-        key = (cp if degree > 1 else None, degree, every, tp if tp_degree > 1 else None,
-               tp_degree, ep, ep_degree)  # fmt: skip
-        if key not in traces:
-            try:
-                traces[key] = trace_blocks(
-                    source, micro_batch=micro_batch, seq=seq, ac=every, cp=cp, cp_degree=degree,
-                    tp=tp, tp_degree=tp_degree, ep=ep, ep_degree=ep_degree,
-                )  # fmt: skip
-            except MoetxError as e:  # a pass refuses this model (e.g. CP with an MTP head)
-                traces[key] = e
-        found = traces[key]
-        if isinstance(found, MoetxError):
-            raise found
-        return found
+    tracer = TraceCache(model, micro_batch=micro_batch, seq=seq, experts=shapes.num_experts)
 
     fits: list[Candidate] = []
     misses: list[Candidate] = []

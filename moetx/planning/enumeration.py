@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator, Sequence
 
@@ -59,6 +60,7 @@ def degree_options(
             yield MeshDegrees(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, ep=ep, tp=tp)
 
 
+@functools.lru_cache(maxsize=64)
 def ac_pass(mode: str) -> ActivationCheckpoint | None:
     """The pass for a checkpointing choice (`"none"`, a mode, or `"mode/n"`: every n-th block)."""
     if mode == "none":
@@ -105,4 +107,11 @@ def pipelines(
             ac_pass(mode),
             fsdp,
         ]
-        yield Pipeline(tuple(p for p in passes if p is not None))
+        yield _pipeline(tuple(p for p in passes if p is not None))
+
+
+@functools.lru_cache(maxsize=4096)
+def _pipeline(passes: tuple[Pass, ...]) -> Pipeline:
+    """One (frozen) `Pipeline` per distinct pass tuple: building one checks the order and
+    options, and the same few hundred recur on every mesh (tens of thousands of candidates)."""
+    return Pipeline(passes)

@@ -72,7 +72,19 @@ class MetaValues:
         for m, v in zip(tree_leaves(meta), tree_leaves(value), strict=False):
             tensors = isinstance(m, torch.Tensor) and isinstance(v, torch.Tensor)
             if tensors and m.is_meta and v.numel() <= SMALL:
-                self._twins[id(m)] = (weakref.ref(m), v)
+                self._twins[id(m)] = (weakref.ref(m, self._forget(id(m))), v)
+
+    def _forget(self, key: int) -> Callable[[weakref.ref[torch.Tensor]], None]:
+        """Drop the twin when its meta tensor dies (before its id can be reused): a twin made
+        inside a meter (`torch.tensor(data, device="meta")`) would otherwise stay alive, and
+        count as kept, until a later tensor happened to reuse the id."""
+
+        def forget(ref: weakref.ref[torch.Tensor]) -> None:
+            entry = self._twins.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._twins[key]
+
+        return forget
 
     def host_read(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """What a host read of a twinned meta tensor returns; None when it is not one."""
