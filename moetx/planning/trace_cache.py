@@ -125,18 +125,30 @@ class TraceCache:
 
 
 def compose(base: BlockTrace, plus: BlockTrace, minus: BlockTrace) -> BlockTrace | None:
-    """`base + plus - minus`, field by field (ints, and dicts of ints by key); None if a field
-    is of another kind."""
+    """`base + plus - minus`, field by field (ints, and dicts of them, nested: bytes and FLOPs
+    by block kind, recomputed FLOPs by mode and kind); None if a field is of another kind."""
     fields: dict[str, Any] = {}
     for f in attrs.fields(BlockTrace):
-        a, b, c = (getattr(t, f.name) for t in (base, plus, minus))
-        if all(isinstance(v, int) for v in (a, b, c)):
-            fields[f.name] = a + b - c
-        elif all(isinstance(v, dict) for v in (a, b, c)):
-            keys = [*a, *(k for k in b if k not in a), *(k for k in c if k not in a and k not in b)]
-            if not all(isinstance(v, int) for t in (a, b, c) for v in t.values()):
-                return None
-            fields[f.name] = {k: a.get(k, 0) + b.get(k, 0) - c.get(k, 0) for k in keys}
-        else:
+        value = _combine(*(getattr(t, f.name) for t in (base, plus, minus)))
+        if value is None:
             return None
+        fields[f.name] = value
     return BlockTrace(**fields)
+
+
+def _combine(a: Any, b: Any, c: Any) -> Any:
+    """`a + b - c` for ints, key by key (a missing key is 0) for dicts of them; None otherwise."""
+    if all(isinstance(v, int) for v in (a, b, c)):
+        return a + b - c
+    if not all(isinstance(v, dict) for v in (a, b, c)):
+        return None
+    keys = [*a, *(k for k in b if k not in a), *(k for k in c if k not in a and k not in b)]
+    out = {}
+    for k in keys:
+        zero = next(t[k] for t in (a, b, c) if k in t)
+        zero = 0 if isinstance(zero, int) else {}
+        value = _combine(a.get(k, zero), b.get(k, zero), c.get(k, zero))
+        if value is None:
+            return None
+        out[k] = value
+    return out
