@@ -16,7 +16,12 @@ from moetx.models.config import SCORE_FUNCS
 from moetx.planning import predict
 from moetx.testing import RankPool, examples, fake_world, hf
 from moetx.testing.train import TrainSpec, build_model, global_batches
-from tests.bodies.predict_flops import count_step, rank_flops, rank_local_flops
+from tests.bodies.predict_flops import (
+    count_step,
+    hf_rank_local_flops,
+    rank_flops,
+    rank_local_flops,
+)
 from tests.test_autoplan import MODES, TP_CONFIG, _ac
 
 
@@ -200,3 +205,22 @@ def test_tensor_parallel_flops_equal_every_rank(
             extra = (tp - 1) * _replicated_matmuls(config, 2 * 16)
             assert sum(c["matmuls"] for c in counted) == one["matmuls"] + extra
             assert one["flops"] == counted_flops(spec, "none")  # the count is FlopCounterMode's
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral"])
+def test_hf_tensor_parallel_flops_equal_every_rank(pool2: RankPool, family: str):
+    """Hugging Face models under TensorParallel on 2 gloo ranks (DeepSeek-V3's latent attention:
+    column-wise low-rank projections, a replicated rotary key; Mixtral's grouped-query attention
+    with 2 kv heads), each checkpointing mode: every rank's count of its local kernels equals
+    the prediction."""
+    pytest.importorskip("transformers", reason="needs Hugging Face transformers>=5")
+    kv = (("num_key_value_heads", 2),) if family == "mixtral" else ()  # the tiny one has 1
+    spec = hf.HFSpec(family=family, steps=1, overrides=kv)
+    degrees = MeshDegrees(tp=2)
+    for mode in MODES:
+        pipeline = Pipeline((TensorParallel(), *_ac(mode)))
+        p = predict(
+            hf.build_model(spec), degrees, pipeline, seq=spec.seq_len,
+            micro_batch=spec.rows_per_rank,
+        )  # fmt: skip
+        assert pool2.run(hf_rank_local_flops, spec, pipeline, degrees) == [p.flops] * 2, mode

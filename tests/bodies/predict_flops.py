@@ -14,10 +14,19 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, shape_wrapp
 
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
+from moetx.testing import hf
 from moetx.testing.train import TrainSpec, build_model, mesh_for
 from tests.bodies.plan import _batch
 
-__all__ = ["UNCOUNTED", "LocalFlops", "count_step", "local_step", "rank_flops", "rank_local_flops"]
+__all__ = [
+    "UNCOUNTED",
+    "LocalFlops",
+    "count_step",
+    "hf_rank_local_flops",
+    "local_step",
+    "rank_flops",
+    "rank_local_flops",
+]
 
 aten = torch.ops.aten
 
@@ -152,3 +161,11 @@ def rank_local_flops(
     if profile:
         counts["profiled"] = profiled_matmuls(model, batch)
     return counts
+
+
+def hf_rank_local_flops(spec: hf.HFSpec, pipeline: Pipeline, degrees: MeshDegrees) -> int:
+    """This rank's `local_step` FLOPs of one step of `spec`'s Hugging Face model under
+    `pipeline` (tensor parallelism alone: every rank holds the whole batch)."""
+    model = pipeline.apply(hf.build_model(spec), mesh_for(degrees))
+    ids, labels = hf.global_batches(spec, 1)[0]
+    return local_step(model, {"input_ids": ids, "labels": labels})["flops"]
