@@ -100,7 +100,6 @@ class TracingMeter(LiveActivationMeter):
         kwargs = kwargs or {}
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # DTensor runs it; its local ops come back here
-
         if torch._C._get_dispatch_mode(_FAKE) is not None:
             return func(*args, **kwargs)  # DTensor's sharding propagation (global shapes)
         if args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
