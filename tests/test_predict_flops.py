@@ -1,20 +1,27 @@
 """`predict`'s FLOPs per step, recomputation included: equal to torch's `FlopCounterMode` count of a
-real CPU forward + backward in every `ActivationCheckpoint` mode, on models hypothesis draws."""
+real CPU forward + backward in every `ActivationCheckpoint` mode, on models hypothesis draws; under
+context, expert and tensor parallelism, to each gloo rank's count (tp: of its local kernels)."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moetx import ContextParallel, ExpertParallel, MeshDegrees, Pipeline
+from moetx import ContextParallel, ExpertParallel, MeshDegrees, Pipeline, TensorParallel
 from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.models import MoEConfig
 from moetx.models.config import SCORE_FUNCS
 from moetx.planning import predict
 from moetx.testing import RankPool, examples, fake_world, hf
 from moetx.testing.train import TrainSpec, build_model, global_batches
-from tests.bodies.predict_flops import count_step, rank_flops
+from tests.bodies.predict_flops import (
+    count_step,
+    hf_rank_local_flops,
+    rank_flops,
+    rank_local_flops,
+)
 from tests.test_autoplan import MODES, TP_CONFIG, _ac
 
 
@@ -150,3 +157,70 @@ def test_expert_parallel_flops_average_to_the_prediction(pool2: RankPool, dispat
         counted = pool2.run(rank_flops, spec, pipeline, degrees)
         assert sum(counted) == 2 * p.flops, (mode, counted, p.flops)
         assert max(counted) <= p.flops_worst, mode
+
+
+#: tp configs: TP_CONFIG (one dense block, two MoE blocks with a shared expert); two dense blocks
+#: and no shared expert; four heads for tp=4.
+_TP4 = dict(hidden_size=16, num_heads=4, num_kv_heads=4, dense_hidden_size=12, expert_hidden_size=8)
+TP_CONFIGS = {
+    "shared": TP_CONFIG,
+    "dense": attrs.evolve(TP_CONFIG, num_dense_layers=2, num_shared_experts=0),
+    "tp4": attrs.evolve(TP_CONFIG, **_TP4),
+}
+
+
+def _replicated_matmuls(config: MoEConfig, tokens: int) -> int:
+    """A step's FLOPs in what tp replicates (routers, routed experts), by hand: forward and
+    backward (2x) of the router's `[T, h] x [h, E]` and the experts' three `h x w` matmuls
+    over the `T·k` token copies, per MoE block."""
+    h, w, k = config.hidden_size, config.expert_hidden_size, config.top_k
+    per_block = 2 * tokens * h * config.num_experts + 3 * 2 * tokens * k * h * w
+    return 3 * config.num_moe_layers * per_block
+
+
+@pytest.mark.parametrize(
+    "tp, name, sequence",
+    [(2, "shared", False), (2, "shared", True), (2, "dense", False), (4, "tp4", True)],
+)
+def test_tensor_parallel_flops_equal_every_rank(
+    pool2: RankPool, pool4: RankPool, tp: int, name: str, sequence: bool
+):
+    """TensorParallel (with or without sequence parallelism) on 2 and 4 gloo ranks, each
+    checkpointing mode: every rank's count of the kernels it runs (its heads and MLP columns,
+    not the DTensors' global shapes) equals the prediction. The count is checked on its own:
+    without checkpointing the profiler's matmul kernels equal it, and summed over the tp ranks
+    the matmuls are one process's (tp=1) plus the replicated routers' and experts' once more
+    per extra rank (computed by hand)."""
+    config, pool = TP_CONFIGS[name], pool2 if tp == 2 else pool4
+    spec = TrainSpec(config=config, steps=1, rows_per_rank=2, seq_len=16)
+    degrees = MeshDegrees(tp=tp)
+    for mode in MODES:
+        pipeline = Pipeline((TensorParallel(sequence_parallel=sequence), *_ac(mode)))
+        p = predict(config, degrees, pipeline, seq=16, micro_batch=2)
+        counted = pool.run(rank_local_flops, spec, pipeline, degrees, profile=mode == "none")
+        assert [c["flops"] for c in counted] == [p.flops] * tp, (mode, counted, p.flops)
+        if mode == "none":
+            assert all(c["profiled"] == c["matmuls"] for c in counted), counted
+            one = pool.run(rank_local_flops, spec, Pipeline(()), MeshDegrees(dp_shard=tp))[0]
+            extra = (tp - 1) * _replicated_matmuls(config, 2 * 16)
+            assert sum(c["matmuls"] for c in counted) == one["matmuls"] + extra
+            assert one["flops"] == counted_flops(spec, "none")  # the count is FlopCounterMode's
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral"])
+def test_hf_tensor_parallel_flops_equal_every_rank(pool2: RankPool, family: str):
+    """Hugging Face models under TensorParallel on 2 gloo ranks (DeepSeek-V3's latent attention:
+    column-wise low-rank projections, a replicated rotary key; Mixtral's grouped-query attention
+    with 2 kv heads), each checkpointing mode: every rank's count of its local kernels equals
+    the prediction."""
+    pytest.importorskip("transformers", reason="needs Hugging Face transformers>=5")
+    kv = (("num_key_value_heads", 2),) if family == "mixtral" else ()  # the tiny one has 1
+    spec = hf.HFSpec(family=family, steps=1, overrides=kv)
+    degrees = MeshDegrees(tp=2)
+    for mode in MODES:
+        pipeline = Pipeline((TensorParallel(), *_ac(mode)))
+        p = predict(
+            hf.build_model(spec), degrees, pipeline, seq=spec.seq_len,
+            micro_batch=spec.rows_per_rank,
+        )  # fmt: skip
+        assert pool2.run(hf_rank_local_flops, spec, pipeline, degrees) == [p.flops] * 2, mode

@@ -1,7 +1,7 @@
 """Activation bytes and forward FLOPs per rank, traced on `meta`: the model's own forward, not a formula.
 
 `trace_blocks` runs one forward of a (shallow copy of the) model on the `meta` device under
-`_TracingMeter`, a `LiveActivationMeter` that also
+`TracingMeter`, a `LiveActivationMeter` that also
 
 - tags every op output with the transformer block that made it (forward hooks), so the bytes a
   forward leaves alive split into "outside blocks" (embedding, final norm, logits' loss) and per
@@ -23,7 +23,7 @@ rank), on the rank's local sequence, with the pass applied, so what CP attention
 gathered K/V; the ring's own block) is in the count; the fake backend also serves `meta`
 tensors, so the ring's point-to-point sends trace. With `TensorParallel` likewise on a world of
 tp ranks (a rank's heads and MLP columns; with sequence parallelism its part of the residual
-stream), and with `ExpertParallel` on `ep_trace_degree` ranks (what its dispatch keeps). Meta ops
+stream; FLOPs those of the local kernels DTensor runs, see `trace_meter`), and with `ExpertParallel` on `ep_trace_degree` ranks (what its dispatch keeps). Meta ops
 take microseconds whatever their size, so a DeepSeek-V3 block traces at full width and length.
 The bytes match `LiveActivationMeter` on a real CPU forward (tests: within 0.1% on small models).
 """
@@ -31,40 +31,26 @@ The bytes match `LiveActivationMeter` on a real CPU forward (tests: within 0.1% 
 from __future__ import annotations
 
 import gc
-import weakref
 from collections import Counter, defaultdict
 from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import flop_registry
 
 from moetx.core.algebra import Pass, Pipeline
 from moetx.core.errors import PlanningError
 from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.models import MoEConfig
 from moetx.passes import ActivationCheckpoint
-from moetx.passes.activation_checkpoint import MODES, SAVED_OPS
-from moetx.passes.activation_checkpoint.contexts import router_saves
+from moetx.passes.activation_checkpoint import MODES
 from moetx.planning.meta_env import flash_blocks, meta_world
-from moetx.planning.meta_values import MetaValues
-from moetx.planning.meter import LiveActivationMeter, _storages
 from moetx.planning.plan import _meta_model
+from moetx.planning.trace_meter import OUTSIDE, FlashOnMeta, TracingMeter
 from moetx.structure.discovery import discover
 from moetx.structure.hf import hf_model_type
 
 __all__ = ["BlockTrace", "ep_trace_degree", "trace_blocks"]
-
-aten = torch.ops.aten
-_OUTSIDE = -1
-#: Reductions whose 0-dim boolean answer a Python `if` may read. On meta it has no value; the
-#: trace answers True: Hugging Face forwards ask only whether their inputs are the plain case
-#: (`find_packed_sequence_indices`: "no packed sequences", `(mask[:, -1] == 0).all()`), and the
-#: trace's inputs are (one `arange` of positions per row, no padding).
-_PLAIN = (aten.all.default, aten.all.dim, aten.all.dims)
 
 
 @attrs.frozen
@@ -94,129 +80,6 @@ class BlockTrace:
     recompute_expert_flops: dict[str, dict[str, int]]
 
 
-class _Flash(TorchFunctionMode):
-    """SDPA on meta tensors through the CPU flash kernel's meta function (what a device runs);
-    `torch.tensor(data, device="meta")` (no dispatch sees it) gets its data as a twin."""
-
-    def __init__(self, values: MetaValues) -> None:
-        super().__init__()
-        self.values = values
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is torch.tensor and torch.device(kwargs.get("device") or "cpu").type == "meta":
-            out = func(*args, **kwargs)
-            self.values.know(out, torch.tensor(args[0], dtype=out.dtype))
-            return out
-        if func is F.scaled_dot_product_attention and args[0].is_meta:
-            q, k, v = args[:3]
-            causal, scale = kwargs.get("is_causal", False), kwargs.get("scale")
-            return aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, 0.0, causal, scale=scale
-            )[0]
-        return func(*args, **kwargs)
-
-
-def _attention_flops(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int:
-    b, h, s, d = q.shape
-    full = 4 * b * h * s * k.shape[-2] * d
-    return full // 2 if causal and s == k.shape[-2] else full
-
-
-class _TracingMeter(LiveActivationMeter):
-    """`LiveActivationMeter` + block tags, uniform routing on meta, and a FLOP count."""
-
-    def __init__(self, exclude: Any = ()) -> None:
-        super().__init__(exclude)
-        self.block = _OUTSIDE
-        self.in_experts = False
-        self.in_router = False
-        self.tags: dict[int, int] = {}
-        self._refs: dict[int, weakref.ref[torch.UntypedStorage]] = {}
-        self.flops: defaultdict[int, int] = defaultdict(int)
-        self.expert_flops = 0
-        # Per block, the FLOPs recomputing it in each mode would rerun so far ((mode, False):
-        # all, (mode, True): in experts), and their values at the block's latest pack.
-        self.rerun: defaultdict[int, Counter[tuple[str, bool]]] = defaultdict(Counter)
-        self.at_pack: dict[int, Counter[tuple[str, bool]]] = {}
-        self.values = MetaValues()
-        self._plain: dict[int, weakref.ref[torch.Tensor]] = {}
-
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
-            read = self.values.host_read(func, args, kwargs)
-            if read is not None:
-                return read
-            plain = self._plain.get(id(args[0]))
-            if func is aten._local_scalar_dense.default and plain and plain() is args[0]:
-                return True  # see `_PLAIN`
-
-        def run(f: Any, a: tuple[Any, ...], k: dict[str, Any]) -> Any:
-            return LiveActivationMeter.__torch_dispatch__(self, f, types, a, k)
-
-        if func is aten._grouped_mm.default and args[0].is_meta and args[1].dim() == 3:
-            # HF's experts on CPU (fp32): the meta function accepts bf16 only, the kernel any.
-            size = [args[0].shape[0], args[1].shape[-1]]
-            dtype = kwargs.get("out_dtype") or args[0].dtype
-            out = run(aten.empty.memory_format, (size,), {"dtype": dtype, "device": "meta"})
-        else:
-            out = self.values.dispatch(run, func, args, kwargs)
-        if (
-            func in _PLAIN
-            and isinstance(out, torch.Tensor)
-            and out.is_meta
-            and out.dtype == torch.bool
-            and out.dim() == 0
-        ):
-            self._plain[id(out)] = weakref.ref(out)
-        flops = 0
-        if func is aten._grouped_mm.default and args[1].dim() == 3:
-            flops = 2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[-1]
-        elif func._overloadpacket in flop_registry:
-            flops = int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
-        elif func is aten._scaled_dot_product_flash_attention_for_cpu.default:
-            causal = kwargs.get("is_causal", args[4] if len(args) > 4 else False)  # default: gone
-            flops = _attention_flops(args[0], args[1], bool(causal))
-        if flops:
-            self.flops[self.block] += flops
-            if self.in_experts:
-                self.expert_flops += flops
-            for mode in self._rerun_by(func):
-                self.rerun[self.block][mode, False] += flops
-                self.rerun[self.block][mode, True] += flops if self.in_experts else 0
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                for s in _storages(t):
-                    self._tag(s)
-        return out
-
-    def _rerun_by(self, func: Any) -> tuple[str, ...]:
-        """The checkpoint modes whose recomputation reruns `func` (the others' caches answer it)."""
-        if self.in_router and router_saves(func):
-            return ("full",)
-        return ("full", "router") if func in SAVED_OPS else MODES
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        """A `saved_tensors_hooks` pack: recomputing the block would run up to here."""
-        if self.block != _OUTSIDE:
-            self.at_pack[self.block] = Counter(self.rerun[self.block])
-        return t
-
-    def _tag(self, storage: torch.UntypedStorage) -> None:
-        # Keyed by id, so a storage that died and whose id was reused gets the new tag.
-        ref = self._refs.get(id(storage))
-        if ref is None or ref() is not storage:
-            self._refs[id(storage)] = weakref.ref(storage)
-            self.tags[id(storage)] = self.block
-
-
 def ep_trace_degree(ep: Pass | None, degree: int, experts: int) -> int:
     """The ep degree to trace `ep` at `degree` with: for the all-to-all dispatcher the largest
     divisor of the expert count up to 16 (under a balanced router every rank receives `T·k`
@@ -238,7 +101,7 @@ def _shallow(config: MoEConfig) -> MoEConfig:
     return attrs.evolve(config, num_dense_layers=dense, num_layers=dense + moe)
 
 
-def _hook(meter: _TracingMeter, index: int) -> list[Any]:
+def _hook(meter: TracingMeter, index: int) -> list[Any]:
     stack: list[int] = []
 
     def pre(module: nn.Module, args: Any) -> None:
@@ -337,7 +200,7 @@ def _trace(
         ids = torch.zeros(micro_batch, local, dtype=torch.int64, device="meta")
         positions = torch.arange(local, device="meta").expand(micro_batch, local)
         labels = torch.zeros(micro_batch, local, dtype=torch.int64, device="meta")
-        meter = _TracingMeter(exclude=[meta, ids, positions, labels])
+        meter = TracingMeter(exclude=[meta, ids, positions, labels])
         # As training feeds them: a Hugging Face model makes its own positions unless CP shards
         # the sequence (`moetx.training.data`); moetx's models are given them.
         plain_hf = hf_model_type(meta) is not None and degree == 1
@@ -355,7 +218,7 @@ def _trace(
                 handles += _flag_hooks(meter, block.moe.router, "in_router")
         packs = torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t)
         try:
-            with _Flash(meter.values), flash_blocks(), meter, packs:
+            with FlashOnMeta(meter.values), flash_blocks(), meter, packs:
                 out = meta(ids, labels=labels, **extra)
             kept = meter.live_storages(exclude=[out.logits, out.loss])
         finally:
@@ -363,7 +226,7 @@ def _trace(
                 h.remove()
     per_index: defaultdict[int, int] = defaultdict(int)
     for s in kept:
-        per_index[meter.tags.get(id(s), _OUTSIDE)] += s.nbytes()
+        per_index[meter.tags.get(id(s), OUTSIDE)] += s.nbytes()
     blocks: dict[str, int] = {}
     flops: dict[str, int] = {}
     rerun: dict[str, dict[str, int]] = {mode: {} for mode in MODES}
@@ -377,9 +240,9 @@ def _trace(
             rerun_experts[mode].setdefault(kind, at_pack[mode, True])
     with_experts = sum(1 for b in structure.blocks if b.moe is not None)
     return BlockTrace(
-        outside=per_index[_OUTSIDE],
+        outside=per_index[OUTSIDE],
         blocks=blocks,
-        flops_outside=meter.flops[_OUTSIDE],
+        flops_outside=meter.flops[OUTSIDE],
         flops=flops,
         expert_flops=meter.expert_flops // max(with_experts, 1),
         recompute_flops=rerun,
@@ -387,7 +250,7 @@ def _trace(
     )
 
 
-def _flag_hooks(meter: _TracingMeter, module: nn.Module, flag: str) -> list[Any]:
+def _flag_hooks(meter: TracingMeter, module: nn.Module, flag: str) -> list[Any]:
     """Hooks that set `meter.<flag>` while `module`'s forward runs."""
 
     def pre(module: nn.Module, args: Any) -> None:
