@@ -225,6 +225,35 @@ def test_recomputed_forward_prefetches_nothing_again(pool4: RankPool, mode: str)
     assert fsdp_calls == {k: on[k] for k in fsdp_calls}
 
 
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_an_aux_loss_output_gathers_the_lm_head_no_more(pool2: RankPool, prefetch: int) -> None:
+    """FSDP2's root pre-backward hook runs once per output tensor that gets a gradient; an
+    aux-loss output's gradient arrives after the lm head's backward resharded it, and an explicit
+    root prefetch then gathered the lm head a third time per step (and left it gathered). The
+    root prefetches by FSDP2's default (once): with an aux loss the counts equal `prefetch=0`'s
+    and `predict`'s (lm head, embedding and every block their own unit)."""
+    spec = attrs.evolve(
+        TWO_MOE_BLOCKS, config=attrs.evolve(TWO_MOE_BLOCKS.config, aux_loss_coef=0.01)
+    )
+    degrees = MeshDegrees(dp_shard=2)
+    on, off = (
+        pool2.run(
+            step_collectives,
+            spec,
+            Pipeline([FSDP(prefetch=n, min_unit_bytes=0, reshard_after_forward=True)]),
+            degrees,
+        )[0]
+        for n in (prefetch, 0)
+    )
+    assert on == off
+    pipeline = Pipeline([FSDP(min_unit_bytes=0, reshard_after_forward=True)])
+    p = predict(spec.config, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank)
+    units = fsdp_units(ModelShapes.of(spec.config), degrees, pipeline)
+    assert {u.name for u in units} >= {"lm_head", "embedding"}, units
+    gathers = sum(t.calls for t in p.comm if t.kind == "fsdp_all_gather")
+    assert on["all_gather"] == gathers == 2 * sum(u.count for u in units if u.mesh_size > 1)
+
+
 @pytest.mark.parametrize(
     ("world", "spec", "degrees", "kept"),
     [
@@ -294,8 +323,10 @@ def test_grouped_blocks_train_like_one_process(
 def test_prefetch_follows_forward_and_backward_order(pool4: RankPool) -> None:
     """The default `prefetch=1` on 4 ranks: in forward each top-level unit prefetches the next
     one and the routed-experts units nested in its blocks (on the expert mesh), which prefetch
-    nothing themselves; in backward each unit prefetches the next (the experts of the last block
-    first); on gloo every all-gather is asynchronous.
+    nothing themselves; in backward each unit but the root prefetches the next (the experts of
+    the last block first; the root keeps FSDP2's own prefetch of one, see
+    `test_an_aux_loss_output_gathers_the_lm_head_no_more`); on gloo every all-gather is
+    asynchronous.
     With `prefetch=0`, FSDP2's own order (no lists, synchronous)."""
     degrees = MeshDegrees(dp_shard=4, ep=2)
     experts = [f"model.layers.{i}.mlp.experts" for i in range(4)]
@@ -304,7 +335,7 @@ def test_prefetch_follows_forward_and_backward_order(pool4: RankPool) -> None:
     want = {u: ([], [], True) for u in backward}
     want[""][0].append("model.layers.0")
     want["model.layers.0"][0].extend(experts)  # nested units: started by their block's unit
-    for a, b in itertools.pairwise(backward):
+    for a, b in itertools.pairwise(backward[1:]):  # the root: FSDP2's own (once per backward)
         want[a][1].append(b)
     assert got == [want] * 4
     plain = pool4.run(prefetch_targets, WORKLOAD, ExpertParallel() | FSDP(prefetch=0), degrees)

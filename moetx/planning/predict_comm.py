@@ -10,9 +10,8 @@ one backward of one micro-batch:
   (none in backward with `reshard_after_forward=False`, or for the units "auto" keeps gathered;
   `min_unit_bytes` joins small embedding / lm head units to the root and groups small blocks),
   one reduce-scatter of the gradients, and with HSDP an all-reduce over the replicas; FSDP2's
-  padded shards. A separate lm head unit is gathered once more in backward when the output
-  carries an aux loss or HF router logits (the root's pre-backward hook, prefetching the lm
-  head, runs once per output tensor; theirs after the lm head's backward resharded it).
+  padded shards (an aux loss or router logits among the outputs adds none: the root unit keeps
+  FSDP2's once-per-backward prefetch, `moetx.passes.fsdp.prefetch`).
 - `ExpertParallel` (the all-gather dispatcher: `_ep_all_gather`; all-to-all): per MoE layer in forward the int64 count exchange,
   the dispatch and the combine; in backward the two reversed; checkpointing in `full`/`router`
   mode reissues the forward three in backward (`selective` saves them).
@@ -102,16 +101,12 @@ def _fsdp(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[Traff
         return []
     keep_all = getattr(fsdp, "reshard_after_forward", True) is False
     units = fsdp_units(shapes, d, pipeline)
-    # The root unit's pre-backward hook runs once per output tensor that gets a gradient, and
-    # prefetches the lm head each time: an aux-loss output's gradient arrives after the lm
-    # head's backward has resharded it, so the lm head is gathered once more.
-    late = any(u.root for u in units) and bool(shapes.aux_blocks or shapes.router_logits)
     out: dict[tuple[str, str], list[int]] = {}
     for unit in units:
         axis = "ep_fsdp" if unit.name == "expert" else "dp_shard_cp"
         w, n = unit.mesh_size, unit.count
         if w > 1:
-            gathers = (1 if keep_all or unit.kept else 2) + (late and unit.name == "lm_head")
+            gathers = 1 if keep_all or unit.kept else 2
             row = out.setdefault(("fsdp_all_gather", axis), [0, 0])
             row[0] += n * gathers
             row[1] += n * gathers * (w - 1) * unit.shard_bytes

@@ -114,8 +114,7 @@ class ModelShapes:
     aux_blocks: tuple[int, ...] = ()
     #: A Hugging Face transformers model (`ContextParallel` checks its batches over the world).
     hf: bool = False
-    #: An HF model whose output carries its router logits (config `output_router_logits`):
-    #: tensors of the autograd graph, each a late pre-backward hook for FSDP's root unit.
+    #: An HF model whose output carries its router logits (config `output_router_logits`).
     router_logits: bool = False
     #: ... and a router aux loss computed from them (a `router_aux_loss_coef`; not
     #: DeepSeek-V3), which `ContextParallel` reduces over cp (`hf_aux`).

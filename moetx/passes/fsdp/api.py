@@ -374,7 +374,9 @@ class FSDP(Pass):
             shard(s.final_norm)
         if orders is not None:
             gloo = dist.get_backend(mesh.tokens.get_group()) == "gloo"
-            set_prefetch(*orders, self.prefetch, async_op=gloo)
+            set_prefetch(
+                *orders, self.prefetch, async_op=gloo, root=model if self.wrap_root else None
+            )
         return model
 
     def _common(self, module: nn.Module, kept: frozenset[int]) -> dict[str, Any]:

@@ -15,7 +15,9 @@ sets them) starts them one or more units earlier, so they run while the current 
   their backward, a second time;
 - backward order: the root, the lm head (then the final norm), the units of blocks from the
   last, each followed by its nested units (routed experts, then router, last block first), the
-  input embedding.
+  input embedding. The root keeps FSDP2's own prefetch of the unit after it: its pre-backward
+  hook runs once per output tensor with a gradient, and an aux loss's arrives after the lm
+  head's backward, where an explicit list would gather the lm head again.
 
 A prefetch is an earlier `unshard` only: a unit already gathered (kept by "auto", or prefetched)
 is not gathered again; every collective stays the same, only its start moves. On gloo the
@@ -80,10 +82,12 @@ def set_prefetch(
     n: int,
     *,
     async_op: bool,
+    root: nn.Module | None,
 ) -> None:
     """Make each top-level unit prefetch its nested units and the next `n` top-level units in
-    forward, each unit the next `n` units of the backward order (see the module docstring);
-    `async_op`: the units' all-gathers do not block the CPU (gloo)."""
+    forward, each unit the next `n` units of the backward order (see the module docstring) but
+    `root`, which keeps FSDP2's prefetch of one; `async_op`: the units' all-gathers do not block
+    the CPU (gloo)."""
     if n <= 0 or not forward:
         return
     tops = [typing.cast(FSDPModule, m) for m, _ in forward]
@@ -92,6 +96,13 @@ def set_prefetch(
         tops[i].set_modules_to_forward_prefetch([*nested, *tops[i + 1 : i + 1 + n]])
     back = [typing.cast(FSDPModule, m) for m in backward]
     for i, unit in enumerate(back):
+        if unit is root:
+            # FSDP2 runs the root's pre-backward hook once per output tensor that gets a
+            # gradient (loss, an aux loss, router logits); a later one, after the lm head's
+            # backward resharded it, would gather it again with an explicit list. FSDP2's own
+            # prefetch (the unit before it in post-forward order: the next in `backward`) runs
+            # once per backward.
+            continue
         unit.set_modules_to_backward_prefetch(back[i + 1 : i + 1 + n])
     for unit in back if async_op else ():
         unit._set_unshard_async_op(True)  # FSDP2's private setter (no public one in 2.13)
