@@ -19,6 +19,7 @@ from moetx.core.errors import (
     DuplicatePassError,
     ExpertDivisibilityError,
     GradientSyncError,
+    LoadSyncError,
     MeshAxisError,
     MeshError,
     ModelConfigError,
@@ -45,6 +46,7 @@ from moetx.passes import (
     TensorParallel,
 )
 from moetx.passes.compile import CompileReport, EagerBlockWarning, compile_report
+from moetx.passes.load_sync import sync_routing_load
 from moetx.planning import (
     AutoPlan,
     Candidate,
@@ -97,6 +99,7 @@ __all__ = [
     "ExpertDivisibilityError",
     "ExpertParallel",
     "GradientSyncError",
+    "LoadSyncError",
     "MeshAxisError",
     "MeshDegrees",
     "MeshError",
@@ -141,5 +144,6 @@ __all__ = [
     "shard_batch",
     "shift_labels",
     "sync_gradients",
+    "sync_routing_load",
     "token_mean_loss",
 ]

@@ -12,7 +12,13 @@ from moetx.core.algebra import Pipeline
 from moetx.core.errors import PassPreconditionError
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
-from moetx.passes import ContextParallel, ExpertParallel
+from moetx.passes import (
+    ActivationCheckpoint,
+    Compile,
+    ContextParallel,
+    ExpertParallel,
+    TensorParallel,
+)
 from moetx.passes.fsdp.api import FSDP
 from moetx.planning.predict import predict
 from moetx.testing import examples
@@ -245,17 +251,25 @@ def test_expert_placements_compose_ep_and_fsdp(pool4, num_experts, expected):
     [
         (Pipeline([FSDP()]), MeshDegrees(dp_shard=2)),
         (Pipeline([ContextParallel()]), MeshDegrees(dp_shard=1, cp=2)),
+        (Pipeline([ExpertParallel()]), MeshDegrees(dp_shard=2, ep=2)),
+        (Pipeline([ExpertParallel()]), MeshDegrees(dp_shard=2)),  # ep degree 1: a no-op
+        (Pipeline([ActivationCheckpoint()]), MeshDegrees(dp_shard=2)),
+        (Pipeline([Compile(backend="eager")]), MeshDegrees(dp_shard=2)),
+        (Pipeline([TensorParallel()]), MeshDegrees(dp_shard=2, tp=2)),
+        (TensorParallel(sequence_parallel=True) | ExpertParallel(), MeshDegrees(dp_shard=2, tp=2)),
     ],
-    ids=["fsdp-dp2", "cp2"],
+    ids=["fsdp-dp2", "cp2", "ep2-dp2", "ep1-dp2", "ac-dp2", "compile-dp2", "tp2-dp2", "sp2-ep-dp2"],
 )
-def test_routing_load_counters_hold_global_counts(pool2, pipeline, degrees):
-    """Aux-loss-free load counters are summed over all data and cp ranks, identical on each."""
+def test_routing_load_counters_hold_global_counts(request, pipeline, degrees):
+    """Aux-loss-free load counters are summed over all data and cp ranks, identical on each,
+    whichever pass placed the model on the mesh (each installs the sum, once)."""
     from moetx.structure.discovery import discover
     from moetx.testing.train import build_model, global_batches
     from tests.bodies.fsdp import load_counts_and_dtypes
 
-    spec = TrainSpec(config=MoEConfig(routing_bias=True, score_func="sigmoid"))
-    got = pool2.run(load_counts_and_dtypes, spec, pipeline, degrees)
+    spec = TrainSpec(config=MoEConfig(routing_bias=True, score_func="sigmoid", num_kv_heads=2))
+    pool = request.getfixturevalue(f"pool{degrees.world_size}")
+    got = pool.run(load_counts_and_dtypes, spec, pipeline, degrees)
     ref = build_model(spec)
     ids, labels = global_batches(spec, degrees.dp_replicate * degrees.dp_shard)[0]
     ref(ids, labels=labels).loss.backward()

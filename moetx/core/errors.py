@@ -105,6 +105,11 @@ class GradientSyncError(MoetxError, ValueError):
     """Gradients cannot be synchronised this way (e.g. `sync_gradients` on an FSDP model)."""
 
 
+class LoadSyncError(GradientSyncError):
+    """`sync_gradients` on token ranks whose routing-load counters count only their own tokens
+    (no pass installed the sum; `moetx.sync_routing_load` does)."""
+
+
 class CommandLineError(MoetxError, ValueError):
     """A `moetx demo` / `moetx plan` argument is out of range; lists every bad flag."""
 

@@ -40,7 +40,7 @@ from moetx.passes.fsdp.reshard import (
     nested_units,
     router_apart,
 )
-from moetx.passes.load_sync import install_load_sync
+from moetx.passes.load_sync import sync_routing_load
 from moetx.structure.discovery import ModelStructure, discover
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -366,8 +366,8 @@ class FSDP(Pass):
                 shard(s.embedding)
             if s.lm_head is not None and not any(s.lm_head is j for j in joined):
                 shard(s.lm_head, fp32="lm_head" in self.fp32_modules)
-        # Routing-load counters must hold global counts, not this rank's (see _load_sync).
-        install_load_sync(model, mesh.tokens.get_group())
+        # Routing-load counters count every token rank's tokens, not this rank's (load_sync).
+        sync_routing_load(model, mesh)
         if self.wrap_root:
             shard(model)
         elif s.final_norm is not None:
