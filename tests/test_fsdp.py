@@ -128,6 +128,55 @@ def test_wrap_root_false_refuses_to_leave_parameters_unsharded(pool2):
     assert "would leave" in str(err.value)
 
 
+WRAP_ROOT_SPEC = TrainSpec(
+    config=MoEConfig(
+        vocab_size=32, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
+        top_k=2, expert_hidden_size=8, num_shared_experts=1, num_dense_layers=1,
+    ),
+    steps=2,
+    lr=1e-3,
+)  # fmt: skip
+WRAP_ROOT_CASES = pytest.mark.parametrize(
+    ("pipeline", "degrees"),
+    [
+        (Pipeline([FSDP(wrap_root=False)]), MeshDegrees(dp_shard=2)),
+        (ExpertParallel() | FSDP(wrap_root=False), MeshDegrees(dp_shard=2, ep=2)),
+        (ContextParallel() | FSDP(wrap_root=False), MeshDegrees(dp_shard=1, cp=2)),
+        (TensorParallel() | FSDP(wrap_root=False), MeshDegrees(dp_shard=2, tp=2)),
+    ],
+    ids=["dp2", "ep2", "cp2", "tp2-dp2"],
+)
+
+
+@WRAP_ROOT_CASES
+def test_wrap_root_false_trains_like_one_process_under_the_callers_root(request, pipeline, degrees):
+    """`wrap_root=False` leaves the root to the caller: with the caller's outer module made the
+    FSDP root, every gradient at every step and the final parameters equal one process's."""
+    from tests.bodies.fsdp import outer_root_train
+
+    pool = request.getfixturevalue(f"pool{degrees.world_size}")
+    results = pool.run(outer_root_train, WRAP_ROOT_SPEC, pipeline, degrees, wrap_outer=True)
+    assert_training_parity(results, WRAP_ROOT_SPEC, degrees)
+
+
+@WRAP_ROOT_CASES
+def test_wrap_root_false_without_a_root_is_refused_at_the_first_forward(request, pipeline, degrees):
+    """No caller-made FSDP root: the first forward raises `FSDPRootError` with the fix, on every
+    rank, before FSDP2 fails inside torch (it raised `'FSDPCommContext' object has no attribute
+    'device_handle'`, or "requires a single root module" for a unit of several blocks)."""
+    from tests.bodies.fsdp import outer_root_train
+
+    pool = request.getfixturevalue(f"pool{degrees.world_size}")
+    for r in pool.run(outer_root_train, WRAP_ROOT_SPEC, pipeline, degrees, wrap_outer=False):
+        assert r == {
+            "error": "FSDPRootError: `FSDP(wrap_root=False)`: `MoETransformer` was called with "
+            "no FSDP root above its units, so FSDP2 cannot initialise them (it would fail in "
+            "torch at this first forward).\n"
+            "  fix: keep `wrap_root=True` (the default), or call `fully_shard` on the module "
+            "that calls this model before its first forward."
+        }
+
+
 def test_no_blocks_is_refused():
     """A model without transformer blocks cannot be FSDP-wrapped per block."""
     from moetx.core.errors import UnknownModelStructureError
