@@ -82,8 +82,12 @@ def install_load_sync(model: nn.Module, group: dist.ProcessGroup) -> int:
         if not names or getattr(moe, _INSTALLED, False):
             continue
         snapshots: dict[str, torch.Tensor] = {}
-        block.module.register_forward_pre_hook(_snapshot(moe, names, snapshots))
-        block.module.register_forward_hook(_reduce_increment(moe, names, snapshots, group))
+        # eager even when a caller compiles the block module itself (`torch.compile(block)`
+        # compiles its hooks as frames of their own): its forward stays one graph
+        pre = torch.compiler.disable(_snapshot(moe, names, snapshots))
+        post = torch.compiler.disable(_reduce_increment(moe, names, snapshots, group))
+        block.module.register_forward_pre_hook(pre)
+        block.module.register_forward_hook(post)
         moe.__dict__[_INSTALLED] = True
         hooked += 1
     return hooked
