@@ -18,7 +18,9 @@ from moetx.core.errors import (
     ContextParallelInputError,
     DuplicatePassError,
     ExpertDivisibilityError,
+    FSDPRootError,
     GradientSyncError,
+    LoadSyncError,
     MeshAxisError,
     MeshError,
     ModelConfigError,
@@ -45,6 +47,7 @@ from moetx.passes import (
     TensorParallel,
 )
 from moetx.passes.compile import CompileReport, EagerBlockWarning, compile_report
+from moetx.passes.load_sync import sync_routing_load
 from moetx.planning import (
     AutoPlan,
     Candidate,
@@ -96,7 +99,9 @@ __all__ = [
     "EagerBlockWarning",
     "ExpertDivisibilityError",
     "ExpertParallel",
+    "FSDPRootError",
     "GradientSyncError",
+    "LoadSyncError",
     "MeshAxisError",
     "MeshDegrees",
     "MeshError",
@@ -141,5 +146,6 @@ __all__ = [
     "shard_batch",
     "shift_labels",
     "sync_gradients",
+    "sync_routing_load",
     "token_mean_loss",
 ]

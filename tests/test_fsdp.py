@@ -12,7 +12,13 @@ from moetx.core.algebra import Pipeline
 from moetx.core.errors import PassPreconditionError
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
-from moetx.passes import ContextParallel, ExpertParallel
+from moetx.passes import (
+    ActivationCheckpoint,
+    Compile,
+    ContextParallel,
+    ExpertParallel,
+    TensorParallel,
+)
 from moetx.passes.fsdp.api import FSDP
 from moetx.planning.predict import predict
 from moetx.testing import examples
@@ -120,6 +126,55 @@ def test_wrap_root_false_refuses_to_leave_parameters_unsharded(pool2):
         pool2.run(rank_train, spec, Pipeline([FSDP(wrap_root=False)]), MeshDegrees(dp_shard=2))
     assert "PassPreconditionError" in str(err.value)
     assert "would leave" in str(err.value)
+
+
+WRAP_ROOT_SPEC = TrainSpec(
+    config=MoEConfig(
+        vocab_size=32, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
+        top_k=2, expert_hidden_size=8, num_shared_experts=1, num_dense_layers=1,
+    ),
+    steps=2,
+    lr=1e-3,
+)  # fmt: skip
+WRAP_ROOT_CASES = pytest.mark.parametrize(
+    ("pipeline", "degrees"),
+    [
+        (Pipeline([FSDP(wrap_root=False)]), MeshDegrees(dp_shard=2)),
+        (ExpertParallel() | FSDP(wrap_root=False), MeshDegrees(dp_shard=2, ep=2)),
+        (ContextParallel() | FSDP(wrap_root=False), MeshDegrees(dp_shard=1, cp=2)),
+        (TensorParallel() | FSDP(wrap_root=False), MeshDegrees(dp_shard=2, tp=2)),
+    ],
+    ids=["dp2", "ep2", "cp2", "tp2-dp2"],
+)
+
+
+@WRAP_ROOT_CASES
+def test_wrap_root_false_trains_like_one_process_under_the_callers_root(request, pipeline, degrees):
+    """`wrap_root=False` leaves the root to the caller: with the caller's outer module made the
+    FSDP root, every gradient at every step and the final parameters equal one process's."""
+    from tests.bodies.fsdp import outer_root_train
+
+    pool = request.getfixturevalue(f"pool{degrees.world_size}")
+    results = pool.run(outer_root_train, WRAP_ROOT_SPEC, pipeline, degrees, wrap_outer=True)
+    assert_training_parity(results, WRAP_ROOT_SPEC, degrees)
+
+
+@WRAP_ROOT_CASES
+def test_wrap_root_false_without_a_root_is_refused_at_the_first_forward(request, pipeline, degrees):
+    """No caller-made FSDP root: the first forward raises `FSDPRootError` with the fix, on every
+    rank, before FSDP2 fails inside torch (it raised `'FSDPCommContext' object has no attribute
+    'device_handle'`, or "requires a single root module" for a unit of several blocks)."""
+    from tests.bodies.fsdp import outer_root_train
+
+    pool = request.getfixturevalue(f"pool{degrees.world_size}")
+    for r in pool.run(outer_root_train, WRAP_ROOT_SPEC, pipeline, degrees, wrap_outer=False):
+        assert r == {
+            "error": "FSDPRootError: `FSDP(wrap_root=False)`: `MoETransformer` was called with "
+            "no FSDP root above its units, so FSDP2 cannot initialise them (it would fail in "
+            "torch at this first forward).\n"
+            "  fix: keep `wrap_root=True` (the default), or call `fully_shard` on the module "
+            "that calls this model before its first forward."
+        }
 
 
 def test_no_blocks_is_refused():
@@ -245,17 +300,25 @@ def test_expert_placements_compose_ep_and_fsdp(pool4, num_experts, expected):
     [
         (Pipeline([FSDP()]), MeshDegrees(dp_shard=2)),
         (Pipeline([ContextParallel()]), MeshDegrees(dp_shard=1, cp=2)),
+        (Pipeline([ExpertParallel()]), MeshDegrees(dp_shard=2, ep=2)),
+        (Pipeline([ExpertParallel()]), MeshDegrees(dp_shard=2)),  # ep degree 1: a no-op
+        (Pipeline([ActivationCheckpoint()]), MeshDegrees(dp_shard=2)),
+        (Pipeline([Compile(backend="eager")]), MeshDegrees(dp_shard=2)),
+        (Pipeline([TensorParallel()]), MeshDegrees(dp_shard=2, tp=2)),
+        (TensorParallel(sequence_parallel=True) | ExpertParallel(), MeshDegrees(dp_shard=2, tp=2)),
     ],
-    ids=["fsdp-dp2", "cp2"],
+    ids=["fsdp-dp2", "cp2", "ep2-dp2", "ep1-dp2", "ac-dp2", "compile-dp2", "tp2-dp2", "sp2-ep-dp2"],
 )
-def test_routing_load_counters_hold_global_counts(pool2, pipeline, degrees):
-    """Aux-loss-free load counters are summed over all data and cp ranks, identical on each."""
+def test_routing_load_counters_hold_global_counts(request, pipeline, degrees):
+    """Aux-loss-free load counters are summed over all data and cp ranks, identical on each,
+    whichever pass placed the model on the mesh (each installs the sum, once)."""
     from moetx.structure.discovery import discover
     from moetx.testing.train import build_model, global_batches
     from tests.bodies.fsdp import load_counts_and_dtypes
 
-    spec = TrainSpec(config=MoEConfig(routing_bias=True, score_func="sigmoid"))
-    got = pool2.run(load_counts_and_dtypes, spec, pipeline, degrees)
+    spec = TrainSpec(config=MoEConfig(routing_bias=True, score_func="sigmoid", num_kv_heads=2))
+    pool = request.getfixturevalue(f"pool{degrees.world_size}")
+    got = pool.run(load_counts_and_dtypes, spec, pipeline, degrees)
     ref = build_model(spec)
     ids, labels = global_batches(spec, degrees.dp_replicate * degrees.dp_shard)[0]
     ref(ids, labels=labels).loss.backward()

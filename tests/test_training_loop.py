@@ -28,6 +28,7 @@ from moetx import (
 )
 from moetx.models import MoEConfig
 from moetx.testing import examples, fake_world
+from moetx.testing.parity import compare
 from moetx.testing.strategies import mesh_degrees
 from moetx.testing.train import TrainSpec, assert_matches_reference, build_model, train
 from tests.bodies import training_loop as bodies
@@ -40,6 +41,11 @@ CONFIG = MoEConfig(
 # the gradient's size) turns fp32 summation-order noise into lr-sized parameter differences.
 # Gradients are compared at every step at fp32 tolerance, so no scale error can hide.
 SPEC = TrainSpec(config=CONFIG, steps=2, seq_len=8, rows_per_rank=2, lr=1e-3)
+
+
+# Aux-loss-free balancing: a bias step (0.05) larger than the spread of the router's scores, so
+# a bias that moved by one rank's load instead of the global load routes differently.
+BIAS = attrs.evolve(SPEC, config=attrs.evolve(CONFIG, routing_bias=True), bias_rate=0.05)
 
 
 def _mask(data_ranks: int, mode: str, *, rank: int = 0, seed: int = 0) -> torch.Tensor:
@@ -55,10 +61,16 @@ def _mask(data_ranks: int, mode: str, *, rank: int = 0, seed: int = 0) -> torch.
     return ignore
 
 
-def _check_parity(pool, pipeline: Pipeline, degrees: MeshDegrees, ignore: torch.Tensor) -> None:
-    results = pool.run(bodies.public_loop, SPEC, pipeline, degrees, ignore)
+def _check_parity(
+    pool, pipeline: Pipeline, degrees: MeshDegrees, ignore: torch.Tensor, spec: TrainSpec = SPEC
+) -> None:
+    results = pool.run(bodies.public_loop, spec, pipeline, degrees, ignore)
     data_ranks = degrees.dp_replicate * degrees.dp_shard
-    ref = train(build_model(SPEC), bodies.masked_batches(SPEC, data_ranks, ignore), SPEC.lr)
+    model = build_model(spec)
+    batches = bodies.masked_batches(spec, data_ranks, ignore)
+    ref = train(model, batches, spec.lr, bias_rate=spec.bias_rate)
+    for r, got in enumerate(results):  # every rank moved its biases as one process does
+        compare(bodies.routing_biases(model), got["biases"], atol=0, rtol=0, what=f"rank {r} bias")
     assert_matches_reference(results, ref)
 
 
@@ -85,10 +97,11 @@ def loops(draw):
 @settings(max_examples=examples(6), deadline=None)
 @given(loops())
 def test_any_mesh_and_label_mask_trains_like_one_process(pool4, loop):
-    """Drawn meshes (dp_replicate, dp_shard, cp, ep), pipelines with and without FSDP, and label
-    masks (none, random, one data rank entirely ignored): parity with one process."""
+    """Drawn meshes (dp_replicate, dp_shard, cp, ep), pipelines with and without FSDP, label
+    masks (none, random, one data rank entirely ignored), with aux-loss-free balancing (the
+    routing bias updated after each step): parity with one process, biases included."""
     degrees, pipeline, ignore = loop
-    _check_parity(pool4, pipeline, degrees, ignore)
+    _check_parity(pool4, pipeline, degrees, ignore, BIAS)
 
 
 @pytest.mark.parametrize(
@@ -112,6 +125,47 @@ def test_pipelines_without_fsdp_sync_experts_over_every_replica(pool4, pipeline,
     _check_parity(
         pool4, pipeline, degrees, _mask(degrees.dp_replicate * degrees.dp_shard, "random")
     )
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "degrees"),
+    [
+        (Pipeline((ExpertParallel(),)), MeshDegrees(dp_shard=2, ep=2)),
+        (Pipeline((ActivationCheckpoint(),)), MeshDegrees(dp_shard=2)),
+        (Pipeline((FSDP(),)), MeshDegrees(dp_shard=2)),
+        (Pipeline(()), MeshDegrees(dp_shard=2)),
+    ],
+    ids=["ep", "ac", "fsdp", "no-pass"],
+)
+def test_routing_bias_updates_train_like_one_process(pool2, pipeline, degrees):
+    """`update_routing_bias_` after every step moves every rank's bias by the global load: the
+    biases, losses and every gradient equal one process's at both steps, with or without FSDP,
+    and on a model no pass touched (the loop calls `sync_routing_load`)."""
+    _check_parity(pool2, pipeline, degrees, _mask(2, "none"), BIAS)
+
+
+def test_sync_gradients_refuses_counters_that_count_one_ranks_tokens(pool2):
+    """No pass and no `sync_routing_load` on 2 token ranks: `sync_gradients` raises
+    `LoadSyncError` naming the layers and the fix, before touching gradients or counters."""
+    for r in pool2.run(bodies.sync_with_local_load, BIAS, MeshDegrees(dp_shard=2)):
+        assert r["untouched"]
+        assert r["msg"] == (
+            "`sync_gradients` on 2 token ranks, but the routing-load counters of 2 MoE layer(s) "
+            "(`model.layers.0.mlp`, `model.layers.1.mlp`) count only this rank's tokens: "
+            "`update_routing_bias_` would move each rank's routing bias its own way.\n"
+            "  fix: call `moetx.sync_routing_load(model, mesh)` once before the first forward "
+            "(every moetx pass applied on this mesh does it for you)."
+        )
+    with fake_world(2):  # more than three layers are elided; one token rank needs no sum
+        model = build_model(attrs.evolve(BIAS, config=attrs.evolve(BIAS.config, num_layers=4)))
+        with pytest.raises(
+            moetx.LoadSyncError,
+            match=r"\(`model.layers.0.mlp`, `model.layers.1.mlp`, `model.layers.2.mlp`, \.\.\.\) count only",
+        ):
+            moetx.sync_gradients(model, ParallelMesh.build())
+        assert moetx.sync_routing_load(model, ParallelMesh.build(tp=2)) == 0
+        assert moetx.sync_routing_load(model, ParallelMesh.build()) == 4
+        assert moetx.sync_routing_load(model, ParallelMesh.build()) == 0  # idempotent
 
 
 @pytest.mark.parametrize(

@@ -105,6 +105,15 @@ class GradientSyncError(MoetxError, ValueError):
     """Gradients cannot be synchronised this way (e.g. `sync_gradients` on an FSDP model)."""
 
 
+class FSDPRootError(MoetxError, RuntimeError):
+    """A first forward through `FSDP(wrap_root=False)` units with no FSDP root above them."""
+
+
+class LoadSyncError(GradientSyncError):
+    """`sync_gradients` on token ranks whose routing-load counters count only their own tokens
+    (no pass installed the sum; `moetx.sync_routing_load` does)."""
+
+
 class CommandLineError(MoetxError, ValueError):
     """A `moetx demo` / `moetx plan` argument is out of range; lists every bad flag."""
 

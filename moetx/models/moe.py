@@ -317,8 +317,9 @@ def update_routing_bias_(model: nn.Module, rate: float) -> None:
     """Nudge every router's selection bias towards balance and reset its load counter.
 
     DeepSeek-V3's sign rule: `bias += rate * sign(mean(load) - load)`. Call it after the
-    optimizer step, never inside forward. Under data/context parallelism, sum `expert_load`
-    over those ranks first so every rank applies the same update.
+    optimizer step, never inside forward. Under data/context parallelism `expert_load` must
+    hold the global counts so every rank applies the same update: every moetx pass applied on
+    such a mesh sums them, `moetx.sync_routing_load` does it for a model no pass touched.
 
     Args:
         model: Any module; routers without `routing_bias` are skipped.

@@ -3,7 +3,7 @@
 `tensor_parallel` (with what it shards), `context_parallel` (with its attention kernels), `expert_parallel` (with its token dispatchers),
 `activation_checkpoint` (with its recompute contexts and caches), `compile` (per-block
 `torch.compile` and its report), `fsdp`; `load_sync` is the
-routing-load counter reduction CP and FSDP share. Each pass registers its `Pipeline.parse` name.
+routing-load counter reduction every pass installs. Each pass registers its `Pipeline.parse` name.
 """
 
 from moetx.passes.activation_checkpoint import ActivationCheckpoint

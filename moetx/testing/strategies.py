@@ -97,6 +97,7 @@ def moe_configs(draw: st.DrawFn, *, ep_degree: int = 1, **fixed: Any) -> MoEConf
         score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
         tie_embeddings=draw(st.booleans()),
         aux_loss_coef=draw(st.sampled_from([0.0, 0.01])),
+        routing_bias=draw(st.booleans()),  # aux-loss-free balancing (bias + load counters)
     )
     # top-1 with its weight renormalised is always 1: the router's true gradient is zero and
     # what each run computes is rounding noise, which AdamW scales up to a full step (±lr) that

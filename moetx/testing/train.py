@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moetx import MeshDegrees, ParallelMesh, Pipeline, shard_batch
-from moetx.models import MoEConfig, MoETransformer, init_weights_
+from moetx.models import MoEConfig, MoETransformer, init_weights_, update_routing_bias_
 from moetx.structure import discover
 from moetx.structure.tensors import local_bytes
 from moetx.testing.parity import compare, gradients, parameters
@@ -39,6 +39,10 @@ class TrainSpec:
     #: Compute dtype of the reference's parameters (mirrors an FSDP `param_dtype`); the router
     #: stays float32, as FSDP's default `fp32_modules` keeps it.
     param_dtype: str | None = None
+    #: Aux-loss-free balancing: after every optimizer step, `update_routing_bias_(model,
+    #: bias_rate)` (0: never). Needs `MoEConfig(routing_bias=True)` to do anything; every rank
+    #: then moves its bias by the global routing load, as the reference does.
+    bias_rate: float = 0.0
 
 
 def global_batches(spec: TrainSpec, data_ranks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -97,11 +101,20 @@ class Trainer:
 
     A batch is `(input_ids, labels)`, or `(input_ids, labels, position_ids)` (context parallel).
     `param_dtype` runs the forward on parameters cast to that dtype (fp32 master weights), the
-    single-process mirror of FSDP's mixed precision.
+    single-process mirror of FSDP's mixed precision. A `bias_rate` applies
+    `update_routing_bias_` after every optimizer step (aux-loss-free balancing).
     """
 
-    def __init__(self, model: nn.Module, lr: float, *, param_dtype: str | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        *,
+        param_dtype: str | None = None,
+        bias_rate: float = 0.0,
+    ) -> None:
         self.model = model
+        self.bias_rate = bias_rate
         self.opt = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01
         )
@@ -126,6 +139,8 @@ class Trainer:
         start = time.perf_counter()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.bias_rate:
+            update_routing_bias_(self.model, self.bias_rate)
         return {
             "loss": out.loss.detach().to("cpu", copy=True),
             "grads": grads,
@@ -141,9 +156,10 @@ def train(
     lr: float,
     *,
     param_dtype: str | None = None,
+    bias_rate: float = 0.0,
 ) -> dict[str, Any]:
     """AdamW steps on `batches`; returns per-step losses and full gradients, and final params."""
-    trainer = Trainer(model, lr, param_dtype=param_dtype)
+    trainer = Trainer(model, lr, param_dtype=param_dtype, bias_rate=bias_rate)
     steps = [trainer.step(batch) for batch in batches]
     return {
         "losses": [s["loss"] for s in steps],
@@ -157,7 +173,11 @@ def train(
 def reference(spec: TrainSpec, data_ranks: int) -> dict[str, Any]:
     """Single-process training on the global batches."""
     return train(
-        build_model(spec), global_batches(spec, data_ranks), spec.lr, param_dtype=spec.param_dtype
+        build_model(spec),
+        global_batches(spec, data_ranks),
+        spec.lr,
+        param_dtype=spec.param_dtype,
+        bias_rate=spec.bias_rate,
     )
 
 
@@ -194,7 +214,7 @@ def rank_train(
     no rank ever holds more than its shards.
     """
     model, batches = _rank_setup(spec, pipeline, degrees, meta=meta)
-    result = train(model, batches, spec.lr)
+    result = train(model, batches, spec.lr, bias_rate=spec.bias_rate)
     result["requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
     result["param_bytes"] = local_bytes(p for p in model.parameters())
     return result
@@ -208,7 +228,7 @@ def rank_session_start(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees
     """Rank body: set up a step-by-step training session; returns this rank's parameter bytes."""
     model, batches = _rank_setup(spec, pipeline, degrees)
     _SESSION.clear()
-    _SESSION.update(trainer=Trainer(model, spec.lr), batches=batches)
+    _SESSION.update(trainer=Trainer(model, spec.lr, bias_rate=spec.bias_rate), batches=batches)
     return local_bytes(p for p in model.parameters())
 
 

@@ -8,7 +8,9 @@ shards with them (each token rank holds its own copy of the same shard); expert 
 (`Shard(0)` DTensors on `ep`, whose gradients already hold every token of their ep group) are
 summed over the ranks that hold the same experts (dp_replicate x ep_shard: the expert-FSDP mesh)
 and divided by the number of token ranks, as FSDP's divide factor does. Dense gradients travel
-in one flat all-reduce per dtype.
+in one flat all-reduce per dtype. A model whose routing-load counters no pass sums over the
+token ranks is refused (`LoadSyncError`): after the fact, nothing tells a counter's local part
+from what it held before, so the counts cannot be made global here.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from moetx.core.errors import GradientSyncError
+from moetx.core.errors import GradientSyncError, LoadSyncError
 from moetx.core.record import applied_passes, find_applied
 from moetx.mesh import ParallelMesh, as_parallel_mesh
+from moetx.passes.load_sync import local_load_layers
 
 __all__ = ["sync_gradients"]
 
@@ -38,6 +41,10 @@ def sync_gradients(model: nn.Module, mesh: ParallelMesh | DeviceMesh) -> None:
     Raises:
         GradientSyncError: the model has `FSDP` (which already reduces gradients), or a DTensor
             parameter that expert parallelism did not create.
+        LoadSyncError: more than one token rank, and MoE layers whose aux-loss-free load
+            counters count only this rank's tokens (no moetx pass was applied on this mesh):
+            `update_routing_bias_` would move each rank's bias its own way. Raised before any
+            gradient is touched.
     """
     pmesh = as_parallel_mesh(mesh)
     record = applied_passes(model)
@@ -47,11 +54,21 @@ def sync_gradients(model: nn.Module, mesh: ParallelMesh | DeviceMesh) -> None:
             "backward, so they would be reduced twice.\n"
             "  fix: drop the `sync_gradients` call (keep it only for pipelines without FSDP)."
         )
+    world = pmesh.degrees.token_ranks
+    counting = local_load_layers(model) if world > 1 else ()
+    if counting:
+        shown = ", ".join(f"`{f}`" for f in counting[:3]) + (", ..." if len(counting) > 3 else "")
+        raise LoadSyncError(
+            f"`sync_gradients` on {world} token ranks, but the routing-load counters of "
+            f"{len(counting)} MoE layer(s) ({shown}) count only this rank's tokens: "
+            "`update_routing_bias_` would move each rank's routing bias its own way.\n"
+            "  fix: call `moetx.sync_routing_load(model, mesh)` once before the first forward "
+            "(every moetx pass applied on this mesh does it for you)."
+        )
     ep = find_applied(record, "ep")
     experts = set(ep.facts.get("expert_params", ())) if ep is not None else set()
     tp = find_applied(record, "tp")
     tp_axis = tp.facts.get("axis", "tp") if tp is not None else "tp"
-    world = pmesh.degrees.token_ranks
     dense: dict[torch.dtype, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

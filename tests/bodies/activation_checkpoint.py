@@ -21,6 +21,7 @@ from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.passes.activation_checkpoint.api import ActivationCheckpoint
 from moetx.passes.expert_parallel.api import ExpertParallel
+from moetx.passes.load_sync import sync_routing_load
 from moetx.structure.discovery import discover
 from moetx.testing.parity import gradients
 from moetx.testing.ranks import cached
@@ -123,11 +124,12 @@ def fully_shard_step(spec: TrainSpec, modes: tuple[str, ...]) -> dict[str, Any]:
     mesh = cached(("activation_checkpoint.world", ws), lambda: init_device_mesh("cpu", (ws,)))
     ids, labels = rank_rows(spec, ws)
     results = {}
+    pmesh = mesh_for(MeshDegrees(dp_shard=ws))
     for mode in (None, *modes):
         model = build_model(spec)
-        if mode is not None:
-            pmesh = mesh_for(MeshDegrees(dp_shard=ws))
+        if mode is not None:  # (it sums the load counters over the ranks, as the call below)
             model = ActivationCheckpoint(mode=mode).apply(model, pmesh)
+        sync_routing_load(model, pmesh)
         for block in discover(model).blocks:
             fully_shard(block.module, mesh=mesh)
         fully_shard(model, mesh=mesh)

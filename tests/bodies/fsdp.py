@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
 from torch.distributed.tensor import DTensor
 
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
+from moetx.testing.parity import parameters
 from moetx.testing.train import TrainSpec, build_model, mesh_for
 
 
@@ -89,4 +91,45 @@ def prefetch_targets(
             all(g.unshard_async_op for g in s._fsdp_param_groups),
         )
         for s in units
+    }
+
+
+class _Outer(nn.Module):
+    """A caller's own module around the parallelized model (no parameters of its own)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+
+def outer_root_train(
+    spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees, *, wrap_outer: bool
+) -> dict[str, Any]:
+    """`rank_train` with the model called through an outer module, which the caller makes the
+    FSDP root (`fully_shard`, over the dense FSDP mesh) when `wrap_outer`; otherwise the error
+    the first forward raises (its type name and message)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from moetx.core.errors import MoetxError
+    from moetx.testing.train import Trainer, _rank_setup
+
+    model, batches = _rank_setup(spec, pipeline, degrees)
+    outer = _Outer(model)
+    if wrap_outer:
+        fully_shard(outer, mesh=mesh_for(degrees).dense_fsdp_mesh())
+    trainer = Trainer(model, spec.lr)
+    trainer.forward = lambda ids, labels, position_ids=None: outer(
+        ids, labels=labels, position_ids=position_ids
+    )
+    try:
+        steps = [trainer.step(batch) for batch in batches]
+    except MoetxError as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {
+        "losses": [s["loss"] for s in steps],
+        "grads": [s["grads"] for s in steps],
+        "params": parameters(model),
     }

@@ -26,6 +26,7 @@ from moetx.passes.activation_checkpoint.contexts import (
 )
 from moetx.passes.activation_checkpoint.kv_cache import kv_cache
 from moetx.passes.foreign import refuse_foreign_parallelism
+from moetx.passes.load_sync import sync_routing_load
 from moetx.structure.discovery import Block, discover
 from moetx.structure.swap import swap_class
 
@@ -157,6 +158,8 @@ class ActivationCheckpoint(Pass):
     def _apply(
         self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]
     ) -> nn.Module:
+        # Routing-load counters count every token rank's tokens, not this rank's (load_sync).
+        sync_routing_load(model, mesh)
         scope = RouterScope()
         for block in self._blocks(model):
             if self.mode != "full" and block.moe is not None:

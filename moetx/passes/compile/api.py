@@ -17,6 +17,7 @@ from moetx.core.order import Placement
 from moetx.core.record import Applied
 from moetx.passes.compile.report import CompileReport, CountingBackend
 from moetx.passes.foreign import refuse_foreign_parallelism
+from moetx.passes.load_sync import sync_routing_load
 from moetx.structure.discovery import Block, discover
 from moetx.structure.shards import LocalShards, local_shards
 from moetx.structure.swap import swap_class
@@ -127,6 +128,8 @@ class Compile(Pass):
     def _apply(
         self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]
     ) -> nn.Module:
+        # Routing-load counters count every token rank's tokens, not this rank's (load_sync).
+        sync_routing_load(model, mesh)
         blocks = discover(model).blocks
         report = CompileReport(self.backend, tuple(b.fqn for b in blocks))
         options = {"mode": self.mode} if self.mode is not None else {}

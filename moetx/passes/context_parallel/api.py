@@ -31,7 +31,7 @@ from moetx.passes.context_parallel.attention import (
 from moetx.passes.context_parallel.hf import hf_attention_problems, install_hf
 from moetx.passes.context_parallel.hooks import InputGuard, StatsReducer
 from moetx.passes.foreign import refuse_foreign_parallelism
-from moetx.passes.load_sync import install_load_sync
+from moetx.passes.load_sync import sync_routing_load
 from moetx.structure.discovery import ModelStructure, discover
 from moetx.structure.hf import hf_model_type
 
@@ -77,8 +77,8 @@ class ContextParallel(Pass):
     `stats_reducer` that sums its sequence-wise aux-loss statistics over the cp group (the
     score sums through an autograd-aware all-gather), so each rank's aux loss is the whole
     sequences' aux loss and its gradient, averaged over the cp ranks as FSDP does, is the
-    single-process one. (The aux-loss-free `expert_load` counters still count local tokens:
-    sum them over dp x cp before `update_routing_bias_`, as its docstring says.) The root
+    single-process one. (The aux-loss-free `expert_load` counters are summed over the token
+    ranks, as every pass does: `moetx.passes.load_sync`.) The root
     module gets a forward pre-hook that refuses calls without `position_ids` (a forgotten
     `shard_sequence` would otherwise attend silently across unrelated chunks) and, with one
     all-gather of two integers per forward, local shapes that differ across the cp ranks
@@ -175,12 +175,12 @@ class ContextParallel(Pass):
     def _apply(
         self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]
     ) -> nn.Module:
+        # Routing-load counters count every token rank's tokens, not this rank's (load_sync).
+        sync_routing_load(model, mesh)
         if mesh.degree(self.axis) == 1:
             return model
         cp_mesh = mesh[self.axis]
         structure = discover(model)
-        # Routing-load counters must count every rank's tokens, not this chunk's (_load_sync).
-        install_load_sync(model, mesh.tokens.get_group())
         if hf_model_type(model) is not None:
             hook = install_hf(
                 model, structure, cp_mesh, self.comm, self.load_balance, mesh.root.get_group()

@@ -25,6 +25,7 @@ from moetx.core.record import Applied
 from moetx.passes.expert_parallel.dedup import DedupAllToAllDispatcher
 from moetx.passes.expert_parallel.dispatch import DISPATCHERS, TokenDispatcher, make_dispatcher
 from moetx.passes.foreign import refuse_foreign_parallelism
+from moetx.passes.load_sync import sync_routing_load
 from moetx.structure.discovery import MOE_NAMES, ROUTER_NAMES, MoELayer, discover
 from moetx.structure.shards import LocalShards, attach_local_shards
 from moetx.structure.swap import swap_class
@@ -157,6 +158,8 @@ class ExpertParallel(Pass):
     def _apply(
         self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]
     ) -> nn.Module:
+        # Routing-load counters count every token rank's tokens, not this rank's (load_sync).
+        sync_routing_load(model, mesh)
         degree = mesh.degree(self.axis)
         if degree == 1:
             return model

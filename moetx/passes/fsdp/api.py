@@ -40,7 +40,8 @@ from moetx.passes.fsdp.reshard import (
     nested_units,
     router_apart,
 )
-from moetx.passes.load_sync import install_load_sync
+from moetx.passes.fsdp.root import require_callers_root
+from moetx.passes.load_sync import sync_routing_load
 from moetx.structure.discovery import ModelStructure, discover
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -149,7 +150,8 @@ class FSDP(Pass):
             in backward, within noise where "auto" keeps them; 2 no better than 1); 0: FSDP2's
             own order.
         cpu_offload: Keep sharded parameters, gradients and optimizer state on the CPU.
-        wrap_root: Also make the root module an FSDP unit (otherwise only the final norm).
+        wrap_root: Also make the root module an FSDP unit (otherwise only the final norm; the
+            caller then `fully_shard`s a module above the model, or its forward raises).
 
     Example:
         >>> FSDP(param_dtype="bfloat16", reduce_dtype="float32")
@@ -366,12 +368,13 @@ class FSDP(Pass):
                 shard(s.embedding)
             if s.lm_head is not None and not any(s.lm_head is j for j in joined):
                 shard(s.lm_head, fp32="lm_head" in self.fp32_modules)
-        # Routing-load counters must hold global counts, not this rank's (see _load_sync).
-        install_load_sync(model, mesh.tokens.get_group())
+        sync_routing_load(model, mesh)  # counters count every token rank's tokens (load_sync)
         if self.wrap_root:
             shard(model)
         elif s.final_norm is not None:
             shard(s.final_norm)
+        if not self.wrap_root:  # a root the caller makes must initialise the units
+            require_callers_root(model)
         if orders is not None:
             gloo = dist.get_backend(mesh.tokens.get_group()) == "gloo"
             set_prefetch(

@@ -23,6 +23,7 @@ from moetx.core.options import axis_name, flag, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied
 from moetx.passes.foreign import refuse_foreign_parallelism
+from moetx.passes.load_sync import sync_routing_load
 from moetx.passes.tensor_parallel.latent import install_shared_key_grad_sum
 from moetx.passes.tensor_parallel.sequence import (
     install_sequence_parallel,
@@ -109,6 +110,8 @@ class TensorParallel(Pass):
     def _apply(
         self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]
     ) -> nn.Module:
+        # Routing-load counters count every token rank's tokens, not this rank's (load_sync).
+        sync_routing_load(model, mesh)
         degree = mesh.degree(self.axis)
         if degree == 1:
             return model
