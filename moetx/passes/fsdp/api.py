@@ -377,9 +377,7 @@ class FSDP(Pass):
             require_callers_root(model)
         if orders is not None:
             gloo = dist.get_backend(mesh.tokens.get_group()) == "gloo"
-            set_prefetch(
-                *orders, self.prefetch, async_op=gloo, root=model if self.wrap_root else None
-            )
+            set_prefetch(*orders, self.prefetch, async_op=gloo, root_first=self.wrap_root)
         return model
 
     def _common(self, module: nn.Module, kept: frozenset[int]) -> dict[str, Any]:

@@ -82,12 +82,12 @@ def set_prefetch(
     n: int,
     *,
     async_op: bool,
-    root: nn.Module | None,
+    root_first: bool,
 ) -> None:
     """Make each top-level unit prefetch its nested units and the next `n` top-level units in
     forward, each unit the next `n` units of the backward order (see the module docstring) but
-    `root`, which keeps FSDP2's prefetch of one; `async_op`: the units' all-gathers do not block
-    the CPU (gloo)."""
+    the root (`root_first`: the first unit of `backward`), which keeps FSDP2's prefetch of one;
+    `async_op`: the units' all-gathers do not block the CPU (gloo)."""
     if n <= 0 or not forward:
         return
     tops = [typing.cast(FSDPModule, m) for m, _ in forward]
@@ -96,7 +96,7 @@ def set_prefetch(
         tops[i].set_modules_to_forward_prefetch([*nested, *tops[i + 1 : i + 1 + n]])
     back = [typing.cast(FSDPModule, m) for m in backward]
     for i, unit in enumerate(back):
-        if unit is root:
+        if i == 0 and root_first:
             # FSDP2 runs the root's pre-backward hook once per output tensor that gets a
             # gradient (loss, an aux loss, router logits); a later one, after the lm head's
             # backward resharded it, would gather it again with an explicit list. FSDP2's own
