@@ -4,9 +4,10 @@ Each is a few bytes per MoE layer (or per forward), but a step issues them, so `
 lists them (tests count every collective of a real step against the prediction):
 
 - `load_sync_all_reduce` on `world` (the token ranks, dp_replicate × dp_shard × cp): with a
-  routing bias (counter buffers, `ModelShapes.counters`) under `FSDP` or `ContextParallel`
-  (cp > 1), which install `moetx.passes.load_sync`: per MoE layer and counter buffer, one
-  all-reduce of the buffer's increment per forward; none in a recomputation.
+  routing bias (counter buffers, `ModelShapes.counters`) on more than one token rank, where
+  every pass installs `moetx.passes.load_sync` (without a pass, `sync_gradients` requires
+  `moetx.sync_routing_load`): per MoE layer and counter buffer, one all-reduce of the buffer's
+  increment per forward; none in a recomputation.
 - `aux_all_reduce` / `aux_all_gather` / `aux_reduce_scatter` on `cp`: with an aux loss under
   `ContextParallel` (cp > 1). moetx's `MoEBlock` (`StatsReducer`): per MoE layer in forward an
   all-reduce of the int64 `[B, E]` choice counts and an autograd all-gather of the float32
@@ -45,11 +46,8 @@ def _all_reduce(nbytes: int, w: int) -> int:
 
 
 def _load_sync(shapes: ModelShapes, d: MeshDegrees, pipeline: Pipeline) -> list[Row]:
-    installed = find_pass(pipeline, "fsdp") is not None or (
-        find_pass(pipeline, "cp") is not None and d.cp > 1
-    )
     w = d.token_ranks
-    if not installed or w == 1 or not shapes.counters:
+    if w == 1 or not shapes.counters:
         return []
     sent = sum(_all_reduce(b, w) for b in shapes.counters)
     return [("load_sync_all_reduce", "world", len(shapes.counters), sent)]
