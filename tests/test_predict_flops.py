@@ -14,7 +14,7 @@ from moetx.mesh.parallel_mesh import ParallelMesh
 from moetx.models import MoEConfig
 from moetx.models.config import SCORE_FUNCS
 from moetx.planning import predict
-from moetx.testing import RankPool, examples, fake_world, hf
+from moetx.testing import RankPool, examples, fake_world, hf, nightly_param
 from moetx.testing.train import TrainSpec, build_model, global_batches
 from tests.bodies.predict_flops import (
     count_step,
@@ -66,7 +66,7 @@ def counted_flops(spec: TrainSpec | hf.HFSpec, mode: str) -> int:
         return count_step(model, {"input_ids": ids, "labels": labels})
 
 
-@settings(max_examples=examples(15))
+@settings(max_examples=examples(10))
 @given(config=configs(), seq=st.sampled_from([8, 12]), rows=st.integers(1, 2))
 def test_flops_equal_the_counted_forward_backward_and_recomputation(
     config: MoEConfig, seq: int, rows: int
@@ -180,7 +180,12 @@ def _replicated_matmuls(config: MoEConfig, tokens: int) -> int:
 
 @pytest.mark.parametrize(
     "tp, name, sequence",
-    [(2, "shared", False), (2, "shared", True), (2, "dense", False), (4, "tp4", True)],
+    [
+        (2, "shared", False),
+        nightly_param(2, "shared", True, why="ci: sequence parallelism at tp 4"),
+        (2, "dense", False),
+        (4, "tp4", True),
+    ],
 )
 def test_tensor_parallel_flops_equal_every_rank(
     pool2: RankPool, pool4: RankPool, tp: int, name: str, sequence: bool
