@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import gc
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,6 +18,18 @@ from moetx.testing import fake_world
 from tests.bodies.meter import read_while_work_held
 
 F32 = 4
+
+
+@pytest.fixture(autouse=True)
+def _young_heap() -> Iterator[None]:
+    """The meter collects garbage before each read; late in a full run the heap holds what
+    earlier tests left (models, hypothesis' caches) and one collection took seconds. Objects
+    older than the test are frozen out of the collector's scan (what `trace_blocks` does):
+    what the test makes is collected as before."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 def test_counts_what_backward_keeps():
