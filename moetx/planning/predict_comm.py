@@ -53,6 +53,7 @@ from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.planning.predict_aux import aux_collectives
 from moetx.planning.predict_dedup import dedup_all_to_all
+from moetx.planning.predict_flops import checkpoint_mode
 from moetx.planning.predict_fsdp import fsdp_units
 from moetx.planning.predict_sequence import ring_sends, sequence_parallel
 from moetx.planning.predict_state import ModelShapes, find_pass, iter_blocks, uses_tp
@@ -82,11 +83,7 @@ class Traffic:
 
 def recomputes_forward(pipeline: Pipeline, block: int) -> bool:
     """Whether block `block`'s forward reruns in backward (checkpointed in full/router mode)."""
-    ac = find_pass(pipeline, "ac")
-    if ac is None:
-        return False
-    every = getattr(ac, "every", 1)
-    return (block + 1) % every == 0 and getattr(ac, "mode", "full") != "selective"
+    return checkpoint_mode(pipeline, block) in ("full", "router")
 
 
 def _compute_itemsize(shapes: ModelShapes, pipeline: Pipeline) -> int:
