@@ -114,10 +114,8 @@ class ModelShapes:
     aux_blocks: tuple[int, ...] = ()
     #: A Hugging Face transformers model (`ContextParallel` checks its batches over the world).
     hf: bool = False
-    #: An HF model whose output carries its router logits (config `output_router_logits`).
-    router_logits: bool = False
-    #: ... and a router aux loss computed from them (a `router_aux_loss_coef`; not
-    #: DeepSeek-V3), which `ContextParallel` reduces over cp (`hf_aux`).
+    #: An HF model returning a router aux loss (`output_router_logits` and a
+    #: `router_aux_loss_coef`; not DeepSeek-V3), which `ContextParallel` reduces over cp (`hf_aux`).
     router_aux: bool = False
     tp: TPLayout = attrs.field(factory=lambda: TPLayout(refused="not read"))
     #: Results the predictors derive from these shapes, keyed by what they depend on (the
@@ -200,7 +198,6 @@ class ModelShapes:
                 if m.stats_reducer_attr is not None and getattr(m.module, "aux_loss_coef", 0.0) != 0
             ),
             hf=hf,
-            router_logits=logits,
             router_aux=logits and hasattr(model, "router_aux_loss_coef"),
             tp=tp,
         )
