@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +16,7 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 
 from moetx.planning.meter import LiveActivationMeter
 from moetx.testing import fake_world
-from tests.bodies.meter import read_while_work_held
+from tests.bodies.meter import keep_chunks, read_while_work_held
 
 F32 = 4
 
@@ -130,6 +131,22 @@ def test_exclude_rejects_other_values():
         TypeError, match=r"^`exclude` holds tensors and modules only \(got `int`\)\.$"
     ):
         LiveActivationMeter(exclude=[3])  # type: ignore[list-item]
+
+
+def test_a_collective_keeping_views_of_its_buffer_holds_the_reading():
+    """gloo's all-gather Work keeps per-rank chunk views of the output buffer it was given and
+    destroys them after its other tensors, with the GIL released. The meter gave c10d a view of
+    the program's buffer, so the chunks held the program's tensor, not the meter's: a reading
+    woken in between counted the dropped output (the CI failure of
+    `test_buffers_a_collective_still_holds_do_not_count[c10d]`: 32 bytes). A stand-in c10d op
+    keeps such chunks for 0.5 s: the reading waits for them and counts nothing."""
+    with LiveActivationMeter(release_timeout=30.0) as meter:
+        out = torch.zeros(8) + 1  # an op output the collective writes into
+        keep_chunks(out, 0.5)
+    del out
+    start = time.monotonic()
+    assert meter.live_bytes() == 0
+    assert time.monotonic() - start >= 0.4  # it waited for the chunks to go
 
 
 # --------------------------------------------------------------- collectives (2 gloo ranks)

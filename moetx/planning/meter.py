@@ -15,17 +15,26 @@ Collectives: a c10d `Work` holds its input and output tensors until it is destro
 worker thread destroys a finished one only after it has woken the waiter, so for a moment after
 `wait()` the buffers of the last collective (tensor parallelism's logits all-gather) are alive
 though the program dropped them; read then, they counted as activations, intermittently. So the
-meter hands every collective private aliases of its tensors and the program aliases of the
-collective's fresh outputs, holds the ones c10d got weakly, and reads only once they are all
-gone. The Work also holds views of a fresh output that the meter never sees (gloo's per-rank
-chunks) and may drop them last: a collective's fresh output counts only while a tensor the
-program got on it is alive.
+meter hands every collective private twins of its tensors and the program aliases of the
+collective's fresh outputs, holds what c10d got weakly, and reads only once it is all gone.
+
+c10d also makes views of what it is given that the meter never sees (gloo's per-rank chunks of
+an all-gather's output, or of a reduce-scatter's input) and may destroy them after everything
+else, with the GIL released. A view made below autograd holds only the storage, so a twin that
+shares the program's storage would die first. The twin of a buffer therefore sits on a storage
+of its own over the same memory (a DLPack re-import, which keeps the program's storage alive
+until the twin's storage dies), and the meter watches that storage: it dies with c10d's last
+view of it, and the program's storage is released in the same GIL-held destructor chain, so a
+reading woken by it cannot come in between. The exception is the in-place functional
+collectives: c10d finds their Work by the output's storage, so their buffers keep plain aliases.
+A collective's fresh output counts only while a tensor the program got on it is alive.
 """
 
 from __future__ import annotations
 
 import gc
-import threading
+import queue
+import time
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -114,32 +123,38 @@ class _StorageSet:
 
 
 class _Releases:
-    """Tensors only a c10d `Work` holds, held weakly; `wait` returns once every one is gone."""
+    """Tensors and storages only c10d holds, held weakly; `wait` returns once every one is gone.
+
+    The weak references' callback is a C function (`SimpleQueue.put`): it runs no Python code
+    where c10d destroys the object, so the waiter cannot take the GIL before the destructor
+    chain that released the object has finished.
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._refs: set[weakref.ref[torch.Tensor]] = set()
+        self._gone: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._refs: list[weakref.ref[Any]] = []
 
-    def watch(self, t: torch.Tensor) -> None:
-        with self._cond:
-            self._refs.add(weakref.ref(t, self._gone))
-
-    def _gone(self, ref: weakref.ref[torch.Tensor]) -> None:  # runs where the Work dies
-        with self._cond:
-            self._refs.discard(ref)
-            self._cond.notify_all()
+    def watch(self, obj: torch.Tensor | torch.UntypedStorage) -> None:
+        self._refs.append(weakref.ref(obj, self._gone.put))
 
     def wait(self, timeout: float) -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: not self._refs, timeout):
-                raise CollectiveHeldError(
-                    "`LiveActivationMeter` cannot read: a collective issued inside it is still "
-                    f"held by c10d (after {timeout:g} s).\n"
-                    "  a c10d Work keeps its input and output tensors alive until it is "
-                    "destroyed; read now, they would count as activations\n"
-                    "  fix: wait on and drop every Work (e.g. from `async_op=True`) before "
-                    "reading"
-                )
+        deadline = time.monotonic() + timeout
+        while True:
+            self._refs = [r for r in self._refs if r() is not None]
+            if not self._refs:
+                return
+            try:
+                self._gone.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                if any(r() is not None for r in self._refs):
+                    raise CollectiveHeldError(
+                        "`LiveActivationMeter` cannot read: a collective issued inside it is "
+                        f"still held by c10d (after {timeout:g} s).\n"
+                        "  a c10d Work keeps its input and output tensors alive until it is "
+                        "destroyed; read now, they would count as activations\n"
+                        "  fix: wait on and drop every Work (e.g. from `async_op=True`) "
+                        "before reading"
+                    ) from None
 
 
 class _Reached:
@@ -171,6 +186,27 @@ def _is_collective(func: Any) -> bool:
 
 def _plain(t: Any) -> bool:
     return type(t) is torch.Tensor
+
+
+def _written_in_place(func: Any) -> set[str]:
+    """Names of the arguments a functional collective writes (c10d keys its Work by them)."""
+    if getattr(func, "namespace", None) == "c10d":
+        return set()
+    return {
+        a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write
+    }
+
+
+def _twin(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | torch.UntypedStorage]:
+    """A tensor over `t`'s memory on a storage of its own, which keeps `t`'s storage alive until
+    it dies, and what to watch: that storage (views of the twin hold it). Where DLPack cannot
+    carry the tensor, a plain alias, watched itself."""
+    try:
+        twin = torch.from_dlpack(t.detach())
+    except Exception:  # a dtype or layout DLPack lacks
+        a = torch.ops.aten.alias.default(t)
+        return a, a
+    return twin, twin.untyped_storage()
 
 
 class LiveActivationMeter(TorchDispatchMode):
@@ -239,9 +275,10 @@ class LiveActivationMeter(TorchDispatchMode):
         return out
 
     def _collective(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run a collective on private aliases of its tensors and watch what its Work holds.
+        """Run a collective on private twins of its tensors and watch what its Work holds.
 
-        The Work keeps the tensors it was given (the aliases) and, for ops that allocate their
+        The Work keeps the tensors it was given (the twins, and views of them: the twins'
+        storages are watched) and, for ops that allocate their
         result and run in place on it (functional all-reduce), that result: the program gets an
         alias of every fresh output, so the original too is held by c10d alone. The Work also
         holds views of a fresh output that the meter never sees (gloo's per-rank chunks), which
@@ -249,30 +286,46 @@ class LiveActivationMeter(TorchDispatchMode):
         the program was given on it is alive (`_Reached`).
         """
         given: list[torch.Tensor] = []
+        watched: list[torch.Tensor | torch.UntypedStorage] = []
+
+        def twin(t: Any) -> Any:
+            if not _plain(t):
+                return t
+            a, watch = _twin(t)
+            given.append(a)
+            watched.append(watch)
+            return a
 
         def alias(t: Any) -> Any:
             if not _plain(t):
                 return t
             a = torch.ops.aten.alias.default(t)
             given.append(a)
+            watched.append(a)
             return a
 
-        args, kwargs = tree_map(alias, (args, kwargs))
+        in_place = _written_in_place(func)
+        names = [a.name for a in func._schema.arguments]
+        args = tuple(
+            tree_map(alias if name in in_place else twin, a)
+            for name, a in zip(names, args, strict=False)
+        )
+        kwargs = {k: tree_map(alias if k in in_place else twin, v) for k, v in kwargs.items()}
         out = func(*args, **kwargs)
         ids = {id(a) for a in given}
 
         def alias_fresh(t: Any) -> Any:
             if not _plain(t) or id(t) in ids:
                 return t
-            given.append(t)
+            watched.append(t)
             storage = _storage(t)
             if storage is not None:
                 self._reached.allocated(storage)
             return torch.ops.aten.alias.default(t)
 
         out = tree_map(alias_fresh, out)
-        for t in given:
-            self._releases.watch(t)
+        for w in watched:
+            self._releases.watch(w)
         return out
 
     def live_storages(

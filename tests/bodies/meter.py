@@ -11,6 +11,22 @@ import torch.distributed as dist
 
 from moetx.planning.meter import CollectiveHeldError, LiveActivationMeter
 
+_LIB = torch.library.Library("c10d", "FRAGMENT")  # `LiveActivationMeter` knows c10d ops
+_LIB.define("moetx_test_keep_chunks(Tensor buffer, float hold_s) -> ()")
+_KEPT: list[list[torch.Tensor]] = []
+
+
+def _keep_chunks(buffer: torch.Tensor, hold_s: float) -> None:
+    """What gloo's all-gather Work does with its output: keep per-rank chunk views of the buffer
+    it was given, and drop them later, on another thread."""
+    chunks = list(buffer.chunk(2))
+    _KEPT.append(chunks)
+    threading.Timer(hold_s, chunks.clear).start()
+
+
+_LIB.impl("moetx_test_keep_chunks", _keep_chunks, "CPU")
+keep_chunks = torch.ops.c10d.moetx_test_keep_chunks
+
 
 def read_while_work_held(kind: str, hold_s: float, timeout_s: float) -> dict[str, Any]:
     """Inside the meter, all-gather an op output and drop both buffers while another thread
