@@ -31,7 +31,7 @@ from moetx.__main__ import main
 from moetx.core.algebra import Pass
 from moetx.core.order import Placement
 from moetx.models import MoEConfig, MoETransformer
-from moetx.planning import LiveActivationMeter, autoplan, plan, predict
+from moetx.planning import LiveActivationMeter, Traffic, autoplan, plan, predict
 from moetx.planning.autoplan import PASSES
 from moetx.planning.predict_fsdp import fsdp_units
 from moetx.planning.predict_state import ModelShapes, state_bytes
@@ -41,7 +41,12 @@ from moetx.testing.hf import build_model as hf_build_model
 from moetx.testing.strategies import mesh_degrees
 from moetx.testing.train import TrainSpec, assert_matches_reference, build_model, train
 from tests.bodies import training_loop
-from tests.bodies.autoplan import hf_held_bytes, measure_step
+from tests.bodies.autoplan import (
+    assert_counted_as_predicted,
+    drawn_routing,
+    hf_held_bytes,
+    measure_step,
+)
 from tests.bodies.plan import gathered_after_forward, held_bytes
 
 # Odd sizes (vocab 67, hidden 12, widths 6 / 10) split unevenly over 2 and 4 ranks. Routing bias
@@ -227,10 +232,22 @@ def test_activation_bytes_match_the_meter_on_a_real_forward(
 # ----------------------------------------------------------------- communication on real ranks
 
 
-def _routing(results: list[dict], rank: int) -> list[list[list[int]]]:
-    ranks = results[rank]["ep_ranks"]
-    layers = len(results[rank]["sent"])
-    return [[results[src]["sent"][layer] for src in ranks] for layer in range(layers)]
+def test_the_counted_versus_predicted_check_fails_on_any_difference():
+    """`assert_counted_as_predicted` (used by every real-rank collective test) passes only when
+    the counts equal the predicted ones, and lets a kind the prediction lacks through only when
+    it sent no bytes."""
+    comm = (Traffic("fsdp_all_gather", "dp_shard_cp", 2, 96), Traffic("ep_all_to_all", "ep", 0, 0))
+    right = {"fsdp_all_gather[dp_shard_cp]": (2, 96), "cp_guard_all_reduce[world]": (1, 0)}
+    assert_counted_as_predicted(right, comm, 0)
+    for wrong in (
+        {"fsdp_all_gather[dp_shard_cp]": (3, 96)},  # calls
+        {"fsdp_all_gather[dp_shard_cp]": (2, 95)},  # bytes
+        {"fsdp_all_gather[world]": (2, 96)},  # axis
+        {},  # a predicted kind not counted
+        {**right, "ep_all_to_all[ep]": (1, 8)},  # a kind predicted with no calls sent bytes
+    ):
+        with pytest.raises(AssertionError, match=r"^rank 3: kind\[axis\]: \(counted, predicted\)"):
+            assert_counted_as_predicted(wrong, comm, 3)
 
 
 @settings(max_examples=examples(8), deadline=None)
@@ -249,14 +266,12 @@ def test_comm_bytes_equal_counted_bytes_on_real_ranks(pool4: RankPool, case, bia
     fsdp = any(isinstance(p, FSDP) for p in pipeline)
     results = pool4.run(measure_step, spec, pipeline, degrees, meter=not fsdp)
     for rank, got in enumerate(results):
-        routing = _routing(results, rank) if degrees.ep > 1 else None
+        routing = drawn_routing(results, rank) if degrees.ep > 1 else None
         p = predict(
             spec.config, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank,
             routing=routing, ep_rank=got["ep_rank"],
         )  # fmt: skip
-        want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
-        counted = {k: v for k, v in got["comm"].items() if v[1] or k in want}
-        assert counted == want, f"rank {rank}"
+        assert_counted_as_predicted(got["comm"], p.comm, rank)
         if not fsdp and degrees.ep == 1:
             real = got["activations"]
             assert abs(p.activations - real) <= 0.05 * real, (rank, p.activations, real)
@@ -302,7 +317,7 @@ def test_tp_predictions_equal_real_ranks(pool4: RankPool, case, bias, aux):
     held = pool4.run(held_bytes, spec, pipeline, degrees)
     results = pool4.run(measure_step, spec, pipeline, degrees, meter=not fsdp)
     for rank, got in enumerate(results):
-        routing = _routing(results, rank) if degrees.ep > 1 else None
+        routing = drawn_routing(results, rank) if degrees.ep > 1 else None
         p = predict(
             config, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank,
             routing=routing, ep_rank=got["ep_rank"],
@@ -311,9 +326,7 @@ def test_tp_predictions_equal_real_ranks(pool4: RankPool, case, bias, aux):
         assert (state.params, state.grads, state.optimizer) == max(
             (h["params"], h["grads"], h["optimizer"]) for h in held
         )
-        want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
-        counted = {k: v for k, v in got["comm"].items() if v[1] or k in want}
-        assert counted == want, f"rank {rank}"
+        assert_counted_as_predicted(got["comm"], p.comm, rank)
         if not fsdp and degrees.ep == 1:
             real = got["activations"]
             assert abs(p.activations - real) <= 0.05 * real, (rank, p.activations, real)
@@ -331,9 +344,7 @@ def test_tp_selective_checkpointing_predictions_equal_real_ranks(pool4: RankPool
     pipeline = Pipeline((*passes, ActivationCheckpoint(mode="selective")))
     p = predict(TP_CONFIG, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank)
     for rank, got in enumerate(pool4.run(measure_step, spec, pipeline, degrees, meter=True)):
-        want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
-        counted = {k: v for k, v in got["comm"].items() if v[1] or k in want}
-        assert counted == want, f"rank {rank}"
+        assert_counted_as_predicted(got["comm"], p.comm, rank)
         real = got["activations"]
         print(f"rank {rank}: activations predicted {p.activations}, measured {real}")
         assert abs(p.activations - real) <= 0.05 * real, (rank, p.activations, real)
@@ -419,9 +430,7 @@ def test_all_gather_dispatcher_wins_when_top_k_exceeds_ep(pool2: RankPool):
     assert rival.degrees == best.degrees and rival.cost > best.cost
     results = pool2.run(measure_step, spec, best.pipeline, best.degrees, meter=True)
     for rank, got in enumerate(results):
-        want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in best.prediction.comm if t.calls}
-        counted = {k: v for k, v in got["comm"].items() if v[1] or k in want}
-        assert counted == want, f"rank {rank}"
+        assert_counted_as_predicted(got["comm"], best.prediction.comm, rank)
     mean = sum(got["activations"] for got in results) / len(results)
     predicted = best.prediction.activations
     print(f"all-gather activations: predicted {predicted}, measured mean {mean}")

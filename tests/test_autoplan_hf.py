@@ -24,6 +24,7 @@ from moetx import (
 from moetx.planning import autoplan, predict
 from moetx.testing import RankPool
 from moetx.testing.hf import HFSpec, build_model
+from tests.bodies.autoplan import assert_counted_as_predicted, predicted_comm
 from tests.bodies.autoplan_hf import hf_measure_step, hf_one_process_activations
 from tests.bodies.hf import hf_rank_train
 from tests.test_hf_models import assert_training_parity
@@ -85,11 +86,11 @@ def test_hf_context_parallel_predictions_equal_real_ranks(
     got = pool4.run(hf_measure_step, spec, pipeline, degrees)
     real = [g["activations"] for g in got]
     assert all(abs(p.activations - r) <= 0.05 * r for r in real), (p.activations, real)
-    want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
+    want = predicted_comm(p.comm)
     assert want["cp_guard_all_reduce[world]"] == (1, 2 * 3 * 40 // 4)  # 5 int64 flags
     assert ("aux_all_gather[cp]" in want) == logits
-    for g in got:
-        assert {k: v for k, v in g["comm"].items() if v[1] or k in want} == want
+    for rank, g in enumerate(got):
+        assert_counted_as_predicted(g["comm"], p.comm, rank)
 
 
 def test_hf_latent_attention_collectives_equal_real_ranks(pool4: RankPool):
@@ -110,10 +111,10 @@ def test_hf_latent_attention_collectives_equal_real_ranks(pool4: RankPool):
     p = predict(
         build_model(spec), degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank
     )
-    want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
+    want = predicted_comm(p.comm)
     assert "aux_all_gather[cp]" not in want and "cp_guard_all_reduce[world]" in want
-    for g in pool4.run(hf_measure_step, spec, pipeline, degrees):
-        assert {k: v for k, v in g["comm"].items() if v[1] or k in want} == want
+    for rank, g in enumerate(pool4.run(hf_measure_step, spec, pipeline, degrees)):
+        assert_counted_as_predicted(g["comm"], p.comm, rank)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -29,6 +29,7 @@ from moetx.testing.train import (
     reference,
 )
 from tests.bodies import dedup as bodies
+from tests.bodies.autoplan import assert_counted_as_predicted, drawn_routing
 from tests.bodies.compile import compiled_train
 from tests.bodies.dedup import DedupBlock
 from tests.bodies.expert_parallel import MoECase
@@ -256,15 +257,11 @@ def test_predicted_bytes_equal_counted_bytes(pool4: RankPool, case):
     spec, pipeline, degrees = case
     results = pool4.run(bodies.measure_pairs, spec, pipeline, degrees)
     for rank, got in enumerate(results):
-        ranks, layers = got["ep_ranks"], len(got["sent"])
-        routing = [[results[src]["sent"][layer] for src in ranks] for layer in range(layers)]
         p = predict(
             spec.config, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank,
-            routing=routing, ep_rank=got["ep_rank"],
+            routing=drawn_routing(results, rank), ep_rank=got["ep_rank"],
         )  # fmt: skip
-        want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
-        counted = {k: v for k, v in got["comm"].items() if v[1] or k in want}
-        assert counted == want, f"rank {rank}"
+        assert_counted_as_predicted(got["comm"], p.comm, rank)
 
 
 def test_uniform_prediction_dedups_and_worst_case_does_not():

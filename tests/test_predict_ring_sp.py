@@ -27,9 +27,9 @@ from moetx.core.algebra import Pass
 from moetx.planning import predict
 from moetx.testing import RankPool, examples
 from moetx.testing.train import TrainSpec, build_model, global_batches
-from tests.bodies.autoplan import measure_step
+from tests.bodies.autoplan import assert_counted_as_predicted, drawn_routing, measure_step
 from tests.bodies.predict_ring_sp import ring_sp_step
-from tests.test_autoplan import CONFIG, MODES, SPEC, TP_CONFIG, _ac, _routing, fsdps
+from tests.test_autoplan import CONFIG, MODES, SPEC, TP_CONFIG, _ac, fsdps
 
 # (world, degrees): ring CP alone (cp 2 and 4), beside data parallelism, and with tp=2;
 # sequence parallelism alone and beside dp_shard, dp_replicate (under FSDP) or cp.
@@ -86,13 +86,11 @@ def test_ring_and_sequence_parallel_predictions_equal_real_ranks(
     pool = pool2 if world == 2 else pool4
     results = pool.run(ring_sp_step, spec, pipeline, degrees, meter=not fsdp)
     p = predict(config, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank)
-    want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
     assert (p.state.params, p.state.grads, p.state.optimizer) == max(
         (r["params"], r["grads"], r["optimizer"]) for r in results
     )
     for rank, got in enumerate(results):
-        counted = {k: v for k, v in got["comm"].items() if v[1] or k in want}
-        assert counted == want, f"rank {rank}"
+        assert_counted_as_predicted(got["comm"], p.comm, rank)
     if not fsdp:
         # cp ranks differ under "selective" checkpointing (it keeps every attention kernel's
         # output, and a rank runs one per K/V block its queries may see): the trace is the most
@@ -117,11 +115,9 @@ def test_sequence_parallel_beside_expert_parallel(pool4: RankPool, fsdp: bool):
     for rank, got in enumerate(results):
         p = predict(
             TP_CONFIG, degrees, pipeline, seq=spec.seq_len, micro_batch=spec.rows_per_rank,
-            routing=_routing(results, rank), ep_rank=got["ep_rank"],
+            routing=drawn_routing(results, rank), ep_rank=got["ep_rank"],
         )  # fmt: skip
-        want = {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in p.comm if t.calls}
-        counted = {k: v for k, v in got["comm"].items() if v[1] or k in want}
-        assert counted == want, f"rank {rank}"
+        assert_counted_as_predicted(got["comm"], p.comm, rank)
         if not fsdp:
             real = got["activations"]
             assert abs(p.activations - real) <= 0.05 * real, (rank, p.activations, real)

@@ -1,9 +1,10 @@
-"""Rank bodies for the auto-planner tests: counted collective bytes, measured activations, routing."""
+"""Rank bodies for the auto-planner tests (counted collectives, activations, routing) + checks."""
 
 from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh
+from moetx.planning import Traffic
 from moetx.planning.meter import LiveActivationMeter
 from moetx.structure.discovery import discover
 from moetx.testing.hf import HFSpec
@@ -112,6 +114,10 @@ class CountingMode(TorchDispatchMode):
         self.all_reduce: str | None = None  # what all-reduces are, when the caller knows
         self.ep_gathers = False  # all-gathers on the ep group are EP's (all-gather dispatcher)
 
+    def comm(self) -> dict[str, tuple[int, int]]:
+        """What was counted, `"kind[axis]" -> (calls, bytes)` (the keys of `predicted_comm`)."""
+        return {f"{k}[{a}]": (calls, sent) for (k, a), (calls, sent) in self.log.items()}
+
     def _add(self, kind: str, pg: Any, sent: int) -> None:
         ranks = str(dist.get_process_group_ranks(pg))
         axes = self.axes.get(pg.group_name) or self.axes.get(ranks, [pg.group_name])
@@ -172,6 +178,33 @@ class CountingMode(TorchDispatchMode):
         return f"{prefix}_{what}"
 
 
+def predicted_comm(comm: Iterable[Traffic]) -> dict[str, tuple[int, int]]:
+    """The collectives a prediction's `comm` says a rank issues (calls > 0), keyed as
+    `CountingMode.comm`: `"kind[axis]" -> (calls, bytes)`."""
+    return {f"{t.kind}[{t.axis}]": (t.calls, t.bytes) for t in comm if t.calls}
+
+
+def assert_counted_as_predicted(
+    counted: Mapping[str, tuple[int, int]], comm: Iterable[Traffic], rank: int
+) -> None:
+    """Predicted == counted: every collective the prediction's `comm` has (calls > 0) was
+    counted on `rank` (`CountingMode.comm`) with the same calls and bytes, per kind and axis,
+    and every other kind counted sent no bytes."""
+    want = predicted_comm(comm)
+    got = {k: v for k, v in counted.items() if v[1] or k in want}
+    assert got == want, f"rank {rank}: kind[axis]: (counted, predicted) " + str(
+        {k: (got.get(k), want.get(k)) for k in sorted(got | want) if got.get(k) != want.get(k)}
+    )
+
+
+def drawn_routing(results: list[dict[str, Any]], rank: int) -> list[list[list[int]]]:
+    """`predict`'s `routing` for `rank` from every rank's results (their `"sent"` per MoE layer
+    and `"ep_ranks"`): per layer, what each rank of its ep group sent each of the group's ranks."""
+    ranks = results[rank]["ep_ranks"]
+    layers = len(results[rank]["sent"])
+    return [[results[src]["sent"][layer] for src in ranks] for layer in range(layers)]
+
+
 def _unbox(pg: Any) -> dist.ProcessGroup:
     return pg if isinstance(pg, dist.ProcessGroup) else dist.ProcessGroup.unbox(pg)
 
@@ -185,9 +218,9 @@ def counted_step(
 ) -> int:
     """One forward + backward (+ `sync_gradients` without FSDP) with every collective counted in
     `log`; returns the bytes forward leaves alive (`meter`; -1 without)."""
-    live = LiveActivationMeter(exclude=[model, *batch.values()])
+    live = LiveActivationMeter(exclude=[model, *batch.values()]) if meter else None
     with log:
-        if meter:
+        if live is not None:
             with live:
                 out = model(**batch)
             activations = live.live_bytes(exclude=[out.logits, out.loss])
@@ -233,7 +266,7 @@ def measure_step(
         h.remove()
     ep_group = mesh["ep"].get_group()
     return {
-        "comm": {f"{k}[{a}]": tuple(v) for (k, a), v in log.log.items()},
+        "comm": log.comm(),
         "activations": activations,
         "c10d": dict(log.c10d),
         "sent": [sent[i] for i in sorted(sent)],

@@ -55,7 +55,7 @@ def hf_measure_step(spec: HFSpec, pipeline: Pipeline, degrees: MeshDegrees) -> d
         gc.unfreeze()
     return {
         "activations": activations,
-        "comm": {f"{k}[{a}]": tuple(v) for (k, a), v in log.log.items()},
+        "comm": log.comm(),
         "ep_rank": dist.get_rank(mesh["ep"].get_group()),
     }
 

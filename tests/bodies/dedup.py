@@ -23,8 +23,7 @@ from moetx.passes.expert_parallel.dedup import DedupAllToAllDispatcher
 from moetx.structure.discovery import discover
 from moetx.testing.parity import gradients, missing_gradients
 from moetx.testing.train import TrainSpec, build_model, mesh_for
-from moetx.training.grad_sync import sync_gradients
-from tests.bodies.autoplan import CountingMode, _axes
+from tests.bodies.autoplan import CountingMode, _axes, counted_step
 from tests.bodies.compile_ops import CollectiveRecorder, GraphCounter, _step
 from tests.bodies.expert_parallel import MoECase, _CollectiveLog, moe_case_inputs, moe_case_model
 from tests.bodies.plan import _batch
@@ -171,8 +170,8 @@ def compiled_block(case: DedupBlock) -> dict[str, Any]:
 
 
 def measure_pairs(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> dict[str, Any]:
-    """Rank body: one forward + backward; every collective counted (`CountingMode`), and the
-    distinct (token, rank) pairs this ep rank sent each other ep rank in each MoE layer."""
+    """Rank body: one forward + backward (`counted_step`: every collective counted, the gradient
+    sync without FSDP included), and the distinct (token, rank) pairs this ep rank sent each other ep rank in each MoE layer."""
     mesh = mesh_for(degrees)
     model = pipeline.apply(build_model(spec), mesh)
     batch = _batch(spec, pipeline, degrees)
@@ -186,17 +185,12 @@ def measure_pairs(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> 
 
         handles.append(moe.router.register_forward_hook(hook))
     log = CountingMode(_axes(mesh))
-    with log:
-        out = model(**batch)
-        out.loss.backward()
-        if not any(p.placement.stage == "fsdp" for p in pipeline):
-            log.all_reduce = "grad_all_reduce"
-            sync_gradients(model, mesh)
+    counted_step(model, batch, mesh, pipeline, log, meter=False)
     for h in handles:
         h.remove()
     ep_group = mesh["ep"].get_group()
     return {
-        "comm": {f"{k}[{a}]": tuple(v) for (k, a), v in log.log.items()},
+        "comm": log.comm(),
         "sent": [sent[i] for i in sorted(sent)],
         "ep_ranks": dist.get_process_group_ranks(ep_group),
         "ep_rank": dist.get_rank(ep_group),

@@ -47,7 +47,7 @@ def ring_sp_step(
     opt.step()
     moments = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
     return {
-        "comm": {f"{k}[{a}]": tuple(v) for (k, a), v in log.log.items()},
+        "comm": log.comm(),
         "activations": activations,
         "c10d": dict(log.c10d),
         "params": _held(model.parameters()),

@@ -22,14 +22,14 @@ from torch.distributed.fsdp import (
 )
 
 from moetx.core.algebra import Pass, register_pass
-from moetx.core.errors import PassPreconditionError
-from moetx.core.options import Rule, at_least, flag, one_of, option
+from moetx.core.options import at_least, flag, option
 from moetx.core.order import Placement
 from moetx.core.record import Applied, applied_passes, find_applied
 from moetx.mesh.parallel_mesh import ParallelMesh
-from moetx.passes.foreign import refuse_foreign_parallelism
+from moetx.passes.fsdp.checks import check_fsdp
 from moetx.passes.fsdp.compiled import drive_nested_units
 from moetx.passes.fsdp.experts import shard_experts
+from moetx.passes.fsdp.options import DTYPE, DTYPES, RESHARD, ROLES, roles
 from moetx.passes.fsdp.prefetch import set_prefetch, unit_orders
 from moetx.passes.fsdp.reshard import (
     AUTO,
@@ -38,49 +38,10 @@ from moetx.passes.fsdp.reshard import (
     choose_resident,
     joining_root,
     nested_units,
-    router_apart,
 )
 from moetx.passes.fsdp.root import require_callers_root
 from moetx.passes.load_sync import sync_routing_load
-from moetx.structure.discovery import ModelStructure, discover
-
-DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
-#: Module roles that may be kept in fp32 under a low-precision `param_dtype`.
-FP32_ROLES: tuple[str, ...] = ("router", "lm_head")
-
-_dtype = one_of(None, *DTYPES)
-
-
-def _roles(value: Any) -> Any:
-    # A single role may be given as a str; anything else but a list is left for the rule.
-    return (
-        (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) else value
-    )
-
-
-_ROLES = Rule(
-    f"a tuple of roles from {FP32_ROLES}",
-    lambda v: isinstance(v, tuple) and all(isinstance(r, str) and r in FP32_ROLES for r in v),
-)
-
-
-def _reshard_hint(value: object) -> str | None:
-    if isinstance(value, str) and value.lower() == AUTO and value != AUTO:
-        return f"Write {AUTO!r} in lower case."
-    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
-        return (
-            f"The int {value} is no group size: FSDP2 would take 1 as False (keep parameters "
-            "gathered) although `1 == True` in Python, so write True or False."
-        )
-    return None
-
-
-_RESHARD = Rule(
-    "True, False or an int >= 2 (the size of the group to reshard to after forward), or "
-    f"{AUTO!r} (keep units gathered while they fit the rank's sharded training state)",
-    lambda v: v == AUTO or isinstance(v, bool) or (isinstance(v, int) and v >= 2),
-    _reshard_hint,
-)
+from moetx.structure.discovery import discover
 
 
 @register_pass("fsdp")
@@ -160,163 +121,19 @@ class FSDP(Pass):
 
     placement = Placement.builtin("fsdp")
 
-    param_dtype: str | None = option(None, _dtype)
-    reduce_dtype: str | None = option(None, _dtype)
-    output_dtype: str | None = option(None, _dtype)
-    fp32_modules: tuple[str, ...] = option(("router",), _ROLES, converter=_roles)
-    reshard_after_forward: bool | int | str = option("auto", _RESHARD)
+    param_dtype: str | None = option(None, DTYPE)
+    reduce_dtype: str | None = option(None, DTYPE)
+    output_dtype: str | None = option(None, DTYPE)
+    fp32_modules: tuple[str, ...] = option(("router",), ROLES, converter=roles)
+    reshard_after_forward: bool | int | str = option("auto", RESHARD)
     min_unit_bytes: int = option(MIN_UNIT_BYTES, at_least(0))
     prefetch: int = option(1, at_least(0))
     cpu_offload: bool = option(False, flag())
     wrap_root: bool = option(True, flag())
 
     def check(self, model: nn.Module, mesh: ParallelMesh, record: tuple[Applied, ...]) -> None:
-        """Blocks must be discoverable; every parameter must land in some unit."""
-        structure = discover(model)
-        if not structure.blocks:
-            raise PassPreconditionError(
-                f"`FSDP` found no transformer blocks in `{type(model).__name__}`; it shards one "
-                "unit per block."
-            )
-        mesh.require("dp_shard_cp", by="FSDP")
-        refuse_foreign_parallelism(model, record, by="FSDP")
-        experts_sharded = self._experts_sharded(mesh, record)
-        self._check_reshard_sizes(mesh, experts_sharded)
-        self._check_unit_dtypes(model, structure, experts_sharded, record)
-        self._check_output_dtype(model, structure)
-        if not self.wrap_root:
-            self._check_tied(model, structure)
-            covered = self._unit_params(model, structure)
-            left = [n for n, p in model.named_parameters() if id(p) not in covered]
-            if left:
-                raise PassPreconditionError(
-                    f"`FSDP(wrap_root=False)` would leave {len(left)} parameter(s) outside every "
-                    f"FSDP unit (first: `{left[0]}`); their gradients would never be averaged.\n"
-                    "  fix: keep `wrap_root=True`, or shard the outer model yourself."
-                )
-
-    @staticmethod
-    def _experts_sharded(mesh: ParallelMesh, record: tuple[Applied, ...]) -> bool:
-        """Whether routed experts become their own units (a recorded ep of degree > 1)."""
-        ep = find_applied(record, "ep")
-        return ep is not None and mesh.degree(getattr(ep.pass_, "axis", "ep")) > 1
-
-    def _check_reshard_sizes(self, mesh: ParallelMesh, experts_sharded: bool) -> None:
-        # FSDP2's rule (fsdp/_fully_shard/_fsdp_init.py, _get_post_forward_mesh_info): an int
-        # must divide the unit's shard-group size; checked here, per unit mesh, not mid-apply.
-        n = self.reshard_after_forward
-        if not isinstance(n, int) or isinstance(n, bool):
-            return
-        d = mesh.degrees
-        groups = [("dense parameters", d.dp_shard_cp, "dp_shard × cp")]
-        if experts_sharded:
-            groups.append(
-                ("routed experts", d.dp_replicate * d.ep_shard, "dp_replicate × ep_shard")
-            )
-        sizes = [size for _, size, _ in groups]
-        valid = tuple(k for k in range(2, min(sizes) + 1) if all(s % k == 0 for s in sizes))
-        for what, size, axes in groups:
-            if size % n:
-                ranks = f"{size} rank" + ("s" if size != 1 else "")
-                raise PassPreconditionError(
-                    f"`{self!r}` cannot reshard the {what} to groups of {n}: their FSDP units "
-                    f"shard over {ranks} ({axes}), and FSDP2 needs a group size that divides it.\n"
-                    "  fix: use reshard_after_forward=True or False"
-                    + (f", or one of {valid}." if valid else ".")
-                )
-
-    def _check_unit_dtypes(
-        self,
-        model: nn.Module,
-        s: ModelStructure,
-        experts_sharded: bool,
-        record: tuple[Applied, ...],
-    ) -> None:
-        # FSDP2 needs one original dtype per unit, and checks it only at the first forward.
-        unit_of: dict[int, str] = {}
-        module_fqn = {id(m): n for n, m in model.named_modules()}
-
-        def claim(module: nn.Module | None) -> None:
-            if module is not None:
-                for p in module.parameters():
-                    unit_of.setdefault(id(p), module_fqn.get(id(module), ""))
-
-        for block in s.blocks:
-            if block.moe is not None and experts_sharded:
-                claim(block.moe.experts)
-            if block.moe is not None and router_apart(self):
-                claim(block.moe.router)
-            claim(block.module)
-        if not s.tied_embeddings:
-            joined = joining_root(model, s, self, record)
-            for m in (s.embedding, s.lm_head):
-                if not any(m is j for j in joined):
-                    claim(m)
-        claim(model if self.wrap_root else s.final_norm)
-        units: dict[str, list[tuple[str, torch.dtype]]] = {}
-        for name, p in model.named_parameters():
-            if id(p) in unit_of:
-                units.setdefault(unit_of[id(p)], []).append((name, p.dtype))
-        for unit, params in units.items():
-            dtypes = sorted({str(dt) for _, dt in params})
-            if len(dtypes) > 1:
-                odd = next(name for name, dt in params if dt != params[0][1])
-                where = f"`{unit}`" if unit else f"the root `{type(model).__name__}`"
-                raise PassPreconditionError(
-                    f"`FSDP` would make {where} one FSDP unit with parameters of several dtypes "
-                    f"({', '.join(dtypes)}: e.g. `{odd}`), which FSDP2 refuses.\n"
-                    "  fix: give every parameter one dtype (`model.to(torch.float32)`) and set "
-                    "the compute dtype with `FSDP(param_dtype=...)`; to keep fp32 routers in a "
-                    "low-precision model, use `FSDP(param_dtype='bfloat16')`, which makes each "
-                    "router its own fp32 unit."
-                )
-
-    def _check_output_dtype(self, model: nn.Module, s: ModelStructure) -> None:
-        # FSDP2 casts a unit's outputs to `output_dtype`, and its inputs to `param_dtype` only
-        # when that is set: where nothing casts back, the first forward fails in a matmul.
-        out = getattr(torch, self.output_dtype) if self.output_dtype else None
-        if out is None:
-            return
-        if self.param_dtype is None:
-            weights = sorted({str(p.dtype) for p in model.parameters() if p.dtype != out})
-            if weights:
-                raise PassPreconditionError(
-                    f"`{self!r}` casts every unit's output to {out}, but without `param_dtype` "
-                    f"no unit casts its inputs back, so the next one would get {out} "
-                    f"activations for {', '.join(weights)} weights (FSDP2 fails at the first "
-                    "forward).\n"
-                    "  fix: set `param_dtype` too (each unit then casts its inputs to it), or "
-                    "leave `output_dtype` out."
-                )
-        elif s.tied_embeddings and self.output_dtype != self.param_dtype:
-            raise PassPreconditionError(
-                f"`{self!r}` would feed {out} block outputs to the tied lm head, which computes "
-                f"in the root unit with {getattr(torch, self.param_dtype)} weights and no input "
-                "cast (FSDP2 fails at the first forward).\n"
-                "  fix: leave `output_dtype` out or equal to `param_dtype`, or build the model "
-                "with untied embeddings (`tie_embeddings=False`)."
-            )
-
-    def _check_tied(self, model: nn.Module, structure: ModelStructure) -> None:
-        if not structure.tied_embeddings or structure.embedding is None:
-            return
-        tied = {id(p) for p in structure.embedding.parameters()}
-        names = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in tied]
-        if names:
-            also = ", ".join(f"`{n}`" for n in names[1:])
-            raise PassPreconditionError(
-                f"`FSDP(wrap_root=False)` cannot shard the tied weight `{names[0]}` (also "
-                f"{also}): tied weights belong to the root unit, so without it this weight "
-                "would stay a plain per-rank tensor whose gradient is never averaged, and the "
-                "ranks would diverge after the first step.\n"
-                "  fix: keep `wrap_root=True`, or build the model with untied embeddings "
-                "(`tie_embeddings=False`)."
-            )
-
-    def _unit_params(self, model: nn.Module, s: ModelStructure) -> set[int]:
-        mods: list[nn.Module] = [b.module for b in s.blocks]
-        mods += [m for m in (s.embedding, s.lm_head, s.final_norm) if m is not None]
-        return {id(p) for m in mods for p in m.parameters()}
+        """Every precondition above, before anything changes (`moetx.passes.fsdp.checks`)."""
+        check_fsdp(self, model, mesh, record)
 
     def _policy(self, *, fp32: bool = False) -> MixedPrecisionPolicy:
         if fp32 and self.param_dtype not in (None, "float32"):
