@@ -1,5 +1,4 @@
-"""`refusal`: a pipeline's checks run against the degrees of a mesh, without building it, so the
-planner learns that a pass refuses the model before it pays for a fake world.
+"""`refusal`: a pipeline's checks run on a mesh's degrees alone, so a refused trace needs no fake world.
 
 A meta trace (`trace_blocks`) builds a fake world of cp x tp x ep ranks and its `ParallelMesh`,
 then applies the passes, and their checks refuse before anything is traced (`ContextParallel`
