@@ -30,8 +30,11 @@ a trace runs
 torch's CPU ops on one thread (`meta_env.meta_world`: the routing twins' 32k-id sorts waited
 20-80 ms for OpenMP threads on the loaded box, 0.5 ms on one); one `Pipeline` per distinct pass
 tuple. Left at world 1024 with tp (cProfile): the 16 tp = 1 traces ~5 s CPU, the 12 cheap tp
-traces ~2.7 s, 180 refused keys ~2.8 s (each builds its fake mesh, up to 1,024 ranks: ~3,900
-`new_group` calls), per-candidate `predict` / `state_bytes` ~3 s.
+traces ~2.7 s, 180 refused keys ~2.8 s (each built its fake mesh, up to 1,024 ranks: ~3,900
+`new_group` calls), per-candidate `predict` / `state_bytes` ~3 s. The refused keys are now
+decided by the passes' checks on the mesh degrees, no fake world (`moetx.planning.refusal`):
+0.17 s CPU for the 180 at world 1024 with tp (3.7 s before, without cProfile), 0.01 s for the
+24 without tp (0.4 s); see benchmarks/README.md for the times.
 
 Predictions unchanged: autoplan with tp at world 256 and 1024, with the composition and with it
 turned off (every key traced whole), gives equal fits, misses (every prediction), order,

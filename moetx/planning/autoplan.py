@@ -11,7 +11,9 @@
 3. Predict activations (one meta trace per cp, ep trace degree, dispatcher and checkpointing
    mode, cached; a tensor-parallel one composed from it and a cheap all-to-all trace at that
    tp degree, `moetx.planning.trace_cache`), FSDP buffers, communication and FLOPs
-   (`predict`) for the rest.
+   (`predict`) for the rest. A pass that refuses the model (ContextParallel and an MTP head)
+   leaves its candidates out (`AutoPlan.refused`), found by the passes' checks on the mesh
+   degrees before any trace (`moetx.planning.refusal`).
    FSDP's reshard policy is a candidate dimension (`fsdp_options`: "auto" and True by
    default); the gathered bytes "auto" keeps per rank are in the memory and the table.
 4. Rank what fits by `CostModel.cost`: by default bytes sent per token per rank; give bandwidths

@@ -37,9 +37,12 @@ from torch import nn
 
 from moetx.core.algebra import Pass
 from moetx.core.errors import MoetxError
+from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.passes import ActivationCheckpoint, ExpertParallel
-from moetx.planning.predict_activations import BlockTrace, ep_trace_degree, trace_blocks
+from moetx.planning.plan import _meta_model
+from moetx.planning.predict_activations import BlockTrace, _shallow, ep_trace_degree, trace_blocks
+from moetx.planning.refusal import refusal
 
 __all__ = ["TraceCache", "compose"]
 
@@ -53,7 +56,9 @@ class TraceCache:
     The key holds every pass that changes what a block keeps (ring vs all-gather CP, sequence
     parallelism, the dispatcher), not only its degree, and the checkpointing mode (every block:
     `predict` applies `every` itself). A pass that refuses the model is remembered and raised
-    again for the same key.
+    again for the same key; where its checks decide that from the mesh's degrees
+    (`moetx.planning.refusal`: ContextParallel and an MTP head, sequence parallelism and one),
+    on a meta copy of the model made once, without the key's fake world.
 
     Args:
         source: The model or `MoEConfig` to trace.
@@ -74,9 +79,13 @@ class TraceCache:
             cheap = 1
         self._cheap: tuple[Pass, int] | None = (_CHEAP, cheap) if cheap > 1 else None
         self._traces: dict[tuple[object, ...], BlockTrace | MoetxError] = {}
-        #: Traces run (`trace_blocks` calls), and keys composed without one.
+        #: What the passes' checks run on before a trace (`_refusal`), made on first use.
+        self._checked: nn.Module | None = None
+        #: Traces run (`trace_blocks` calls), keys composed without one, and keys refused
+        #: without one (their passes' checks decided it from the degrees).
         self.traced = 0
         self.composed = 0
+        self.refused = 0
 
     def __call__(
         self, cp: Pass | None, degree: int, ac: Pass | None, tp: Pass | None, tp_degree: int,
@@ -103,9 +112,9 @@ class TraceCache:
         ep: Pass | None, ep_degree: int,
     ) -> BlockTrace | MoetxError:  # fmt: skip
         if tp is not None and self._cheap is not None and (ep, ep_degree) != self._cheap:
-            try:
-                base = self(cp, degree, ac, None, 1, ep, ep_degree)
+            try:  # the term with tp and cp first: where they refuse, before the others trace
                 with_tp = self(cp, degree, ac, tp, tp_degree, *self._cheap)
+                base = self(cp, degree, ac, None, 1, ep, ep_degree)
                 without = self(cp, degree, ac, None, 1, *self._cheap)
             except MoetxError:
                 pass  # a term is refused: trace the key whole, which says whether it is too
@@ -114,6 +123,10 @@ class TraceCache:
                 if composed is not None:
                     self.composed += 1
                     return composed
+        early = self._refusal(cp, degree, ac, tp, tp_degree, ep, ep_degree)
+        if early is not None:
+            self.refused += 1
+            return early
         self.traced += 1
         try:
             return trace_blocks(
@@ -122,6 +135,30 @@ class TraceCache:
             )  # fmt: skip
         except MoetxError as e:  # a pass refuses this model (e.g. CP with an MTP head)
             return e
+
+    def _refusal(
+        self, cp: Pass | None, degree: int, ac: Pass | None, tp: Pass | None, tp_degree: int,
+        ep: Pass | None, ep_degree: int,
+    ) -> MoetxError | None:  # fmt: skip
+        """The error `trace_blocks` refuses this key with, if its passes' checks decide it from
+        the degrees (`refusal`); None: trace it (which checks again, on the built mesh)."""
+        if self._checked is None:
+            # the model `trace_blocks` applies the passes to (a fresh meta copy, shallow for a
+            # config); checks never change it, so one copy serves every key
+            source = self.source
+            try:
+                self._checked = _meta_model(
+                    _shallow(source) if isinstance(source, MoEConfig) else source
+                )
+            except Exception:  # the trace makes the same copy, and reports what this met
+                return None
+        # the passes and mesh `trace_blocks` builds for the key (which is normalised already)
+        passes = [p for p in (tp, cp, ep, ac) if p is not None]
+        degrees = MeshDegrees(dp_shard=ep_degree, cp=degree, ep=ep_degree, tp=tp_degree)
+        error = refusal(self._checked, passes, degrees)
+        # these kinds `trace_blocks` reports as "cannot trace" (a `PlanningError`): left to it
+        wrapped = isinstance(error, RuntimeError | NotImplementedError | TypeError)
+        return None if wrapped else error
 
 
 def compose(base: BlockTrace, plus: BlockTrace, minus: BlockTrace) -> BlockTrace | None:
