@@ -250,7 +250,7 @@ def test_the_counted_versus_predicted_check_fails_on_any_difference():
             assert_counted_as_predicted(wrong, comm, 3)
 
 
-@settings(max_examples=examples(8), deadline=None)
+@settings(max_examples=examples(5), deadline=None)
 @given(case=cases(world_size=4), bias=st.booleans(), aux=st.booleans())
 def test_comm_bytes_equal_counted_bytes_on_real_ranks(pool4: RankPool, case, bias, aux):
     """Every collective a step issues (FSDP all-gather / reduce-scatter / HSDP all-reduce,
@@ -302,7 +302,7 @@ def tp_cases(draw: st.DrawFn) -> tuple[Pipeline, MeshDegrees]:
     return Pipeline(tuple(passes)), degrees
 
 
-@settings(max_examples=examples(5), deadline=None)
+@settings(max_examples=examples(3), deadline=None)
 @given(case=tp_cases(), bias=st.booleans(), aux=st.booleans())
 def test_tp_predictions_equal_real_ranks(pool4: RankPool, case, bias, aux):
     """`TensorParallel` at tp=2 on 4 gloo ranks: parameter, gradient and AdamW bytes equal the

@@ -192,7 +192,8 @@ def _one_process(pipeline: Pipeline, mesh: ParallelMesh) -> tuple[Any, Any, Any]
     [
         None,
         "router",
-        # each mode also compiles under EP | AC | FSDP on 2 ranks in ci (within tolerance)
+        # selective also compiles under EP | AC | FSDP on 2 ranks in ci, full and router under
+        # ep(dedup) | AC | FSDP (test_dedup), all within tolerance
         *(
             nightly_param(m, why="2-rank EP|AC|Compile|FSDP runs it")
             for m in MODES
@@ -284,9 +285,17 @@ def test_bf16_fsdp_with_an_fp32_router_unit_compiles_whole_like_eager_on_2_ranks
     assert all(r["graphs"] == {f: (1, 0) for f in BLOCKS} for r in compiled)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "mode",
+    [
+        nightly_param("full", why="ci: test_dedup compiles ep(dedup) | ac(full) | fsdp"),
+        nightly_param("router", why="ci: one process, and test_dedup's ac(router) pipeline"),
+        "selective",
+    ],
+)
 def test_ep_ac_compile_fsdp_fullgraph_matches_one_process_on_2_ranks(pool2, mode):
-    """ep = world = 2, every AC mode, `fullgraph=True`: every gradient each step, 1 graph/block."""
+    """ep = world = 2, every AC mode (ci: selective), `fullgraph=True`: every gradient each
+    step, 1 graph/block."""
     pipe = (
         ExpertParallel()
         | ActivationCheckpoint(mode=mode)
@@ -337,7 +346,13 @@ def test_every_ac_mode_compiles_under_ep_and_fsdp_on_4_ranks(pool4, mode):
     _assert_compiled_parity(pool4.run(compiled_train, SPEC, pipe, degrees), SPEC, 4)
 
 
-@pytest.mark.parametrize("ac", [nightly_param(False, why="ci runs it with AC"), True])
+@pytest.mark.parametrize(
+    "ac",
+    [
+        nightly_param(False, why="ci runs it with AC"),
+        nightly_param(True, why="ci: the 4-rank cp|ep|ac|compile|fsdp Qwen3-MoE test"),
+    ],
+)
 def test_hf_qwen3_moe_compiles_under_ep_fsdp_on_2_ranks(pool2, ac):
     """A Hugging Face tiny model: every gradient each step; each block runs compiled graphs."""
     pytest.importorskip("transformers", reason="needs transformers>=5 (`pip install -e .[hf]`)")

@@ -68,7 +68,7 @@ def cases(draw: st.DrawFn) -> tuple[int, Pipeline, MeshDegrees, dict[str, float]
     return world, Pipeline(tuple(passes)), degrees, config
 
 
-@settings(max_examples=examples(10), deadline=None)
+@settings(max_examples=examples(5), deadline=None)
 @given(case=cases())
 def test_ring_and_sequence_parallel_predictions_equal_real_ranks(
     pool2: RankPool, pool4: RankPool, case
