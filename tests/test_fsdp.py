@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import attrs
 import pytest
 import torch
@@ -9,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moetx.core.algebra import Pipeline
-from moetx.core.errors import PassPreconditionError
-from moetx.mesh.parallel_mesh import MeshDegrees
-from moetx.models import MoEConfig
+from moetx.core.errors import PassPreconditionError, UnknownModelStructureError
+from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh
+from moetx.models import MoEConfig, MoETransformer
 from moetx.passes import (
     ActivationCheckpoint,
     Compile,
@@ -21,17 +23,20 @@ from moetx.passes import (
 )
 from moetx.passes.fsdp.api import FSDP
 from moetx.planning.predict import predict
-from moetx.testing import examples
+from moetx.structure.discovery import discover
+from moetx.testing import examples, fake_world, snapshot
 from moetx.testing.parity import compare
 from moetx.testing.train import (
     TrainSpec,
     assert_training_parity,
+    build_model,
+    global_batches,
     mean_losses,
     rank_train,
     reference,
 )
 from tests.bodies.anatomy import step_collectives
-from tests.bodies.fsdp import placements
+from tests.bodies.fsdp import load_counts_and_dtypes, outer_root_train, placements, tied_after_fsdp
 
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -152,7 +157,6 @@ WRAP_ROOT_CASES = pytest.mark.parametrize(
 def test_wrap_root_false_trains_like_one_process_under_the_callers_root(request, pipeline, degrees):
     """`wrap_root=False` leaves the root to the caller: with the caller's outer module made the
     FSDP root, every gradient at every step and the final parameters equal one process's."""
-    from tests.bodies.fsdp import outer_root_train
 
     pool = request.getfixturevalue(f"pool{degrees.world_size}")
     results = pool.run(outer_root_train, WRAP_ROOT_SPEC, pipeline, degrees, wrap_outer=True)
@@ -164,7 +168,6 @@ def test_wrap_root_false_without_a_root_is_refused_at_the_first_forward(request,
     """No caller-made FSDP root: the first forward raises `FSDPRootError` with the fix, on every
     rank, before FSDP2 fails inside torch (it raised `'FSDPCommContext' object has no attribute
     'device_handle'`, or "requires a single root module" for a unit of several blocks)."""
-    from tests.bodies.fsdp import outer_root_train
 
     pool = request.getfixturevalue(f"pool{degrees.world_size}")
     for r in pool.run(outer_root_train, WRAP_ROOT_SPEC, pipeline, degrees, wrap_outer=False):
@@ -177,18 +180,34 @@ def test_wrap_root_false_without_a_root_is_refused_at_the_first_forward(request,
         }
 
 
-def test_no_blocks_is_refused():
-    """A model without transformer blocks cannot be FSDP-wrapped per block."""
-    from moetx.core.errors import UnknownModelStructureError
-
-    with pytest.raises((PassPreconditionError, UnknownModelStructureError)):
-        FSDP().check(torch.nn.Linear(2, 2), None, ())  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    ("pass_", "message"),
+    [
+        (FSDP(), "`FSDP` found no transformer blocks in `MoETransformer`; it shards one unit per "
+         "block."),
+        (TensorParallel(), "`TensorParallel` found no transformer blocks in `MoETransformer`."),
+        (Compile(), "`MoETransformer` has no transformer blocks for `Compile`."),
+    ],
+    ids=["fsdp", "tp", "compile"],
+)  # fmt: skip
+def test_no_blocks_is_refused(pass_, message: str):
+    """A module without decoder layers fails in structure discovery; a model whose layer list
+    is empty is refused with the pass's own message, before anything is changed."""
+    with fake_world(2):
+        mesh = ParallelMesh.build(dp_shard=1, tp=2)
+        with pytest.raises(UnknownModelStructureError, match=r"^`Linear` has no decoder layers"):
+            pass_.apply(torch.nn.Linear(2, 2), mesh)
+        model = MoETransformer(attrs.evolve(MoEConfig(), num_mtp_layers=0))
+        model.model.layers = torch.nn.ModuleList()
+        before = snapshot(model)
+        with pytest.raises(PassPreconditionError, match=f"^{re.escape(message)}$"):
+            pass_.apply(model, mesh)
+        assert before.changes(model) == []
 
 
 def test_tied_embeddings_stay_tied(pool2):
     """With tied embeddings, the lm head and the embedding remain one parameter."""
     spec = TrainSpec(config=MoEConfig(tie_embeddings=True))
-    from tests.bodies.fsdp import tied_after_fsdp
 
     assert pool2.run(tied_after_fsdp, spec, MeshDegrees(dp_shard=2)) == [True, True]
 
@@ -262,7 +281,6 @@ def test_ep_then_fsdp_has_the_right_gradient_scale(request, ranks, degrees):
     Covers ep < world (ep_shard ranks FSDP-shard the same experts) and ep == world (size-1 expert
     FSDP mesh, where torch 2.13 divides twice under forced SUM) and HSDP.
     """
-    from moetx.passes.expert_parallel.api import ExpertParallel
 
     pool = request.getfixturevalue(f"pool{ranks}")
     spec = TrainSpec(
@@ -280,7 +298,6 @@ def test_ep_then_fsdp_has_the_right_gradient_scale(request, ranks, degrees):
 def test_expert_placements_compose_ep_and_fsdp(pool4, num_experts, expected):
     """Experts: (_StridedShard on ep_shard, Shard(0) on ep) root-sharing meshes; dim 1 when
     there are more expert-FSDP shards than local experts, so nothing pads."""
-    from moetx.passes.expert_parallel.api import ExpertParallel
 
     spec = TrainSpec(config=MoEConfig(num_experts=num_experts, top_k=1))
     got = pool4.run(placements, spec, ExpertParallel() | FSDP(), MeshDegrees(dp_shard=4, ep=2))
@@ -312,9 +329,6 @@ def test_expert_placements_compose_ep_and_fsdp(pool4, num_experts, expected):
 def test_routing_load_counters_hold_global_counts(request, pipeline, degrees):
     """Aux-loss-free load counters are summed over all data and cp ranks, identical on each,
     whichever pass placed the model on the mesh (each installs the sum, once)."""
-    from moetx.structure.discovery import discover
-    from moetx.testing.train import build_model, global_batches
-    from tests.bodies.fsdp import load_counts_and_dtypes
 
     spec = TrainSpec(config=MoEConfig(routing_bias=True, score_func="sigmoid", num_kv_heads=2))
     pool = request.getfixturevalue(f"pool{degrees.world_size}")
@@ -332,7 +346,6 @@ def test_routing_load_counters_hold_global_counts(request, pipeline, degrees):
 
 def test_router_and_lm_head_compute_in_fp32_under_bf16(pool2):
     """Under a bf16 policy the router (and, when asked, the lm head) all-gather fp32 weights."""
-    from tests.bodies.fsdp import load_counts_and_dtypes
 
     spec = TrainSpec(config=MoEConfig())
     fsdp = FSDP(param_dtype="bfloat16", fp32_modules=("router", "lm_head"))

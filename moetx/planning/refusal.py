@@ -39,6 +39,8 @@ class _Unbuilt:
     """Stands in for every `DeviceMesh` of a degrees-only `ParallelMesh`: any use stops the check."""
 
     def __getattr__(self, name: str) -> NoReturn:
+        if name.startswith("__"):  # a protocol probe (`inspect.unwrap`, copy, pickle), not a use
+            raise AttributeError(name)
         raise _MeshUsed(name)
 
     def _used(self, *args: object, **kwargs: object) -> NoReturn:
@@ -49,16 +51,13 @@ class _Unbuilt:
     __eq__ = __ne__ = __hash__ = __repr__ = __str__ = __format__ = _used  # type: ignore[assignment]
 
 
-_UNBUILT = cast(DeviceMesh, _Unbuilt())
-
-
 class _DegreesOnly(ParallelMesh):
     """A `ParallelMesh` that answers degrees, axes and the device type as a built one does, and
     hands out `_Unbuilt` device meshes."""
 
     def __getitem__(self, axis: str) -> DeviceMesh:
         if axis in AXES:
-            return _UNBUILT
+            return cast(DeviceMesh, _Unbuilt())
         return super().__getitem__(axis)  # the built mesh's error for an unknown axis
 
 
@@ -82,7 +81,9 @@ def refusal(
     """
     if not passes or dist.is_initialized():
         return None
-    unbuilt = dict.fromkeys(("root", "dense", "fsdp", "moe", "expert_fsdp", "tokens"), _UNBUILT)
+    unbuilt = dict.fromkeys(
+        ("root", "dense", "fsdp", "moe", "expert_fsdp", "tokens"), cast(DeviceMesh, _Unbuilt())
+    )
     # every axis explicit, as `ParallelMesh.build` makes them
     mesh = _DegreesOnly(
         degrees=degrees, device_type=device_type, explicit_axes=frozenset(AXES), **unbuilt

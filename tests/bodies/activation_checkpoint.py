@@ -21,6 +21,7 @@ from moetx.core.algebra import Pipeline
 from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.passes.activation_checkpoint.api import ActivationCheckpoint
 from moetx.passes.expert_parallel.api import ExpertParallel
+from moetx.passes.fsdp.api import FSDP
 from moetx.passes.load_sync import sync_routing_load
 from moetx.structure.discovery import discover
 from moetx.testing.parity import gradients
@@ -144,7 +145,6 @@ def pipeline_step(spec: TrainSpec, modes: tuple[str, ...], fsdp: dict[str, Any])
     `ExpertParallel() | ActivationCheckpoint(mode=m) | FSDP(**fsdp)` (ep = world size); one
     step each on this rank's rows. Returns `{"plain": ..., m: ...}` like `ep_step`.
     """
-    from moetx.passes.fsdp.api import FSDP
 
     ws = dist.get_world_size()
     mesh = mesh_for(MeshDegrees(dp_shard=ws, ep=ws))

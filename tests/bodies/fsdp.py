@@ -5,12 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from moetx.core.algebra import Pipeline
+from moetx.core.errors import MoetxError
 from moetx.mesh.parallel_mesh import MeshDegrees
+from moetx.passes.fsdp.api import FSDP
+from moetx.structure.discovery import discover
 from moetx.testing.parity import parameters
-from moetx.testing.train import TrainSpec, build_model, mesh_for
+from moetx.testing.train import Trainer, TrainSpec, _rank_setup, build_model, mesh_for
 
 
 def placements(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> dict[str, Any]:
@@ -32,7 +36,6 @@ def placements(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> dic
 
 def tied_after_fsdp(spec: TrainSpec, degrees: MeshDegrees) -> bool:
     """Whether the lm head and the input embedding still share one parameter after FSDP."""
-    from moetx.passes.fsdp.api import FSDP
 
     model: Any = FSDP().apply(build_model(spec), mesh_for(degrees))
     return model.lm_head.weight is model.model.embed_tokens.weight
@@ -43,8 +46,6 @@ def load_counts_and_dtypes(
 ) -> dict[str, Any]:
     """One forward/backward on this rank's part of the first batch (its rows, and its sequence
     chunk under context parallelism): routing-load counters and compute dtypes seen."""
-    from moetx.structure.discovery import discover
-    from moetx.testing.train import _rank_setup
 
     model: Any
     model, batches = _rank_setup(spec, pipeline, degrees)
@@ -73,7 +74,6 @@ def prefetch_targets(
 ) -> dict[str, tuple[list[str], list[str], bool]]:
     """Unit (its first module's FQN, `""`: the root) -> the units it prefetches in forward and
     in backward, and whether its all-gathers are asynchronous (FSDP2's private state)."""
-    from torch.distributed.fsdp import FSDPModule
 
     model = pipeline.apply(build_model(spec), mesh_for(degrees))
     name: dict[int, str] = {}
@@ -111,10 +111,6 @@ def outer_root_train(
     """`rank_train` with the model called through an outer module, which the caller makes the
     FSDP root (`fully_shard`, over the dense FSDP mesh) when `wrap_outer`; otherwise the error
     the first forward raises (its type name and message)."""
-    from torch.distributed.fsdp import fully_shard
-
-    from moetx.core.errors import MoetxError
-    from moetx.testing.train import Trainer, _rank_setup
 
     model, batches = _rank_setup(spec, pipeline, degrees)
     outer = _Outer(model)
