@@ -278,9 +278,9 @@ class LiveActivationMeter(TorchDispatchMode):
         """Run a collective on private twins of its tensors and watch what its Work holds.
 
         The Work keeps the tensors it was given (the twins, and views of them: the twins'
-        storages are watched) and, for ops that allocate their
-        result and run in place on it (functional all-reduce), that result: the program gets an
-        alias of every fresh output, so the original too is held by c10d alone. The Work also
+        storages are watched) and, for ops that allocate their result and run in place on it
+        (functional all-reduce), that result: the program gets an alias of every fresh output,
+        so the original too is held by c10d alone. The Work also
         holds views of a fresh output that the meter never sees (gloo's per-rank chunks), which
         it may drop after everything else: a fresh output's storage counts only while a tensor
         the program was given on it is alive (`_Reached`).
