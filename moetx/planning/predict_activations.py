@@ -40,7 +40,7 @@ from torch import nn
 
 from moetx.core.algebra import Pass, Pipeline
 from moetx.core.errors import PlanningError
-from moetx.mesh.parallel_mesh import ParallelMesh
+from moetx.mesh.parallel_mesh import MeshDegrees, ParallelMesh
 from moetx.models import MoEConfig
 from moetx.passes import ActivationCheckpoint
 from moetx.passes.activation_checkpoint import MODES
@@ -114,6 +114,33 @@ def _hook(meter: TracingMeter, index: int) -> list[Any]:
     return [pre, post]
 
 
+#: What a meta forward raises where a model cannot be traced; `trace_blocks` reports these as a
+#: `PlanningError` ("cannot trace").
+UNTRACEABLE = (RuntimeError, NotImplementedError, TypeError)
+
+
+def traced_model(model: nn.Module | MoEConfig) -> nn.Module:
+    """The fresh meta model a trace applies its passes to (a config: at most one dense and one
+    MoE block)."""
+    return _meta_model(_shallow(model) if isinstance(model, MoEConfig) else model)
+
+
+def traced_pipeline(
+    ac: Pass | None, cp: Pass | None, cp_degree: int, tp: Pass | None, tp_degree: int,
+    ep: Pass | None, ep_degree: int,
+) -> tuple[tuple[Pass, ...], MeshDegrees]:  # fmt: skip
+    """The passes a trace applies, in pipeline order, and its fake world's mesh degrees: a pass
+    at degree 1 is left out (CP, TP, EP), checkpointing covers every block."""
+    cp_degree = cp_degree if cp is not None else 1
+    tp_degree = tp_degree if tp is not None else 1
+    ep_degree = ep_degree if ep is not None else 1
+    if isinstance(ac, ActivationCheckpoint):
+        ac = attrs.evolve(ac, every=1)
+    kept = [tp if tp_degree > 1 else None, cp if cp_degree > 1 else None]
+    passes = tuple(p for p in [*kept, ep if ep_degree > 1 else None, ac] if p is not None)
+    return passes, MeshDegrees(dp_shard=ep_degree, cp=cp_degree, ep=ep_degree, tp=tp_degree)
+
+
 def trace_blocks(
     model: nn.Module | MoEConfig,
     *,
@@ -152,7 +179,7 @@ def trace_blocks(
     gc.freeze()
     try:
         return _trace(model, micro_batch, seq, ac, cp, cp_degree, tp, tp_degree, ep, ep_degree)
-    except (RuntimeError, NotImplementedError, TypeError) as e:  # e.g. `.item()` on meta
+    except UNTRACEABLE as e:  # e.g. `.item()` on meta
         raise PlanningError(
             f"`predict` cannot trace {type(model).__name__}'s forward on meta for its "
             f"activations ({type(e).__name__}: {str(e).splitlines()[0]}).\n"
@@ -176,26 +203,20 @@ def _trace(
     ep: Pass | None = None,
     ep_degree: int = 1,
 ) -> BlockTrace:
-    meta = _meta_model(_shallow(model) if isinstance(model, MoEConfig) else model)
-    degree = cp_degree if cp is not None else 1
-    tp_degree = tp_degree if tp is not None else 1
+    meta = traced_model(model)
+    passes, d = traced_pipeline(ac, cp, cp_degree, tp, tp_degree, ep, ep_degree)
+    degree = d.cp
     local = seq // degree
-    ep_degree = ep_degree if ep is not None else 1
     # The last cp rank (tp rank 0, ep rank 0): without load balancing its queries see every K/V
     # block, so it computes (and under "selective" checkpointing keeps) the most; with it, all
     # are alike.
-    with meta_world(degree * tp_degree * ep_degree, (degree - 1) * tp_degree):
+    with meta_world(d.world_size, (degree - 1) * d.tp):
         mesh = ParallelMesh.build(
-            dp_shard=ep_degree, cp=degree, ep=ep_degree, tp=tp_degree, device_type="cpu"
+            dp_shard=d.dp_shard, cp=degree, ep=d.ep, tp=d.tp, device_type="cpu"
         )
         assert mesh["cp"].get_local_rank() == degree - 1, "the trace runs on the last cp rank"
-        tp = tp if tp_degree > 1 else None
-        ep = ep if ep_degree > 1 else None
-        passes = [p for p in (tp, cp if degree > 1 else None, ep, ac) if p is not None]
         if passes:
-            every = attrs.evolve(ac, every=1) if isinstance(ac, ActivationCheckpoint) else None
-            passes = [every if p is ac and every is not None else p for p in passes]
-            meta = Pipeline(tuple(passes)).apply(meta, mesh)
+            meta = Pipeline(passes).apply(meta, mesh)
         structure = discover(meta)
         ids = torch.zeros(micro_batch, local, dtype=torch.int64, device="meta")
         positions = torch.arange(local, device="meta").expand(micro_batch, local)

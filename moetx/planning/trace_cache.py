@@ -37,11 +37,16 @@ from torch import nn
 
 from moetx.core.algebra import Pass
 from moetx.core.errors import MoetxError
-from moetx.mesh.parallel_mesh import MeshDegrees
 from moetx.models import MoEConfig
 from moetx.passes import ActivationCheckpoint, ExpertParallel
-from moetx.planning.plan import _meta_model
-from moetx.planning.predict_activations import BlockTrace, _shallow, ep_trace_degree, trace_blocks
+from moetx.planning.predict_activations import (
+    UNTRACEABLE,
+    BlockTrace,
+    ep_trace_degree,
+    trace_blocks,
+    traced_model,
+    traced_pipeline,
+)
 from moetx.planning.refusal import refusal
 
 __all__ = ["TraceCache", "compose"]
@@ -143,22 +148,15 @@ class TraceCache:
         """The error `trace_blocks` refuses this key with, if its passes' checks decide it from
         the degrees (`refusal`); None: trace it (which checks again, on the built mesh)."""
         if self._checked is None:
-            # the model `trace_blocks` applies the passes to (a fresh meta copy, shallow for a
-            # config); checks never change it, so one copy serves every key
-            source = self.source
+            # checks never change the model they are given, so one copy serves every key
             try:
-                self._checked = _meta_model(
-                    _shallow(source) if isinstance(source, MoEConfig) else source
-                )
+                self._checked = traced_model(self.source)
             except Exception:  # the trace makes the same copy, and reports what this met
                 return None
-        # the passes and mesh `trace_blocks` builds for the key (which is normalised already)
-        passes = [p for p in (tp, cp, ep, ac) if p is not None]
-        degrees = MeshDegrees(dp_shard=ep_degree, cp=degree, ep=ep_degree, tp=tp_degree)
+        passes, degrees = traced_pipeline(ac, cp, degree, tp, tp_degree, ep, ep_degree)
         error = refusal(self._checked, passes, degrees)
-        # these kinds `trace_blocks` reports as "cannot trace" (a `PlanningError`): left to it
-        wrapped = isinstance(error, RuntimeError | NotImplementedError | TypeError)
-        return None if wrapped else error
+        # what `trace_blocks` reports as "cannot trace" (a `PlanningError`) is left to it
+        return None if isinstance(error, UNTRACEABLE) else error
 
 
 def compose(base: BlockTrace, plus: BlockTrace, minus: BlockTrace) -> BlockTrace | None:
