@@ -197,15 +197,20 @@ def _written_in_place(func: Any) -> set[str]:
     }
 
 
+def _alias(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | torch.UntypedStorage]:
+    """An alias of `t` for c10d, and what to watch: the alias itself."""
+    a = torch.ops.aten.alias.default(t)
+    return a, a
+
+
 def _twin(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | torch.UntypedStorage]:
     """A tensor over `t`'s memory on a storage of its own, which keeps `t`'s storage alive until
     it dies, and what to watch: that storage (views of the twin hold it). Where DLPack cannot
-    carry the tensor, a plain alias, watched itself."""
+    carry the tensor, an alias (`_alias`)."""
     try:
         twin = torch.from_dlpack(t.detach())
     except Exception:  # a dtype or layout DLPack lacks
-        a = torch.ops.aten.alias.default(t)
-        return a, a
+        return _alias(t)
     return twin, twin.untyped_storage()
 
 
@@ -288,29 +293,22 @@ class LiveActivationMeter(TorchDispatchMode):
         given: list[torch.Tensor] = []
         watched: list[torch.Tensor | torch.UntypedStorage] = []
 
-        def twin(t: Any) -> Any:
-            if not _plain(t):
-                return t
-            a, watch = _twin(t)
-            given.append(a)
-            watched.append(watch)
-            return a
-
-        def alias(t: Any) -> Any:
-            if not _plain(t):
-                return t
-            a = torch.ops.aten.alias.default(t)
-            given.append(a)
-            watched.append(a)
-            return a
-
         in_place = _written_in_place(func)
+
+        def hand(name: str, value: Any) -> Any:
+            def one(t: Any) -> Any:
+                if not _plain(t):
+                    return t
+                a, watch = _alias(t) if name in in_place else _twin(t)
+                given.append(a)
+                watched.append(watch)
+                return a
+
+            return tree_map(one, value)
+
         names = [a.name for a in func._schema.arguments]
-        args = tuple(
-            tree_map(alias if name in in_place else twin, a)
-            for name, a in zip(names, args, strict=False)
-        )
-        kwargs = {k: tree_map(alias if k in in_place else twin, v) for k, v in kwargs.items()}
+        args = tuple(hand(name, a) for name, a in zip(names, args, strict=False))
+        kwargs = {k: hand(k, v) for k, v in kwargs.items()}
         out = func(*args, **kwargs)
         ids = {id(a) for a in given}
 
