@@ -171,7 +171,8 @@ def compiled_block(case: DedupBlock) -> dict[str, Any]:
 
 def measure_pairs(spec: TrainSpec, pipeline: Pipeline, degrees: MeshDegrees) -> dict[str, Any]:
     """Rank body: one forward + backward (`counted_step`: every collective counted, the gradient
-    sync without FSDP included), and the distinct (token, rank) pairs this ep rank sent each other ep rank in each MoE layer."""
+    sync without FSDP included), and the distinct (token, rank) pairs this ep rank sent each
+    other ep rank in each MoE layer."""
     mesh = mesh_for(degrees)
     model = pipeline.apply(build_model(spec), mesh)
     batch = _batch(spec, pipeline, degrees)

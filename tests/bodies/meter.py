@@ -55,8 +55,14 @@ def read_while_work_held(kind: str, hold_s: float, timeout_s: float) -> dict[str
         else:
             name = dist.group.WORLD.group_name  # type: ignore[union-attr]
             out = torch.ops._c10d_functional.all_gather_into_tensor(x, world, name)
-            release.append(out)  # the other thread waits on it: until then c10d holds the Work
             total = torch.tensor(0.0)
+    if kind == "functional":
+        # the other thread waits on the result: until then c10d holds the Work. It waits on a
+        # handle the meter never saw (made outside it, not a view), which c10d finds the Work
+        # by (the storage) but which is not the program's `out`: waiting on `out` itself kept
+        # it alive from the Work's release to the drop, and a reading in that moment rightly
+        # counted it (an intermittent 32 bytes)
+        release.append(out.detach())
     buffers = x.nbytes + out.nbytes
     del x, out
 
